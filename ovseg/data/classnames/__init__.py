@@ -1,0 +1,60 @@
+"""Class-name files: one line per class, comma-separated synonyms (SCLIP's format).
+
+``read_class_names("voc21")`` reads the file shipped here; ``read_class_names("sclip/voc21")`` the
+protocol-specific variant; any other argument is a path to a user's file. An inline list such as
+``"cat,dog,sky"`` is handled by :func:`parse_class_list`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+CLASSNAMES_DIR = Path(__file__).parent
+
+
+def resolve_class_file(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".txt" and path.is_file():
+        return path
+    shipped = CLASSNAMES_DIR / f"{name_or_path}.txt"
+    if shipped.is_file():
+        return shipped
+    if path.is_file():
+        return path
+    known = sorted(str(p.relative_to(CLASSNAMES_DIR).with_suffix("")) for p in CLASSNAMES_DIR.rglob("*.txt"))
+    raise FileNotFoundError(
+        f"class-name file {str(name_or_path)!r} not found: neither a file nor a shipped name ({', '.join(known)})"
+    )
+
+
+@lru_cache(maxsize=None)
+def _read(path: Path) -> tuple[tuple[str, ...], ...]:
+    classes = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        synonyms = tuple(s.strip() for s in line.split(",") if s.strip())
+        if not synonyms:
+            raise ValueError(f"{path}:{lineno}: a class line holds no name: {line!r}")
+        classes.append(synonyms)
+    if not classes:
+        raise ValueError(f"{path}: class-name file is empty")
+    return tuple(classes)
+
+
+def read_class_names(name_or_path: str | Path) -> list[list[str]]:
+    """Synonym lists, one per class, from a shipped name or a file path."""
+    return [list(s) for s in _read(resolve_class_file(name_or_path).resolve())]
+
+
+def parse_class_list(text: str) -> list[list[str]]:
+    """``"cat,dog;puppy,sky"`` -> ``[["cat"], ["dog", "puppy"], ["sky"]]`` (``;`` separates synonyms),
+    or the contents of a class-name file if ``text`` is a path to one."""
+    if Path(text).is_file():
+        return read_class_names(text)
+    classes = [[s.strip() for s in item.split(";") if s.strip()] for item in text.split(",")]
+    classes = [c for c in classes if c]
+    if not classes:
+        raise ValueError(f"no class names in {text!r}")
+    return classes

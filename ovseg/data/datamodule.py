@@ -1,0 +1,129 @@
+"""The one DataModule every method runs behind.
+
+Evaluation: one loader per benchmark dataset, sharded without repetition under DDP (exact
+confusion matrices). Prediction: an image folder. Training sources are added by the training
+methods' data hooks (``train_dataset``); training-free methods need none.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ovseg.data.classnames import parse_class_list
+from ovseg.data.samplers import UnrepeatedShardSampler
+from ovseg.data.seg_dataset import ImageFolderDataset, SegFileDataset, collate_samples
+
+
+class OVSegDataModule(L.LightningDataModule):
+    """
+    Args:
+        root: data root holding the datasets in their mmsegmentation layouts.
+        datasets: evaluation datasets by spec name (``voc21``, ``context59``, ...) or, for a user's
+            own labelled set, a dict understood by :func:`ovseg.data.hf.build_hf_dataset`.
+        split: evaluation split.
+        eval_batch_size: images per evaluation batch (images keep their own sizes).
+        num_workers: loader worker processes.
+        limit: evaluate only the first N images of each dataset (smoke tests).
+        predict_images: image file or folder for ``ovseg predict``.
+        predict_classes: class names for ``ovseg predict``: ``"cat,dog,sky"`` or a class-name file.
+    """
+
+    def __init__(
+        self,
+        root: str = "data",
+        datasets: list[str | dict[str, Any]] | None = None,
+        split: str = "val",
+        eval_batch_size: int = 1,
+        num_workers: int = 2,
+        limit: int | None = None,
+        predict_images: str | None = None,
+        predict_classes: str | None = None,
+    ):
+        super().__init__()
+        self.root = root
+        self.dataset_entries = list(datasets) if datasets is not None else ["voc21"]
+        self.split = split
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.limit = limit
+        self.predict_images = predict_images
+        self.predict_classes = predict_classes
+        self.eval_datasets: list[Dataset] = []
+        self.predict_dataset: ImageFolderDataset | None = None
+
+    # -- building ---------------------------------------------------------------------------------
+    def build_eval_dataset(self, entry: str | dict[str, Any]) -> Dataset:
+        if isinstance(entry, str):
+            return SegFileDataset(entry, self.root, self.split, limit=self.limit)
+        from ovseg.data.hf import build_hf_dataset
+
+        return build_hf_dataset(entry, root=self.root, limit=self.limit)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate", "test") and not self.eval_datasets:
+            self.eval_datasets = [self.build_eval_dataset(e) for e in self.dataset_entries]
+            names = [d.name for d in self.eval_datasets]
+            if len(set(names)) != len(names):
+                raise ValueError(f"evaluation dataset names must be unique, got {names}")
+        if stage == "predict" and self.predict_dataset is None:
+            if not self.predict_images:
+                raise ValueError("`ovseg predict` needs --images DIR (or --data.predict_images)")
+            if not self.predict_classes:
+                raise ValueError('`ovseg predict` needs --classes "cat,dog,..." or a class-name file')
+            self.predict_dataset = ImageFolderDataset(self.predict_images)
+
+    @property
+    def predict_class_names(self) -> list[list[str]]:
+        return parse_class_list(self.predict_classes) if self.predict_classes else []
+
+    # -- loaders ----------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            if trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+                raise RuntimeError(
+                    "exact distributed evaluation needs Trainer(use_distributed_sampler=False): Lightning's "
+                    "sampler repeats samples to even out ranks, which changes the metrics"
+                )
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _eval_loader(self, dataset: Dataset, collate: Callable = collate_samples) -> DataLoader:
+        rank, world = self._rank_world()
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=UnrepeatedShardSampler(len(dataset), rank, world),
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=False,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(d) for d in self.eval_datasets]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._eval_loader(d) for d in self.eval_datasets]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.predict_dataset)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # uint8 travels (4x less to copy); methods receive float images in [0, 1].
+        if isinstance(batch, dict) and "image" in batch:
+            images = batch["image"]
+            if isinstance(images, list):
+                batch["image"] = [to_unit_float(im) for im in images]
+            else:
+                batch["image"] = to_unit_float(images)
+        return batch
+
+
+def to_unit_float(image: torch.Tensor) -> torch.Tensor:
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image

@@ -1,0 +1,174 @@
+"""The one file-list dataset: reads any :class:`~ovseg.data.specs.DatasetSpec` from disk.
+
+Samples are dicts: ``image`` (uint8 ``[3,H,W]``; converted to float in [0,1] after the device
+transfer, see :meth:`OVSegDataModule.on_after_batch_transfer`), ``label`` (int64 ``[H,W]``, 255 =
+ignore, already mapped to the dataset's convention) and ``meta``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ovseg.data.specs import IGNORE_INDEX, DatasetSpec, get_spec
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """A dataset file is missing or malformed; the message names the file and the problem."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 ``[H,W,3]``; a corrupt or unreadable file raises :class:`DataError` naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from None
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """Raw label values ``[H,W]``: palette indices for palette PNGs, values for grey PNGs."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(f"{path}: label PNG has mode {im.mode}; expected a palette or single-channel image")
+            return np.asarray(im)
+    except FileNotFoundError:
+        raise DataError(f"{path}: label file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot decode label ({e})") from None
+
+
+def list_samples(spec: DatasetSpec, root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
+    """``(file_id, image_path, label_path)`` for every sample of a split, checked to exist."""
+    img_dir = spec.path(root, spec.img_dir, split)
+    ann_dir = spec.path(root, spec.ann_dir, split)
+    for what, d in (("image", img_dir), ("label", ann_dir)):
+        if not d.is_dir():
+            raise DataError(
+                f"dataset {spec.name!r} ({split}): {what} folder {d} not found under data root {root}; "
+                f"expected the mmsegmentation layout {spec.img_dir} / {spec.ann_dir} (see `ovseg data verify`)"
+            )
+    if spec.split_file is not None:
+        split_file = spec.path(root, spec.split_file, split)
+        if not split_file.is_file():
+            raise DataError(f"dataset {spec.name!r}: split file {split_file} not found")
+        ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        if not ids:
+            raise DataError(f"dataset {spec.name!r}: split file {split_file} is empty")
+    else:
+        ids = sorted(
+            str(p.relative_to(img_dir))[: -len(spec.img_suffix)]
+            for p in img_dir.rglob(f"*{spec.img_suffix}")
+            if p.is_file()
+        )
+        if not ids:
+            raise DataError(f"dataset {spec.name!r}: no *{spec.img_suffix} images under {img_dir}")
+    samples = []
+    for file_id in ids:
+        image = img_dir / f"{file_id}{spec.img_suffix}"
+        label = ann_dir / f"{file_id}{spec.seg_suffix}"
+        if not image.is_file():
+            raise DataError(f"dataset {spec.name!r}: image {image} listed in the split is missing")
+        if not label.is_file():
+            raise DataError(f"dataset {spec.name!r}: image {image} has no label (expected {label})")
+        samples.append((file_id, image, label))
+    return samples
+
+
+class SegFileDataset(Dataset):
+    """Image/label pairs of one dataset split, in its on-disk layout and label convention."""
+
+    def __init__(self, spec: DatasetSpec | str, root: str | Path, split: str = "val", limit: int | None = None):
+        self.spec = get_spec(spec) if isinstance(spec, str) else spec
+        self.root = Path(root)
+        self.split = split
+        self.samples = list_samples(self.spec, self.root, split)
+        if limit is not None:
+            self.samples = self.samples[:limit]
+        self.num_classes = self.spec.num_classes
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def class_names(self) -> list[list[str]]:
+        return self.spec.class_names
+
+    @property
+    def background_index(self) -> int | None:
+        return self.spec.background_index
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_label(self, index: int) -> np.ndarray:
+        """The mapped label of sample ``index``, validated against the class range."""
+        _, _, label_path = self.samples[index]
+        label = self.spec.map_label(read_label_png(label_path))
+        bad = (label >= self.num_classes) & (label != IGNORE_INDEX) | (label < 0)
+        if bad.any():
+            values = sorted(set(np.unique(label[bad]).tolist()))[:10]
+            raise DataError(
+                f"{label_path}: label values {values} outside the {self.num_classes} classes of {self.spec.name!r} "
+                f"(after its label mapping; 255 = ignore)"
+            )
+        return label
+
+    def __getitem__(self, index: int) -> dict:
+        file_id, image_path, label_path = self.samples[index]
+        image = read_image(image_path)
+        label = self.load_label(index)
+        if label.shape != image.shape[:2]:
+            raise DataError(
+                f"{label_path}: label size {label.shape[1]}x{label.shape[0]} differs from its image "
+                f"{image_path} ({image.shape[1]}x{image.shape[0]})"
+            )
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "label": torch.from_numpy(label),
+            "meta": {"dataset": self.spec.name, "id": file_id, "image_path": str(image_path), "index": index},
+        }
+
+
+class ImageFolderDataset(Dataset):
+    """Unlabelled images (a folder, searched recursively, or a single file) for ``ovseg predict``."""
+
+    def __init__(self, images: str | Path):
+        images = Path(images)
+        if images.is_file():
+            self.paths = [images]
+        elif images.is_dir():
+            self.paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            raise DataError(f"{images}: no such image file or folder")
+        if not self.paths:
+            raise DataError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        self.root = images if images.is_dir() else images.parent
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        image = read_image(path)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "meta": {"dataset": "predict", "id": str(path.relative_to(self.root).with_suffix("")),
+                     "image_path": str(path), "index": index},
+        }
+
+
+def collate_samples(samples: list[dict]) -> dict:
+    """Evaluation images differ in size: keep them as lists (the evaluator handles one at a time)."""
+    batch = {key: [s[key] for s in samples] for key in samples[0]}
+    return batch

@@ -1,0 +1,171 @@
+"""The shared evaluator: everything between a method's ``dense_logits`` and the results files.
+
+It owns protocol resize, whole/slide tiling, synonym reduction, logit scale and background rules,
+upsampling to the label size, argmax, the confusion matrices (exact under DDP) and the scores.
+Methods never touch this module; :class:`~ovseg.methods.base.OVSegMethod` drives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ovseg.data.classnames import read_class_names
+from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, whole_logits
+from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
+from ovseg.eval.protocols import Protocol, ProtocolSettings
+from ovseg.models.text import get_templates
+
+if TYPE_CHECKING:
+    from ovseg.methods.base import OVSegMethod
+
+
+@dataclass
+class Vocabulary:
+    """Class names with synonyms, flattened to the query names sent to the text encoder."""
+
+    class_names: list[list[str]]
+    queries: list[str] = field(init=False)
+    query_to_class: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.queries = [name for synonyms in self.class_names for name in synonyms]
+        self.query_to_class = torch.tensor(
+            [c for c, synonyms in enumerate(self.class_names) for _ in synonyms], dtype=torch.long
+        )
+
+    @property
+    def display_names(self) -> list[str]:
+        return [synonyms[0] for synonyms in self.class_names]
+
+
+def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: list[list[str]] | None,
+                       background_index: int | None) -> tuple[Vocabulary, str]:
+    """The protocol's class-name file for a dataset (``{dataset}`` -> its own names), with the
+    protocol's extra background synonyms. Returns the vocabulary and where the names came from."""
+    if settings.class_names == "{dataset}" and default is not None:
+        names, source = [list(s) for s in default], f"dataset:{dataset_name}"
+    else:
+        source = settings.class_names.format(dataset=dataset_name)
+        names = read_class_names(source)
+        if default is not None and len(names) != len(default):
+            raise ValueError(
+                f"class-name file {source!r} has {len(names)} classes but dataset {dataset_name!r} has {len(default)}"
+            )
+    if settings.background_names:
+        if background_index is None:
+            raise ValueError(f"protocol sets background_names but dataset {dataset_name!r} has no background class")
+        names[background_index] = names[background_index] + [
+            n for n in settings.background_names if n not in names[background_index]
+        ]
+    return Vocabulary(names), source
+
+
+@dataclass
+class DatasetEvaluation:
+    name: str
+    settings: ProtocolSettings
+    vocabulary: Vocabulary
+    class_names_source: str
+    text: torch.Tensor
+    metric: ConfusionMatrix
+    background_index: int | None
+    num_images: int = 0
+
+
+class Evaluator:
+    """Scores one method over several datasets under one protocol."""
+
+    def __init__(
+        self,
+        protocol: Protocol,
+        overrides: dict[str, Any] | None = None,
+        window_batch_size: int = 8,
+        max_chunk_bytes: int = 256 * 2**20,
+    ):
+        self.protocol = protocol
+        self.overrides = dict(overrides or {})
+        self.window_batch_size = window_batch_size
+        self.max_chunk_bytes = max_chunk_bytes
+        self.datasets: dict[str, DatasetEvaluation] = {}
+
+    def settings_for(self, dataset: str | None) -> ProtocolSettings:
+        return self.protocol.settings_for(dataset, self.overrides)
+
+    @torch.no_grad()
+    def add_dataset(
+        self,
+        method: OVSegMethod,
+        name: str,
+        class_names: list[list[str]] | None,
+        background_index: int | None,
+        device: torch.device,
+        settings: ProtocolSettings | None = None,
+    ) -> DatasetEvaluation:
+        settings = settings or self.settings_for(name)
+        vocabulary, source = dataset_vocabulary(settings, name, class_names, background_index)
+        text = method.encode_text(vocabulary.queries, get_templates(settings.templates))
+        entry = DatasetEvaluation(
+            name=name,
+            settings=settings,
+            vocabulary=vocabulary,
+            class_names_source=source,
+            text=text,
+            metric=ConfusionMatrix(len(vocabulary.class_names)).to(device),
+            background_index=background_index,
+        )
+        self.datasets[name] = entry
+        return entry
+
+    @torch.no_grad()
+    def predict(self, method: OVSegMethod, entry: DatasetEvaluation, image: torch.Tensor,
+                out_size: tuple[int, int]) -> torch.Tensor:
+        """One image ``[3,H,W]`` in [0,1] -> class ids ``[H,W]`` at ``out_size``."""
+        s = entry.settings
+        square = method.input_size if s.square == "model" else s.square
+        resized = protocol_resize(image[None], s.short_side, s.long_side_max, square)
+
+        def dense_fn(images: torch.Tensor) -> torch.Tensor:
+            return method.dense_logits(images, entry.text)
+
+        if s.mode == "slide":
+            logits = slide_logits(dense_fn, resized, s.crop, s.stride, self.window_batch_size)
+        else:
+            logits = whole_logits(dense_fn, resized)
+        return labels_from_logits(
+            logits,
+            out_size,
+            entry.vocabulary.query_to_class,
+            logit_scale=s.logit_scale,
+            prob_threshold=s.prob_threshold,
+            area_threshold=s.area_threshold,
+            background_index=entry.background_index,
+            max_chunk_bytes=self.max_chunk_bytes,
+        )
+
+    def update(self, method: OVSegMethod, name: str, images: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
+        entry = self.datasets[name]
+        for image, label in zip(images, labels):
+            pred = self.predict(method, entry, image, tuple(label.shape[-2:]))
+            entry.metric.update(pred, label)
+            entry.num_images += 1
+
+    def compute(self) -> dict[str, tuple[torch.Tensor, SegScores, int]]:
+        """Confusion matrix (summed over ranks), scores and image count per dataset. Collective:
+        every rank must call it."""
+        out = {}
+        for name, entry in self.datasets.items():
+            confmat = entry.metric.compute().cpu()
+            num_images = _sum_over_ranks(entry.num_images, confmat.device)
+            out[name] = (confmat, scores_from_confusion(confmat), num_images)
+        return out
+
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([value], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(t)
+        return int(t.item())
+    return value

@@ -1,0 +1,163 @@
+"""Protocol resize, whole / sliding-window inference, and memory-bounded logits -> labels.
+
+``DenseFn`` is a method's ``dense_logits`` with its text embeddings bound: images ``[B,3,h,w]`` in
+[0,1] -> scores ``[B,Q,h',w']`` (one channel per query name).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+DenseFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+# -- resize ---------------------------------------------------------------------------------------
+def keep_ratio_size(height: int, width: int, short_side: int | None, long_side_max: int | None) -> tuple[int, int]:
+    """mmcv ``rescale_size`` for ``scale=(long_side_max, short_side)``: the largest scale at which the
+    short side is at most ``short_side`` and the long side at most ``long_side_max``."""
+    factors = []
+    if short_side:
+        factors.append(short_side / min(height, width))
+    if long_side_max:
+        factors.append(long_side_max / max(height, width))
+    if not factors:
+        return height, width
+    scale = min(factors)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``[B,3,H,W]`` (no antialias, as mmcv/cv2 INTER_LINEAR)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+
+
+def protocol_resize(
+    image: torch.Tensor, short_side: int | None, long_side_max: int | None, square: int | None
+) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    image = resize_image(image, keep_ratio_size(h, w, short_side, long_side_max))
+    if square:
+        image = resize_image(image, (square, square))
+    return image
+
+
+# -- inference ------------------------------------------------------------------------------------
+def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """mmseg ``slide_inference`` grid: ``(y1, y2, x1, x2)`` windows of ``crop`` (or the whole side when
+    the image is smaller), the last one pulled back to end at the border."""
+    h_grids = max(height - crop + stride - 1, 0) // stride + 1
+    w_grids = max(width - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y2 = min(hi * stride + crop, height)
+            x2 = min(wi * stride + crop, width)
+            windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return windows
+
+
+def whole_logits(dense_fn: DenseFn, image: torch.Tensor) -> torch.Tensor:
+    """``[1,3,h,w]`` -> ``[Q,h',w']`` at the method's output resolution."""
+    return dense_fn(image)[0]
+
+
+def slide_logits(
+    dense_fn: DenseFn,
+    image: torch.Tensor,
+    crop: int,
+    stride: int,
+    window_batch_size: int = 8,
+    accumulate_device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``[1,3,h,w]`` -> ``[Q,h,w]``: window scores upsampled to the window, summed, divided by the
+    number of windows covering each pixel. Windows of one image all have the same size, so they
+    run ``window_batch_size`` at a time."""
+    _, _, height, width = image.shape
+    windows = slide_windows(height, width, crop, stride)
+    device = accumulate_device or image.device
+    total = None
+    count = torch.zeros(1, height, width, device=device)
+    for start in range(0, len(windows), window_batch_size):
+        group = windows[start : start + window_batch_size]
+        crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group])
+        scores = dense_fn(crops)
+        scores = F.interpolate(scores.float(), size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        scores = scores.to(device)
+        if total is None:
+            total = torch.zeros(scores.shape[1], height, width, device=device)
+        for (y1, y2, x1, x2), window_scores in zip(group, scores):
+            total[:, y1:y2, x1:x2] += window_scores
+            count[:, y1:y2, x1:x2] += 1
+    assert bool((count > 0).all()), "slide windows must cover every pixel"
+    return total / count
+
+
+# -- scores -> labels -----------------------------------------------------------------------------
+def labels_from_logits(
+    logits: torch.Tensor,
+    out_size: tuple[int, int],
+    query_to_class: torch.Tensor,
+    *,
+    logit_scale: float | None = None,
+    prob_threshold: float | None = None,
+    area_threshold: float | None = None,
+    background_index: int | None = None,
+    max_chunk_bytes: int = 256 * 2**20,
+) -> torch.Tensor:
+    """``[Q,h,w]`` query scores -> ``[H,W]`` class ids at the label size.
+
+    Equivalent to: bilinear upsampling of all scores to ``out_size``, ``softmax(scale · s)`` over
+    queries, max over each class's synonyms, SCLIP's area rule, argmax, and the probability
+    threshold — but upsampled ``max_chunk_bytes`` worth of channels at a time, so 171 classes at
+    2048×1024 never exist as one full-resolution float tensor. Bilinear upsampling is per-channel
+    and softmax is monotonic, so the chunked running max/argmax and log-sum-exp are exact.
+    """
+    if (prob_threshold is not None or area_threshold is not None) and background_index is None:
+        raise ValueError("prob_threshold/area_threshold need a dataset with a background class")
+    if (prob_threshold is not None or area_threshold is not None) and logit_scale is None:
+        raise ValueError("prob_threshold/area_threshold need a logit_scale")
+    num_queries = logits.shape[0]
+    query_to_class = query_to_class.to(logits.device)
+    height, width = out_size
+    chunk = max(1, min(num_queries, max_chunk_bytes // (height * width * 4)))
+
+    def best_query(allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        best_value = torch.full((height, width), -math.inf, device=logits.device)
+        best = torch.zeros((height, width), dtype=torch.long, device=logits.device)
+        log_norm = torch.full((height, width), -math.inf, device=logits.device) if logit_scale else None
+        for q0 in range(0, num_queries, chunk):
+            up = F.interpolate(
+                logits[None, q0 : q0 + chunk].float(), size=out_size, mode="bilinear", align_corners=False
+            )[0]
+            if logit_scale:
+                up = up * logit_scale
+                log_norm = torch.logaddexp(log_norm, torch.logsumexp(up, dim=0))
+            if allowed is not None:
+                up[~allowed[q0 : q0 + chunk]] = -math.inf
+            value, index = up.max(dim=0)
+            better = value > best_value
+            best_value = torch.where(better, value, best_value)
+            best = torch.where(better, index + q0, best)
+        return best, best_value, log_norm
+
+    best, best_value, log_norm = best_query(None)
+    pred = query_to_class[best]
+    if area_threshold is not None:
+        num_classes = int(query_to_class.max()) + 1
+        area = torch.bincount(pred.flatten(), minlength=num_classes).float()
+        area[background_index] = 0
+        keep = area > area_threshold * area.sum()
+        keep[background_index] = True
+        if not bool(keep.all()):
+            best, best_value, log_norm = best_query(keep[query_to_class])
+            pred = query_to_class[best]
+    if prob_threshold is not None:
+        top_prob = torch.exp(best_value - log_norm)
+        pred = torch.where(top_prob < prob_threshold, torch.full_like(pred, background_index), pred)
+    return pred

@@ -1,0 +1,111 @@
+"""Evaluation protocols as data: named, versioned settings per dataset.
+
+A protocol is a YAML file (``ovseg/eval/protocols/<name>.yaml`` or a user's path) with ``defaults``
+and per-dataset overrides. Every results file records the resolved settings next to the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROTOCOLS_DIR = Path(__file__).parent / "protocols"
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """Everything that decides a number besides the model. See ``shared/spec/evaluation.md``."""
+
+    #: resize so the short side is ``short_side`` unless the long side would exceed ``long_side_max``
+    #: (mmseg ``Resize(scale=(long_side_max, short_side), keep_ratio=True)``); None: keep the size.
+    short_side: int | None = None
+    long_side_max: int | None = None
+    #: then resize to a square: a size, ``"model"`` (the method's CLIP input size) or None.
+    square: int | str | None = None
+    mode: str = "whole"  # "whole" | "slide"
+    crop: int | None = None
+    stride: int | None = None
+    templates: str | list[str] = "single"
+    #: class-name file: a shipped name or a path; ``{dataset}`` is replaced by the dataset name.
+    class_names: str = "{dataset}"
+    #: softmax temperature applied before thresholds; None: argmax of raw scores.
+    logit_scale: float | None = None
+    #: pixels whose top class probability is below this become the background class.
+    prob_threshold: float | None = None
+    #: classes covering less than this fraction of the predicted foreground are dropped (SCLIP).
+    area_threshold: float | None = None
+    #: extra names appended as synonyms of the dataset's background class.
+    background_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.mode not in ("whole", "slide"):
+            raise ValueError(f"protocol mode must be 'whole' or 'slide', got {self.mode!r}")
+        if self.mode == "slide" and not (self.crop and self.stride):
+            raise ValueError("slide mode needs positive `crop` and `stride`")
+        if isinstance(self.square, str) and self.square != "model":
+            raise ValueError(f"`square` must be a size, 'model' or null, got {self.square!r}")
+        if (self.prob_threshold is not None or self.area_threshold is not None) and self.logit_scale is None:
+            raise ValueError("prob_threshold/area_threshold need a logit_scale (thresholds act on softmax scores)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(ProtocolSettings)}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    version: int
+    description: str
+    defaults: dict[str, Any]
+    datasets: dict[str, dict[str, Any]]
+    source: str
+
+    def settings_for(self, dataset: str | None, overrides: dict[str, Any] | None = None) -> ProtocolSettings:
+        values = dict(self.defaults)
+        if dataset is not None:
+            values.update(self.datasets.get(dataset, {}))
+        values.update(overrides or {})
+        unknown = set(values) - _FIELDS
+        if unknown:
+            raise ValueError(f"protocol {self.name!r} ({self.source}): unknown settings {sorted(unknown)}")
+        return ProtocolSettings(**values)
+
+
+def available_protocols() -> list[str]:
+    return sorted(p.stem for p in PROTOCOLS_DIR.glob("*.yaml"))
+
+
+def load_protocol(name_or_path: str) -> Protocol:
+    """A built-in protocol by name (``sclip``, ``maskclip``, ``pixelclip``) or a YAML file."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = PROTOCOLS_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ValueError(
+                f"unknown protocol {name_or_path!r}: not a YAML file and not one of {', '.join(available_protocols())}"
+            )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid protocol YAML ({e})") from None
+    if not isinstance(data, dict) or "name" not in data or "defaults" not in data:
+        raise ValueError(f"{path}: a protocol file needs `name` and `defaults` keys")
+    protocol = Protocol(
+        name=str(data["name"]),
+        version=int(data.get("version", 1)),
+        description=str(data.get("description", "")),
+        defaults=dict(data["defaults"] or {}),
+        datasets={k: dict(v or {}) for k, v in (data.get("datasets") or {}).items()},
+        source=str(path),
+    )
+    protocol.settings_for(None)  # validate the defaults early, naming the file on error
+    for dataset in protocol.datasets:
+        protocol.settings_for(dataset)
+    return protocol

@@ -1,0 +1,209 @@
+"""``OVSegMethod``: the one base class every method subclasses.
+
+A method provides (the contract with the shared evaluator):
+
+- ``encode_text(names, templates) -> Tensor[Q, D]``: one embedding per query name, prompt-ensembled
+  over the protocol's templates (synonyms are separate names; the evaluator max-reduces them);
+- ``dense_logits(images, text) -> Tensor[B, Q, h', w']``: raw scores for one view or window, images
+  ``[B,3,h,w]`` in [0,1] (the method normalises them and owns its resolution handling);
+- ``default_protocol`` and ``input_size`` (for protocols that resize to the model's square input);
+- if it trains: ``training_step`` and ``configure_optimizers``.
+
+Everything else — resize, tiling, thresholds, metrics, DDP reduction, logging, results files,
+prediction pictures — lives here and in :mod:`ovseg.eval`, shared by all methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from ovseg.eval.evaluator import Evaluator
+from ovseg.eval.protocols import load_protocol
+from ovseg.eval.results import build_results, dataset_entry, summary_table, write_results
+
+
+def cosine_logits(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Dense features ``[B,D,h,w]`` x text ``[Q,D]`` -> cosine similarities ``[B,Q,h,w]``."""
+    features = F.normalize(features, dim=1)
+    text = F.normalize(text.to(features.dtype), dim=-1)
+    return torch.einsum("bdhw,qd->bqhw", features, text)
+
+
+class OVSegMethod(L.LightningModule):
+    """
+    Args:
+        protocol: evaluation protocol name or YAML path (default: the method's own).
+        protocol_overrides: settings replacing the protocol's for every dataset, e.g.
+            ``{mode: slide, crop: 448, stride: 224}``.
+        window_batch_size: sliding windows per forward pass.
+        results_dir: where ``ovseg test`` writes results.json/.md (default: the logger's folder).
+        predict_dir: where ``ovseg predict`` writes its pictures (default: ``<log dir>/predictions``).
+    """
+
+    default_protocol: str = "maskclip"
+
+    def __init__(
+        self,
+        protocol: str | None = None,
+        protocol_overrides: dict[str, Any] | None = None,
+        window_batch_size: int = 8,
+        results_dir: str | None = None,
+        predict_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.protocol_name = protocol or self.default_protocol
+        self.protocol_overrides = protocol_overrides or {}
+        load_protocol(self.protocol_name)  # fail at construction on an unknown protocol
+        self.window_batch_size = window_batch_size
+        self.results_dir = results_dir
+        self.predict_dir = predict_dir
+        self.evaluator: Evaluator | None = None
+        self.results: dict[str, Any] | None = None
+        self.results_paths: tuple[Path, Path] | None = None
+
+    # -- the contract -----------------------------------------------------------------------------
+    def encode_text(self, names: list[str], templates: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def input_size(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} does not define an input size for square protocols")
+
+    @property
+    def weights_id(self) -> str:
+        """Identity of the weights scored (recorded in results files)."""
+        ckpt = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
+        return f"checkpoint:{ckpt}" if ckpt else "unknown"
+
+    # -- evaluation (shared) ----------------------------------------------------------------------
+    def _start_evaluation(self) -> None:
+        datamodule = self.trainer.datamodule
+        self.evaluator = Evaluator(
+            load_protocol(self.protocol_name), self.protocol_overrides, window_batch_size=self.window_batch_size
+        )
+        for dataset in datamodule.eval_datasets:
+            self.evaluator.add_dataset(
+                self, dataset.name, dataset.class_names, dataset.background_index, self.device
+            )
+        self._eval_started = time.perf_counter()
+
+    def _eval_step(self, batch: dict) -> None:
+        name = batch["meta"][0]["dataset"]
+        self.evaluator.update(self, name, batch["image"], batch["label"])
+
+    def _finish_evaluation(self, stage: str) -> dict[str, Any]:
+        computed = self.evaluator.compute()
+        protocol = self.evaluator.protocol
+        datasets = {}
+        for name, (confmat, scores, num_images) in computed.items():
+            entry = self.evaluator.datasets[name]
+            datasets[name] = dataset_entry(
+                protocol.name, entry.settings.as_dict(), entry.vocabulary.class_names, entry.class_names_source,
+                confmat.numpy(), scores, num_images,
+            )
+            for metric in ("mIoU", "pAcc", "mAcc"):
+                value = datasets[name][metric]
+                if value is not None:
+                    self.log(f"{stage}/{name}/{metric}", value, add_dataloader_idx=False, rank_zero_only=True)
+        return build_results(
+            method=type(self).__name__,
+            weights=self.weights_id,
+            world_size=self.trainer.world_size,
+            config=self._config_record(),
+            protocol={"name": protocol.name, "version": protocol.version, "source": Path(protocol.source).name},
+            datasets=datasets,
+        )
+
+    def _config_record(self) -> dict[str, Any]:
+        record = {"model": {"class_path": f"{type(self).__module__}.{type(self).__name__}", **_plain(self.hparams)}}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "hparams", None):
+            record["data"] = _plain(datamodule.hparams)
+        return record
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.results = self._finish_evaluation("test")
+        if self.trainer.is_global_zero:
+            directory = Path(self.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+            self.results_paths = write_results(directory, self.results)
+            seconds = time.perf_counter() - self._eval_started
+            rank_zero_info(
+                f"\n{summary_table(self.results)}\n\n{self.results['method']} · protocol {self.protocol_name} · "
+                f"{seconds:.1f}s\nresults: {self.results_paths[0]}\n         {self.results_paths[1]}"
+            )
+
+    # -- prediction on arbitrary images and words -------------------------------------------------
+    def on_predict_epoch_start(self) -> None:
+        from ovseg.eval.evaluator import Vocabulary
+
+        datamodule = self.trainer.datamodule
+        self.evaluator = Evaluator(
+            load_protocol(self.protocol_name), self.protocol_overrides, window_batch_size=self.window_batch_size
+        )
+        # arbitrary words: the given names only, no dataset-specific background rules
+        settings = dataclasses.replace(
+            self.evaluator.settings_for(None), class_names="{dataset}", prob_threshold=None, area_threshold=None,
+            background_names=[],
+        )
+        self.evaluator.add_dataset(self, "predict", datamodule.predict_class_names, None, self.device, settings)
+        self._predict_vocabulary: Vocabulary = self.evaluator.datasets["predict"].vocabulary
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        self._predict_out = Path(self.predict_dir or Path(log_dir) / "predictions")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        from ovseg.eval.visualize import save_prediction
+
+        entry = self.evaluator.datasets["predict"]
+        written = []
+        for image, meta in zip(batch["image"], batch["meta"]):
+            pred = self.evaluator.predict(self, entry, image, tuple(image.shape[-2:]))
+            written.append(
+                str(save_prediction(self._predict_out, meta["id"], image, pred, self._predict_vocabulary.display_names))
+            )
+        return written
+
+    def on_predict_epoch_end(self) -> None:
+        if self.trainer.is_global_zero:
+            rank_zero_info(f"predictions: {self._predict_out}")
+
+
+def _plain(value: Any) -> Any:
+    """hparams -> JSON-safe plain data (dataclasses and objects become dicts/strings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    return str(value)

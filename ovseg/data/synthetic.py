@@ -28,7 +28,9 @@ def synth_label(rng: np.random.Generator, height: int, width: int, num_raw: int,
                 max_shapes: int = 4) -> np.ndarray:
     """A raw label map: a random 'stuff' background id plus rectangles and ellipses of other ids,
     optionally with 255 boundary bands (VOC style)."""
-    label = np.full((height, width), rng.integers(0, num_raw), dtype=np.uint8)
+    # id 0 is the background of VOC/Context (and ADE's "other"): make it the most common backdrop
+    backdrop = 0 if rng.random() < 0.5 else rng.integers(0, num_raw)
+    label = np.full((height, width), backdrop, dtype=np.uint8)
     yy, xx = np.mgrid[0:height, 0:width]
     for _ in range(int(rng.integers(1, max_shapes + 1))):
         cls = int(rng.integers(0, num_raw))

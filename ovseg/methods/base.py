@@ -113,10 +113,7 @@ class OVSegMethod(L.LightningModule):
                 protocol.name, entry.settings.as_dict(), entry.vocabulary.class_names, entry.class_names_source,
                 confmat.numpy(), scores, num_images,
             )
-            for metric in ("mIoU", "pAcc", "mAcc"):
-                value = datasets[name][metric]
-                if value is not None:
-                    self.log(f"{stage}/{name}/{metric}", value, add_dataloader_idx=False, rank_zero_only=True)
+        self._log_scores(stage, datasets)
         return build_results(
             method=type(self).__name__,
             weights=self.weights_id,
@@ -125,6 +122,28 @@ class OVSegMethod(L.LightningModule):
             protocol={"name": protocol.name, "version": protocol.version, "source": Path(protocol.source).name},
             datasets=datasets,
         )
+
+    def _log_scores(self, stage: str, datasets: dict[str, dict[str, Any]]) -> None:
+        scores = {
+            f"{stage}/{name}/{metric}": d[metric]
+            for name, d in datasets.items()
+            for metric in ("mIoU", "pAcc", "mAcc")
+            if d[metric] is not None
+        }
+        if stage == "val":
+            # through self.log so checkpointing/early stopping can monitor e.g. val/voc20/mIoU
+            for key, value in scores.items():
+                self.log(key, value, add_dataloader_idx=False, rank_zero_only=True)
+        elif self.trainer.is_global_zero:
+            # test: straight to the loggers; our own table replaces Lightning's per-dataloader one
+            per_class = {
+                f"{stage}/{name}/IoU/{cls}": v["IoU"]
+                for name, d in datasets.items()
+                for cls, v in d["per_class"].items()
+                if v["IoU"] is not None
+            }
+            for logger in self.loggers:
+                logger.log_metrics({**scores, **per_class}, step=self.global_step)
 
     def _config_record(self) -> dict[str, Any]:
         record = {"model": {"class_path": f"{type(self).__module__}.{type(self).__name__}", **_plain(self.hparams)}}
@@ -199,7 +218,8 @@ def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _plain(dataclasses.asdict(value))
     if isinstance(value, dict) or hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
+        # jsonargparse's bookkeeping keys (``_class_path``) are not settings
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if value is None or isinstance(value, (bool, int, str)):

@@ -78,6 +78,9 @@ def write_synthetic(
 
     Image sides are drawn from ``size`` (min, max), so images differ in shape and aspect.
     """
+    if name == "coco_object":
+        # COCO-Object shares COCO-Stuff's images and is derived from its labels, as the converter does
+        return _derive_coco_object(root, split, num_images, size, seed)
     spec = get_spec(name)
     rng = np.random.default_rng(seed)
     num_raw = raw_class_count(spec)
@@ -97,4 +100,16 @@ def write_synthetic(
         atomic_save_png(label_path, label, palette=palette if voc_like else None)
     if spec.split_file is not None:
         atomic_write_text(spec.path(root, spec.split_file, split), "\n".join(ids) + "\n")
+    return ids
+
+
+def _derive_coco_object(root: str | Path, split: str, num_images: int, size: tuple[int, int], seed: int) -> list[str]:
+    from ovseg.tools.convert.coco_object import make_object_lut
+
+    stuff, objects = get_spec("coco_stuff171"), get_spec("coco_object")
+    ids = write_synthetic("coco_stuff171", root, split, num_images, size, seed)
+    lut = make_object_lut()
+    for file_id in ids:
+        stuff_label = np.asarray(Image.open(stuff.path(root, stuff.ann_dir, split) / f"{file_id}{stuff.seg_suffix}"))
+        atomic_save_png(objects.path(root, objects.ann_dir, split) / f"{file_id}{objects.seg_suffix}", lut[stuff_label])
     return ids

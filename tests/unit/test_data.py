@@ -26,6 +26,7 @@ COUNTED = {
     "ade150": lambda raw: (raw != 0) & (raw != 255),
     "cityscapes": lambda raw: raw != 255,
     "coco_stuff171": lambda raw: raw != 255,
+    "coco_object": lambda raw: raw != 255,
 }
 
 

@@ -1,0 +1,112 @@
+"""Inference benchmark: throughput, dense-path overhead, evaluator share, peak memory.
+
+    python benchmarks/bench_inference.py                 # tiny model + ViT-B/16 (random weights), CPU
+    python benchmarks/bench_inference.py --models tiny   # quick
+    python benchmarks/bench_inference.py --device cuda   # on a GPU
+
+Numbers go into benchmarks/README.md by hand, with the machine they were measured on. Random weights
+are as fast as real ones, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+from ovseg.eval.evaluator import Evaluator  # noqa: E402
+from ovseg.eval.protocols import load_protocol  # noqa: E402
+from ovseg.methods import MaskCLIP  # noqa: E402
+from ovseg.models.clip import CLIPConfig  # noqa: E402
+
+MODELS = {"tiny": "tiny-vit", "vitb16": "ViT-B-16"}
+
+
+def timed(fn, repeats: int, sync) -> float:
+    fn()  # warm-up (positional-embedding cache, allocator)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_model(name: str, device: str, repeats: int) -> dict:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    method = MaskCLIP(CLIPConfig(name=MODELS[name], pretrained=None, last_block="vanilla")).to(device).eval()
+    encoder = method.encoder
+    out: dict = {"model": MODELS[name], "device": device}
+    with torch.no_grad():
+        # dense forward vs open_clip's own encode_image at the trained size (the only size it runs)
+        x = torch.rand(2, 3, encoder.input_size, encoder.input_size, device=device)
+        dense = timed(lambda: encoder.encode_dense(x), repeats, sync)
+        out["dense_over_encode_image"] = dense / timed(lambda: encoder.model.encode_image(x), repeats, sync)
+        x448 = torch.rand(1, 3, 448, 448, device=device)
+        out["dense_448_images_per_s"] = 1 / timed(lambda: encoder.encode_dense(x448), repeats, sync)
+        # whole and slide inference through the evaluator on a 375x500 VOC-sized image, 21 classes
+        image = torch.rand(3, 375, 500, device=device)
+        names = [[f"class {i}"] for i in range(21)]
+        for mode, overrides in {
+            "whole": {"mode": "whole", "short_side": 448, "templates": "single"},
+            "slide": {"mode": "slide", "crop": 224, "stride": 112, "short_side": 336, "templates": "single"},
+        }.items():
+            evaluator = Evaluator(load_protocol("maskclip"), overrides, window_batch_size=8)
+            entry = evaluator.add_dataset(method, "bench", names, None, torch.device(device))
+            dense_time = [0.0]
+            real_dense = method.dense_logits
+
+            def counted(images, text):
+                sync()
+                t = time.perf_counter()
+                result = real_dense(images, text)
+                sync()
+                dense_time[0] += time.perf_counter() - t
+                return result
+
+            method.dense_logits = counted
+            per_image = timed(lambda: evaluator.predict(method, entry, image, (375, 500)), repeats, sync)
+            method.dense_logits = real_dense
+            out[f"{mode}_images_per_s"] = 1 / per_image
+            out[f"{mode}_evaluator_share"] = 1 - dense_time[0] / ((repeats + 1) * per_image)
+    return out
+
+
+def peak_memory_171_classes() -> dict:
+    """labels_from_logits for 171 classes at 2048x1024, in a fresh process (ru_maxrss)."""
+    code = (
+        "import resource, torch\n"
+        "from ovseg.eval.inference import labels_from_logits\n"
+        "logits = torch.randn(171, 128, 256)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "pred = labels_from_logits(logits, (1024, 2048), torch.arange(171), logit_scale=40.0)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+    )
+    mib = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    full = 171 * 1024 * 2048 * 4 / 2**20
+    return {"peak_rss_increase_MiB_171cls_2048x1024": round(mib, 1), "full_logits_would_be_MiB": round(full, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,vitb16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    results = [bench_model(m, args.device, args.repeats) for m in args.models.split(",")]
+    results.append(peak_memory_171_classes())
+    results.append({"torch_threads": torch.get_num_threads(), "max_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024})
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

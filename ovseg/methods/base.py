@@ -123,6 +123,16 @@ class OVSegMethod(L.LightningModule):
             datasets=datasets,
         )
 
+    def _run_dir(self) -> Path:
+        """This run's own folder: the CSV/TensorBoard version folder, else ``save_dir/name/version``
+        (wandb), so runs never overwrite each other's results."""
+        logger = self.logger
+        if logger is None:
+            return Path(self.trainer.default_root_dir)
+        if getattr(logger, "log_dir", None):
+            return Path(logger.log_dir)
+        return Path(logger.save_dir or self.trainer.default_root_dir) / str(logger.name) / str(logger.version)
+
     def _log_scores(self, stage: str, datasets: dict[str, dict[str, Any]]) -> None:
         scores = {
             f"{stage}/{name}/{metric}": d[metric]
@@ -170,8 +180,7 @@ class OVSegMethod(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.results = self._finish_evaluation("test")
         if self.trainer.is_global_zero:
-            directory = Path(self.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
-            self.results_paths = write_results(directory, self.results)
+            self.results_paths = write_results(self.results_dir or self._run_dir(), self.results)
             seconds = time.perf_counter() - self._eval_started
             rank_zero_info(
                 f"\n{summary_table(self.results)}\n\n{self.results['method']} · protocol {self.protocol_name} · "

@@ -1,0 +1,634 @@
+"""Dense CLIP image features on top of open_clip (and, optionally, Hugging Face ``transformers``).
+
+``DenseCLIP`` wraps an unmodified open_clip model (or a transformers ``CLIPModel``) and adds a dense path:
+one projected feature vector per patch (ViT) or per output pixel (ConvNeXt), in the CLIP joint embedding space.
+For ViTs every block but the last runs unchanged; the last block is re-expressed as a function over that
+block's own modules and weights so MaskCLIP / PixelCLIP / SCLIP-style variants can be selected by config
+(``last_block``, ``residual``, ``ffn``) without vendoring open_clip.
+
+Tiny random configs (``tiny-vit``, ``tiny-convnext``) for tests and CI live in ``ovseg/models/configs`` and are
+registered with open_clip on import of this module.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, get_args
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import Tensor, nn
+
+__all__ = [
+    "CLIPConfig",
+    "DenseCLIP",
+    "TransformerBlockView",
+    "dense_last_block",
+    "resize_positional_embedding",
+    "LAST_BLOCKS",
+    "RESIDUALS",
+]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+# Literal types let LightningCLI/jsonargparse validate the choice at parse time and list it in --help
+LastBlock = Literal["vanilla", "value", "qq_kk"]
+Residual = Literal["token", "cls", "none"]
+LAST_BLOCKS: tuple[str, ...] = get_args(LastBlock)
+RESIDUALS: tuple[str, ...] = get_args(Residual)
+HF_PREFIX = "hf:"
+LOCAL_DIR_PREFIX = "local-dir:"
+HF_HUB_PREFIX = "hf-hub:"
+TEXT_BATCH = 256
+# Hashing the full weights file identifies it in results files; 12 hex digits are plenty to tell files apart.
+SHA_PREFIX_LEN = 12
+_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+@dataclass
+class CLIPConfig:
+    """Which CLIP to load and how its last ViT block produces dense features.
+
+    name: an open_clip model name (including ``tiny-vit`` / ``tiny-convnext``), ``"local-dir:/path"``
+        (open_clip folder schema), ``"hf-hub:org/repo"``, or ``"hf:/path"`` (a transformers ``CLIPModel``
+        saved with ``save_pretrained``).
+    pretrained: an open_clip tag (``openai``, ``laion2b_s34b_b79k`` …), a local weights file, or None for random
+        init. Ignored for the folder/hub schemas.
+    last_block: ``vanilla`` (unchanged attention), ``value`` (MaskCLIP/PixelCLIP: v -> out_proj, q·k skipped) or
+        ``qq_kk`` (SCLIP: softmax(q qᵀ s) + softmax(k kᵀ s) applied to v).
+    residual: the last block's attention residual: ``token`` (each token's own input), ``cls`` (the class token's
+        input, broadcast; PixelCLIP) or ``none`` (SCLIP/ClearCLIP).
+    ffn: keep the last block's MLP (``x + mlp(ln_2(x))``).
+    precision: open_clip precision (``fp32``, ``fp16``, ``bf16``, ``amp`` …).
+    quick_gelu: None follows the pretrained tag (OpenAI weights need QuickGELU); set True when loading OpenAI
+        weights from a file under a plain name such as ``ViT-B-16``.
+    """
+
+    name: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    cache_dir: str | None = None
+    last_block: LastBlock = "vanilla"
+    residual: Residual = "token"
+    ffn: bool = True
+    precision: str = "fp32"
+    quick_gelu: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.last_block not in LAST_BLOCKS:
+            raise ValueError(f"last_block must be one of {LAST_BLOCKS}, got {self.last_block!r}")
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ViT building blocks shared by the open_clip and transformers back-ends
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransformerBlockView:
+    """The modules and weights of one pre-norm transformer block, independent of the library that built it.
+
+    The q/k/v weights are views (open_clip keeps them fused in ``in_proj_weight``), so gradients reach the
+    original parameters.
+    """
+
+    ln_1: nn.Module
+    q_weight: Tensor
+    q_bias: Tensor | None
+    k_weight: Tensor
+    k_bias: Tensor | None
+    v_weight: Tensor
+    v_bias: Tensor | None
+    out_proj: nn.Module
+    num_heads: int
+    ls_1: nn.Module
+    ln_2: nn.Module
+    mlp: nn.Module
+    ls_2: nn.Module
+
+    @classmethod
+    def from_open_clip(cls, block: ResidualAttentionBlock) -> TransformerBlockView:
+        attn = block.attn
+        q_w, k_w, v_w = attn.in_proj_weight.chunk(3)
+        q_b, k_b, v_b = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None, None, None)
+        return cls(block.ln_1, q_w, q_b, k_w, k_b, v_w, v_b, attn.out_proj, attn.num_heads,
+                   block.ls_1, block.ln_2, block.mlp, block.ls_2)
+
+    @classmethod
+    def from_hf(cls, layer: nn.Module) -> TransformerBlockView:
+        attn = layer.self_attn
+        return cls(layer.layer_norm1, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
+                   attn.v_proj.weight, attn.v_proj.bias, attn.out_proj, attn.num_heads,
+                   nn.Identity(), layer.layer_norm2, layer.mlp, nn.Identity())
+
+
+def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+    batch, length, width = x.shape
+    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def dense_last_block(
+    x: Tensor, block: TransformerBlockView, last_block: str = "vanilla", residual: str = "token", ffn: bool = True
+) -> Tensor:
+    """Run the last ViT block on tokens ``x`` [B, 1+N, C] (class token first) in one of the dense variants.
+
+    ``vanilla`` + ``token`` + ``ffn`` is exactly the block's normal forward.
+    """
+    if last_block not in LAST_BLOCKS:
+        raise ValueError(f"last_block must be one of {LAST_BLOCKS}, got {last_block!r}")
+    y = block.ln_1(x)
+    if last_block == "value":
+        # Attention replaced by the identity map: each token keeps its own value (MaskCLIP). Heads are
+        # irrelevant because nothing mixes across tokens.
+        attended = F.linear(y, block.v_weight, block.v_bias)
+    else:
+        q = _split_heads(F.linear(y, block.q_weight, block.q_bias), block.num_heads)
+        k = _split_heads(F.linear(y, block.k_weight, block.k_bias), block.num_heads)
+        v = _split_heads(F.linear(y, block.v_weight, block.v_bias), block.num_heads)
+        if last_block == "vanilla":
+            attended = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # qq_kk: softmax(q qᵀ s) v + softmax(k kᵀ s) v == (softmax(q qᵀ s) + softmax(k kᵀ s)) v, with
+            # SDPA's default scale s = head_dim^-0.5 as in SCLIP.
+            attended = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+        attended = _merge_heads(attended)
+    attn_out = block.ls_1(block.out_proj(attended))
+
+    if residual == "token":
+        x = x + attn_out
+    elif residual == "cls":
+        x = x[:, :1] + attn_out
+    elif residual == "none":
+        x = attn_out
+    else:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+
+    if ffn:
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x
+
+
+def resize_positional_embedding(
+    positional_embedding: Tensor, trained_grid: tuple[int, int], grid: tuple[int, int]
+) -> Tensor:
+    """Bicubically resize a ViT positional embedding [1+gh*gw, C] (class position first) to ``grid``.
+
+    The class-token position is kept as is. At the trained grid the input is returned unchanged.
+    """
+    trained_grid, grid = tuple(trained_grid), tuple(grid)
+    if grid == trained_grid:
+        return positional_embedding
+    class_pos, patch_pos = positional_embedding[:1], positional_embedding[1:]
+    width = patch_pos.shape[-1]
+    patch_pos = patch_pos.reshape(1, *trained_grid, width).permute(0, 3, 1, 2)
+    # bicubic is not implemented for half precision on every device; interpolate in fp32
+    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width).to(positional_embedding.dtype)
+    return torch.cat([class_pos, patch_pos], dim=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sha256_prefix(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:SHA_PREFIX_LEN]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or "/" in value or value.startswith((".", "~")) or value.endswith(_WEIGHT_SUFFIXES)
+
+
+def _load_open_clip(config: CLIPConfig) -> tuple[nn.Module, str]:
+    """Create the open_clip model; returns (model, weights_id)."""
+    name = config.name
+    kwargs: dict = dict(precision=config.precision, cache_dir=config.cache_dir)
+    if config.quick_gelu is not None:
+        kwargs["force_quick_gelu"] = config.quick_gelu
+
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"open_clip model folder not found: {folder} (from name={name!r})")
+        model = open_clip.create_model(name, **kwargs)
+        files = _weight_files(folder)
+        # open_clip picks one of the folder's weight files; hashing all of them identifies the folder either way
+        weights_id = f"{name}#sha256:{_sha256_prefix(files)}" if files else f"{name}#random"
+        return model, weights_id
+    if name.startswith(HF_HUB_PREFIX):
+        return open_clip.create_model(name, **kwargs), name
+
+    if name not in open_clip.list_models():
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=8, cutoff=0.5)
+        raise ValueError(f"unknown open_clip model {name!r}; close matches: {close}. "
+                         f"Use 'hf:/folder' for a transformers checkpoint or 'local-dir:/folder'.")
+
+    pretrained = config.pretrained
+    if not pretrained:
+        return open_clip.create_model(name, pretrained=None, **kwargs), f"{name}/random"
+
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag_cfg:
+        # open_clip only warns when a QuickGELU-trained tag (e.g. openai) meets a GELU config; the features would
+        # be silently wrong, so follow the tag unless the user chose explicitly.
+        kwargs.setdefault("force_quick_gelu", bool(tag_cfg.get("quick_gelu", False)))
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"could not load weights {name}/{pretrained}: {err}. Offline? Pre-fill the Hugging Face cache "
+                f"(cache_dir / HF_HOME) or pass pretrained=/path/to/open_clip_pytorch_model.bin"
+            ) from err
+        return model, f"{name}/{pretrained}"
+
+    weights_path = Path(pretrained).expanduser()
+    if weights_path.is_dir():
+        raise IsADirectoryError(f"pretrained={pretrained!r} is a folder: pass the weights file inside it, or use "
+                                f"name='local-dir:{weights_path}' for a folder with open_clip_config.json")
+    if weights_path.is_file():
+        model = open_clip.create_model(name, pretrained=str(weights_path), **kwargs)
+        return model, f"{name}/file:{weights_path.resolve()}#sha256:{_sha256_prefix([weights_path])}"
+    if _looks_like_path(pretrained):
+        raise FileNotFoundError(f"CLIP weights file not found: {weights_path}")
+    raise ValueError(f"unknown pretrained tag {pretrained!r} for open_clip model {name!r}; known tags: "
+                     f"{open_clip.list_pretrained_tags_by_model(name)} (or give a path to a weights file)")
+
+
+def _load_hf(folder_str: str, precision: str) -> tuple[nn.Module, str, tuple, tuple]:
+    """Load a transformers CLIPModel folder; returns (model, weights_id, mean, std)."""
+    try:
+        from transformers import CLIPModel
+    except ImportError as err:  # transformers is an optional dependency (extra "hf")
+        raise ImportError("the 'hf:' CLIP loader needs transformers: pip install 'ovseg[hf]'") from err
+    folder = Path(folder_str).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"Hugging Face CLIP folder not found or without config.json: {folder}")
+    if precision not in _PRECISION_DTYPES:
+        raise ValueError(f"precision {precision!r} is not supported for 'hf:' models; use one of "
+                         f"{list(_PRECISION_DTYPES)}")
+    model = CLIPModel.from_pretrained(folder, local_files_only=True).to(_PRECISION_DTYPES[precision])
+
+    mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    preprocessor = folder / "preprocessor_config.json"
+    if preprocessor.is_file():
+        cfg = json.loads(preprocessor.read_text())
+        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    files = _weight_files(folder)
+    weights_id = f"hf:{folder}#sha256:{_sha256_prefix(files)}" if files else f"hf:{folder}#random"
+    return model, weights_id, mean, std
+
+
+class _HFTokenize:
+    """Texts -> input ids [N, context_length] with a transformers tokenizer (padded and truncated)."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, texts: list[str]) -> Tensor:
+        return self.tokenizer(texts, padding="max_length", max_length=self.context_length, truncation=True,
+                              return_tensors="pt")["input_ids"]
+
+
+def _hf_tokenizer(folder: Path, text_config) -> Callable[[list[str]], Tensor]:
+    """A tokenizer for a transformers CLIP folder, never the silent 2-token offline fallback."""
+    context_length = text_config.max_position_embeddings
+    has_bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    # transformers 4 saves vocab.json + merges.txt, transformers 5 saves tokenizer.json only
+    if has_bpe_files or (folder / "tokenizer.json").is_file():
+        # CLIPTokenizer rather than AutoTokenizer: the latter needs tokenizer_config.json to pick a class, and
+        # in transformers 5 it cannot build a tokenizer from vocab.json + merges.txt alone.
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        if len(tokenizer) < 1000:
+            raise RuntimeError(f"tokenizer in {folder} has a suspiciously small vocabulary ({len(tokenizer)})")
+        return _HFTokenize(tokenizer, context_length)
+    if text_config.vocab_size == 49408:
+        # OpenAI's BPE: open_clip's SimpleTokenizer ships the same vocabulary and gives the same ids.
+        return open_clip.SimpleTokenizer(context_length=context_length)
+    raise FileNotFoundError(
+        f"{folder} has no tokenizer files (vocab.json + merges.txt, or tokenizer.json) and its text vocabulary "
+        f"({text_config.vocab_size}) is not OpenAI's 49408-token BPE; save the tokenizer into that folder"
+    )
+
+
+def _check_open_clip_vit(visual: nn.Module) -> None:
+    """Refuse ViT variants whose forward the dense path does not reproduce."""
+    if getattr(visual, "attn_pool", None) is not None:
+        raise NotImplementedError("dense features for attentional-pooling ViTs (CoCa) are not supported")
+    if getattr(visual, "final_ln_after_pool", False):
+        raise NotImplementedError("dense features for final_ln_after_pool=True ViTs are not supported")
+    if visual.pool_type not in ("tok", "avg"):
+        raise NotImplementedError(f"dense features for ViT pool_type={visual.pool_type!r} are not supported")
+    if visual.patch_size[0] != visual.patch_size[1]:
+        raise NotImplementedError(f"dense features need square patches, got {tuple(visual.patch_size)}")
+    if visual.proj is None:
+        raise NotImplementedError("dense features need the ViT's output projection (visual.proj is None)")
+    if not visual.transformer.batch_first:
+        raise NotImplementedError("dense features need a batch_first open_clip transformer")
+    for block in visual.transformer.resblocks:
+        if type(block) is not ResidualAttentionBlock:
+            raise NotImplementedError(
+                f"dense features support open_clip's ResidualAttentionBlock only, got {type(block).__name__} "
+                "(qk_norm / scaled-cosine / scale_* block options)")
+
+
+def _check_timm(visual: nn.Module) -> None:
+    from timm.layers import ClassifierHead, NormMlpClassifierHead
+
+    if "pool" in dict(visual.head.named_children()):
+        raise NotImplementedError("dense features for attention-pooled timm towers (abs_attn/rot_attn) are not "
+                                  "supported")
+    trunk = visual.trunk
+    head = getattr(trunk, "head", None)
+    if not hasattr(trunk, "forward_features") or not isinstance(head, (NormMlpClassifierHead, ClassifierHead)):
+        raise NotImplementedError(
+            f"dense features for timm trunk {type(trunk).__name__} are not supported (ConvNeXt-style trunks with "
+            "a NormMlpClassifierHead or ClassifierHead are)")
+    if head.use_conv or any(isinstance(m, nn.Conv2d) for m in head.modules()):
+        raise NotImplementedError("dense features need a pooled timm head with linear layers")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DenseCLIP
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DenseCLIP(nn.Module):
+    """A CLIP model with a dense image path.
+
+    Attributes: ``model`` (the wrapped open_clip model or transformers ``CLIPModel``), ``kind``
+    (``"vit"``, ``"timm"`` or ``"hf_vit"``), ``mean``/``std`` ([1,3,1,1] buffers), ``patch_size`` (ViT patch or
+    ConvNeXt total stride), ``input_size`` (trained image size), ``embed_dim`` and ``weights_id``.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, config: CLIPConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config if config is not None else CLIPConfig()
+        self._tokenizer: Callable[[list[str]], Tensor] | None = None
+        self._pos_cache: dict[tuple, Tensor] = {}
+
+        if config.name.startswith(HF_PREFIX):
+            self._hf_folder = Path(config.name[len(HF_PREFIX):]).expanduser()
+            self.model, self.weights_id, mean, std = _load_hf(str(self._hf_folder), config.precision)
+            vision = self.model.config.vision_config
+            self.kind = "hf_vit"
+            self.patch_size = int(vision.patch_size)
+            self.input_hw = (int(vision.image_size), int(vision.image_size))
+            self.embed_dim = int(self.model.config.projection_dim)
+        else:
+            self.model, self.weights_id = _load_open_clip(config)
+            visual = self.model.visual
+            preprocess = open_clip.get_model_preprocess_cfg(self.model)
+            mean, std = preprocess["mean"], preprocess["std"]
+            image_size = visual.image_size
+            self.input_hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+            if isinstance(visual, VisionTransformer):
+                _check_open_clip_vit(visual)
+                self.kind = "vit"
+                self.patch_size = int(visual.patch_size[0])
+                self.embed_dim = int(visual.proj.shape[1])
+            elif isinstance(visual, TimmModel):
+                _check_timm(visual)
+                self.kind = "timm"
+                self.patch_size = int(visual.trunk.feature_info[-1]["reduction"])
+                # the last linear layer of the projection head (open_clip's, else timm's own fc) sets the width
+                linears = [m for m in visual.head.modules() if isinstance(m, nn.Linear)]
+                self.embed_dim = int((linears[-1] if linears else visual.trunk.head.fc).out_features)
+            else:
+                raise NotImplementedError(f"dense features for {type(visual).__name__} towers are not supported")
+
+        self.input_size = self.input_hw[0]
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    # ---- public API ------------------------------------------------------------------------------------------
+
+    def normalize(self, images01: Tensor) -> Tensor:
+        """[0,1] images [B,3,H,W] -> CLIP-normalised images."""
+        return (images01 - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encode_dense(images)
+
+    def encode_dense(self, images: Tensor) -> Tensor:
+        """Normalised images [B,3,H,W] -> projected dense features [B, D, H//p, W//p] (not L2-normalised)."""
+        if self.kind == "timm":
+            return self._timm_dense(images)
+        batch, _, height, width = images.shape
+        grid = (height // self.patch_size, width // self.patch_size)
+        patch_tokens = self.encode_tokens(images)[:, 1:]
+        return patch_tokens.transpose(1, 2).reshape(batch, -1, *grid)
+
+    def encode_tokens(self, images: Tensor) -> Tensor:
+        """ViTs only: normalised images -> projected tokens [B, 1+h*w, D], class token first, patches row-major.
+
+        With ``last_block="vanilla", residual="token", ffn=True`` the class token equals ``encode_image`` at the
+        trained resolution.
+        """
+        if self.kind == "vit":
+            return self._open_clip_vit_tokens(images)
+        if self.kind == "hf_vit":
+            return self._hf_vit_tokens(images)
+        raise NotImplementedError(f"encode_tokens needs a ViT, this model is {self.kind!r}")
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Normalised images at the trained resolution -> the model's pooled image embedding [B, D]."""
+        if self.kind == "hf_vit":
+            # interpolate_pos_encoding only when needed: older transformers lack the argument
+            extra = {"interpolate_pos_encoding": True} if tuple(images.shape[-2:]) != self.input_hw else {}
+            out = self.model.get_image_features(pixel_values=images.to(self._dtype), **extra)
+            return out if isinstance(out, Tensor) else out.pooler_output  # transformers 5 returns an output object
+        return self.model.encode_image(images.to(self._dtype))
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """Texts -> text embeddings [N, D] (not L2-normalised), in chunks of 256."""
+        if isinstance(texts, str):
+            raise TypeError("encode_text expects a list of strings")
+        tokenizer = self._get_tokenizer()
+        device = next(self.model.parameters()).device
+        chunks = []
+        for start in range(0, len(texts), TEXT_BATCH):
+            tokens = tokenizer(list(texts[start:start + TEXT_BATCH])).to(device)
+            if self.kind == "hf_vit":
+                out = self.model.get_text_features(input_ids=tokens)
+                chunks.append(out if isinstance(out, Tensor) else out.pooler_output)
+            else:
+                chunks.append(self.model.encode_text(tokens))
+        if not chunks:
+            return torch.empty(0, self.embed_dim, device=device)
+        return torch.cat(chunks)
+
+    # ---- internals -------------------------------------------------------------------------------------------
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        if self.kind == "vit":
+            return self.model.visual.conv1.weight.dtype
+        if self.kind == "hf_vit":
+            return self.model.vision_model.embeddings.patch_embedding.weight.dtype
+        return next(self.model.visual.parameters()).dtype
+
+    def _get_tokenizer(self) -> Callable[[list[str]], Tensor]:
+        if self._tokenizer is None:
+            if self.kind == "hf_vit":
+                self._tokenizer = _hf_tokenizer(self._hf_folder, self.model.config.text_config)
+            else:
+                self._tokenizer = open_clip.get_tokenizer(self.config.name, cache_dir=self.config.cache_dir)
+        return self._tokenizer
+
+    def _positional_embedding(self, positional_embedding: Tensor, trained_grid: tuple, grid: tuple) -> Tensor:
+        """Resized positional embedding, cached per grid while it cannot receive gradients."""
+        if grid == tuple(trained_grid):
+            return positional_embedding
+        if torch.is_grad_enabled() and positional_embedding.requires_grad:
+            return resize_positional_embedding(positional_embedding, trained_grid, grid)
+        # _version changes on every in-place update (optimizer step, EMA, load_state_dict), so stale entries
+        # are never hit. (Updates through ``.data`` bypass the counter: call ``clear_cache()`` after those.)
+        key = (grid, positional_embedding._version, positional_embedding.device, positional_embedding.dtype)
+        cached = self._pos_cache.get(key)
+        if cached is None:
+            # computed outside inference mode so the cached tensor stays usable in normal/no-grad mode later
+            with torch.inference_mode(False), torch.no_grad():
+                cached = resize_positional_embedding(positional_embedding, trained_grid, grid)
+            if len(self._pos_cache) >= 16:
+                self._pos_cache.clear()
+            self._pos_cache[key] = cached
+        return cached
+
+    def clear_cache(self) -> None:
+        self._pos_cache.clear()
+
+    def _vit_tokens(
+        self,
+        images: Tensor,
+        patch_embed: nn.Conv2d,
+        class_embedding: Tensor,
+        positional_embedding: Tensor,
+        trained_grid: tuple,
+        before_blocks: Callable[[Tensor], Tensor],
+        blocks: list[Callable[[Tensor], Tensor]],
+        last: TransformerBlockView,
+        ln_post: nn.Module,
+        project: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        x = patch_embed(images.to(patch_embed.weight.dtype))  # [B, C, h, w]
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        x = x + self._positional_embedding(positional_embedding, trained_grid, grid).to(x.dtype)
+        x = before_blocks(x)
+        if x.shape[1] != 1 + grid[0] * grid[1]:
+            raise RuntimeError("patch dropout removed tokens; dense features need all of them (call eval() or "
+                               "set patch_dropout=0)")
+        for block in blocks:
+            x = block(x)
+        cfg = self.config
+        x = dense_last_block(x, last, cfg.last_block, cfg.residual, cfg.ffn)
+        return project(ln_post(x))
+
+    def _open_clip_vit_tokens(self, images: Tensor) -> Tensor:
+        visual = self.model.visual
+        transformer = visual.transformer
+        resblocks = list(transformer.resblocks)
+        if transformer.grad_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            blocks = [lambda x, b=b: checkpoint(b, x, use_reentrant=False) for b in resblocks[:-1]]
+        else:
+            blocks = resblocks[:-1]
+        return self._vit_tokens(
+            images,
+            patch_embed=visual.conv1,
+            class_embedding=visual.class_embedding,
+            positional_embedding=visual.positional_embedding,
+            trained_grid=tuple(visual.grid_size),
+            before_blocks=lambda x: visual.ln_pre(visual.patch_dropout(x)),
+            blocks=blocks,
+            last=TransformerBlockView.from_open_clip(resblocks[-1]),
+            ln_post=visual.ln_post,
+            project=lambda x: x @ visual.proj,
+        )
+
+    def _hf_vit_tokens(self, images: Tensor) -> Tensor:
+        vision = self.model.vision_model
+        embeddings = vision.embeddings
+        trained = embeddings.image_size // embeddings.patch_size
+        layers = list(vision.encoder.layers)
+        # transformers 4.x layers take (hidden, attention_mask, causal_attention_mask) and return a tuple;
+        # 5.x take (hidden, attention_mask) and return the tensor
+        needs_causal = "causal_attention_mask" in inspect.signature(layers[0].forward).parameters
+
+        def run_layer(layer: nn.Module) -> Callable[[Tensor], Tensor]:
+            def call(x: Tensor) -> Tensor:
+                out = layer(x, None, None) if needs_causal else layer(x, None)
+                return out[0] if isinstance(out, tuple) else out
+            return call
+
+        return self._vit_tokens(
+            images,
+            patch_embed=embeddings.patch_embedding,
+            class_embedding=embeddings.class_embedding,
+            positional_embedding=embeddings.position_embedding.weight,
+            trained_grid=(trained, trained),
+            before_blocks=vision.pre_layrnorm,
+            blocks=[run_layer(layer) for layer in layers[:-1]],
+            last=TransformerBlockView.from_hf(layers[-1]),
+            ln_post=vision.post_layernorm,
+            project=self.model.visual_projection,
+        )
+
+    def _timm_dense(self, images: Tensor) -> Tensor:
+        """ConvNeXt: trunk features -> the trunk head's norm per pixel (no pooling) -> head layers per pixel.
+
+        open_clip's pooled path is proj(norm(avgpool(f))) (timm NormMlpClassifierHead: pool -> norm -> fc, then
+        open_clip's drop -> proj); here the same layers run on every pixel, so a 1×1 map gives ``encode_image``.
+        """
+        from timm.layers import NormMlpClassifierHead
+
+        visual = self.model.visual
+        trunk = visual.trunk
+        features = trunk.forward_features(images.to(self._dtype))  # [B, C, h, w]; includes norm_pre if any
+        head = trunk.head
+        if isinstance(head, NormMlpClassifierHead):
+            features = head.norm(features)  # LayerNorm2d over channels, per pixel
+            per_pixel = [head.pre_logits, head.drop, head.fc]
+        else:  # ClassifierHead: pool -> drop -> fc
+            per_pixel = [head.drop, head.fc]
+        x = features.permute(0, 2, 3, 1)  # channels last so the Linear layers act per pixel
+        for layer in per_pixel:
+            x = layer(x)
+        x = visual.head(x)
+        return x.permute(0, 3, 1, 2)

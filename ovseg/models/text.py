@@ -1,0 +1,92 @@
+"""Prompt templates and a cached bank of class-name embeddings (CLIP's prompt ensemble)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from torch import Tensor
+
+__all__ = ["TEMPLATES", "get_templates", "TextBank"]
+
+# open_clip stores the 80 ImageNet templates as lambdas; calling them with "{}" turns them into format strings
+_CLIP80 = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
+
+TEMPLATES: dict[str, list[str]] = {
+    "clip80": _CLIP80,
+    # MaskCLIP's set: the 80 ImageNet templates plus five scene templates
+    "maskclip85": _CLIP80 + [
+        "there is a {} in the scene.",
+        "there is the {} in the scene.",
+        "this is a {} in the scene.",
+        "this is the {} in the scene.",
+        "this is one {} in the scene.",
+    ],
+    "pixelclip8": [
+        "itap of a {}.",
+        "a bad photo of the {}.",
+        "a origami {}.",
+        "a photo of the large {}.",
+        "a {} in a video game.",
+        "art of the {}.",
+        "a photo of the small {}.",
+        "A photo of a {} in the scene",
+    ],
+    "single": ["a photo of a {}."],
+}
+
+
+def get_templates(name_or_list: str | Sequence[str]) -> list[str]:
+    """A template set by name (see ``TEMPLATES``) or an explicit list of format strings with one ``{}``."""
+    if isinstance(name_or_list, str):
+        if name_or_list not in TEMPLATES:
+            raise ValueError(f"unknown template set {name_or_list!r}; known: {sorted(TEMPLATES)}")
+        return list(TEMPLATES[name_or_list])
+    templates = list(name_or_list)
+    if not templates:
+        raise ValueError("the template list is empty")
+    for template in templates:
+        if not isinstance(template, str) or "{}" not in template:
+            raise ValueError(f"a template must be a string containing '{{}}', got {template!r}")
+    return templates
+
+
+class TextBank:
+    """Class-name embeddings from a frozen text encoder, prompt-ensembled and cached.
+
+    ``embed(names)`` encodes every template filled with each name, L2-normalises each, averages over the
+    templates and re-normalises (CLIP's prompt ensemble). Results are cached per (name, templates) and stay on
+    the device the encoder returned them on; call ``clear()`` after moving or changing the encoder.
+    """
+
+    def __init__(self, encode_text: Callable[[list[str]], Tensor], templates: str | Sequence[str] = "clip80"):
+        self.encode_text = encode_text
+        self.templates = tuple(get_templates(templates))
+        self._cache: dict[tuple[str, tuple[str, ...]], Tensor] = {}
+
+    def embed(self, names: Sequence[str], templates: str | Sequence[str] | None = None) -> Tensor:
+        """Names -> unit-norm embeddings [N, D], one row per name (in order; duplicates allowed)."""
+        if isinstance(names, str):
+            raise TypeError("embed expects a list of names")
+        if not names:
+            raise ValueError("embed needs at least one name")
+        templates = self.templates if templates is None else tuple(get_templates(templates))
+        missing = [name for name in dict.fromkeys(names) if (name, templates) not in self._cache]
+        if missing:
+            prompts = [template.format(name) for name in missing for template in templates]
+            with torch.no_grad():
+                features = self.encode_text(prompts)
+            # the ensemble is computed in fp32 even for half-precision encoders
+            features = F.normalize(features.float(), dim=-1).view(len(missing), len(templates), -1)
+            ensembled = F.normalize(features.mean(dim=1), dim=-1)
+            for name, embedding in zip(missing, ensembled):
+                self._cache[(name, templates)] = embedding
+        return torch.stack([self._cache[(name, templates)] for name in names])
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def __len__(self) -> int:
+        return len(self._cache)

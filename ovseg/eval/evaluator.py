@@ -83,7 +83,7 @@ class Evaluator:
         protocol: Protocol,
         overrides: dict[str, Any] | None = None,
         window_batch_size: int = 8,
-        max_chunk_bytes: int = 256 * 2**20,
+        max_chunk_bytes: int = 64 * 2**20,
     ):
         self.protocol = protocol
         self.overrides = dict(overrides or {})

@@ -108,7 +108,7 @@ def labels_from_logits(
     prob_threshold: float | None = None,
     area_threshold: float | None = None,
     background_index: int | None = None,
-    max_chunk_bytes: int = 256 * 2**20,
+    max_chunk_bytes: int = 64 * 2**20,
 ) -> torch.Tensor:
     """``[Q,h,w]`` query scores -> ``[H,W]`` class ids at the label size.
 
@@ -136,7 +136,7 @@ def labels_from_logits(
                 logits[None, q0 : q0 + chunk].float(), size=out_size, mode="bilinear", align_corners=False
             )[0]
             if logit_scale:
-                up = up * logit_scale
+                up.mul_(logit_scale)
                 log_norm = torch.logaddexp(log_norm, torch.logsumexp(up, dim=0))
             if allowed is not None:
                 up[~allowed[q0 : q0 + chunk]] = -math.inf

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
 
 # Importing albumentations otherwise asks PyPI for a newer version on every start.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -69,63 +68,22 @@ def _expand_aliases(argv: list[str]) -> list[str]:
 
 
 # -- non-Trainer commands -------------------------------------------------------------------------
-def _data_verify(ns: argparse.Namespace) -> int:
-    from ovseg.data.specs import BENCHMARKS
-    from ovseg.data.verify import verify_dataset
-
-    names = ns.datasets.split(",") if ns.datasets else list(BENCHMARKS)
-    reports = [verify_dataset(n, ns.root, ns.split, check_labels=not ns.quick, progress=ns.progress) for n in names]
-    for r in reports:
-        print(r.line())
-        for p in r.problems[1:] if ns.verbose else []:
-            print(f"    {p}")
-    return 0 if all(r.complete for r in reports if r.found) and any(r.found for r in reports) else 1
-
-
-def _data_synth(ns: argparse.Namespace) -> int:
-    from ovseg.data.synthetic import write_synthetic
-
-    for name in ns.datasets.split(","):
-        ids = write_synthetic(name, ns.root, ns.split, ns.num_images, (ns.min_size, ns.max_size), ns.seed)
-        print(f"{name}: wrote {len(ids)} images under {ns.root}")
-    return 0
+#: command name -> module with ``register(subparsers)`` adding its argparse parser; each parser sets
+#: ``func`` to a callable taking the parsed Namespace and returning an exit code.
+COMMANDS: dict[str, str] = {
+    "data": "ovseg.data.commands",
+}
 
 
 def build_command_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="ovseg", description="ovseg commands that are not Trainer runs")
     parser.add_argument("--version", action="version", version=f"ovseg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    data = commands.add_parser("data", help="dataset layouts: verify, convert, synth").add_subparsers(
-        dest="data_command", required=True
-    )
-    verify = data.add_parser("verify", help="check file counts and label values of each dataset under a root")
-    verify.add_argument("--root", required=True)
-    verify.add_argument("--datasets", default=None, help="comma-separated names (default: all benchmarks)")
-    verify.add_argument("--split", default="val")
-    verify.add_argument("--quick", action="store_true", help="count files only, do not read labels")
-    verify.add_argument("--progress", action="store_true")
-    verify.add_argument("--verbose", "-v", action="store_true")
-    verify.set_defaults(func=_data_verify)
-
-    synth = data.add_parser("synth", help="write tiny synthetic datasets in the real on-disk layouts")
-    synth.add_argument("--root", required=True)
-    synth.add_argument("--datasets", default="voc21")
-    synth.add_argument("--split", default="val")
-    synth.add_argument("--num-images", type=int, default=5)
-    synth.add_argument("--min-size", type=int, default=48)
-    synth.add_argument("--max-size", type=int, default=96)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.set_defaults(func=_data_synth)
-
-    convert = data.add_parser("convert", help="turn official downloads into the mmsegmentation layouts")
-    from ovseg.tools.convert import register_all
-
-    register_all(convert.add_subparsers(dest="converter", required=True))
+    for module in COMMANDS.values():
+        importlib.import_module(module).register(commands)
     return parser
-
-
-COMMANDS: dict[str, Callable[[], argparse.ArgumentParser]] = {"data": build_command_parser}
 
 
 def main(args: list[str] | None = None) -> int | None:
@@ -134,8 +92,8 @@ def main(args: list[str] | None = None) -> int | None:
         print(f"ovseg {__version__}")
         return 0
     if argv and argv[0] in COMMANDS:
-        ns = COMMANDS[argv[0]]().parse_args(argv)
-        return ns.func(ns)
+        ns = build_command_parser().parse_args(argv)
+        return ns.func(ns) or 0
     if argv and argv[0] not in TRAINER_SUBCOMMANDS and not argv[0].startswith("-"):
         print(f"ovseg: unknown command {argv[0]!r}; use one of {', '.join(TRAINER_SUBCOMMANDS + tuple(COMMANDS))}",
               file=sys.stderr)

@@ -11,11 +11,12 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ovseg.data.classnames import parse_class_list
 from ovseg.data.samplers import UnrepeatedShardSampler
 from ovseg.data.seg_dataset import ImageFolderDataset, SegFileDataset, collate_samples
+from ovseg.data.sources import TrainSource, seed_worker
 
 
 class OVSegDataModule(L.LightningDataModule):
@@ -30,6 +31,8 @@ class OVSegDataModule(L.LightningDataModule):
         limit: evaluate only the first N images of each dataset (smoke tests).
         predict_images: image file or folder for ``ovseg predict``.
         predict_classes: class names for ``ovseg predict``: ``"cat,dog,sky"`` or a class-name file.
+        train: the training source (see :mod:`ovseg.data.sources`); None for training-free methods.
+        batch_size: training samples per process (the global batch is ``batch_size x world size``).
     """
 
     def __init__(
@@ -42,8 +45,11 @@ class OVSegDataModule(L.LightningDataModule):
         limit: int | None = None,
         predict_images: str | None = None,
         predict_classes: str | None = None,
+        train: TrainSource | None = None,
+        batch_size: int = 8,
     ):
         super().__init__()
+        self.save_hyperparameters(ignore=["train"])
         self.root = root
         self.dataset_entries = list(datasets) if datasets is not None else ["voc21"]
         self.split = split
@@ -54,6 +60,9 @@ class OVSegDataModule(L.LightningDataModule):
         self.predict_classes = predict_classes
         self.eval_datasets: list[Dataset] = []
         self.predict_dataset: ImageFolderDataset | None = None
+        self.train_source = train
+        self.batch_size = batch_size
+        self.train_dataset: Dataset | None = None
 
     # -- building ---------------------------------------------------------------------------------
     def build_eval_dataset(self, entry: str | dict[str, Any]) -> Dataset:
@@ -64,6 +73,10 @@ class OVSegDataModule(L.LightningDataModule):
         return build_hf_dataset(entry, root=self.root, limit=self.limit)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.train_dataset is None:
+            if self.train_source is None:
+                raise ValueError("`ovseg fit` needs a training source: --data.train (see ovseg/data/sources.py)")
+            self.train_dataset = self.train_source.build(self.root)
         if stage in (None, "fit", "validate", "test") and not self.eval_datasets:
             self.eval_datasets = [self.build_eval_dataset(e) for e in self.dataset_entries]
             names = [d.name for d in self.eval_datasets]
@@ -103,6 +116,21 @@ class OVSegDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        sampler = DistributedSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=torch.initial_seed() % 2**31, drop_last=True)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,  # Lightning calls sampler.set_epoch each epoch
+            num_workers=self.num_workers,
+            collate_fn=self.train_source.collate,
+            worker_init_fn=seed_worker,
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> list[DataLoader]:

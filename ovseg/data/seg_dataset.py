@@ -47,16 +47,14 @@ def read_label_png(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot decode label ({e})") from None
 
 
-def list_samples(spec: DatasetSpec, root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
-    """``(file_id, image_path, label_path)`` for every sample of a split, checked to exist."""
+def split_ids(spec: DatasetSpec, root: str | Path, split: str) -> list[str]:
+    """File ids of a split: the split file's lines, or every image under the image folder."""
     img_dir = spec.path(root, spec.img_dir, split)
-    ann_dir = spec.path(root, spec.ann_dir, split)
-    for what, d in (("image", img_dir), ("label", ann_dir)):
-        if not d.is_dir():
-            raise DataError(
-                f"dataset {spec.name!r} ({split}): {what} folder {d} not found under data root {root}; "
-                f"expected the mmsegmentation layout {spec.img_dir} / {spec.ann_dir} (see `ovseg data verify`)"
-            )
+    if not img_dir.is_dir():
+        raise DataError(
+            f"dataset {spec.name!r} ({split}): image folder {img_dir} not found under data root {root}; "
+            f"expected the mmsegmentation layout {spec.img_dir} / {spec.ann_dir} (see `ovseg data verify`)"
+        )
     if spec.split_file is not None:
         split_file = spec.path(root, spec.split_file, split)
         if not split_file.is_file():
@@ -64,20 +62,34 @@ def list_samples(spec: DatasetSpec, root: str | Path, split: str) -> list[tuple[
         ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
         if not ids:
             raise DataError(f"dataset {spec.name!r}: split file {split_file} is empty")
-    else:
-        ids = sorted(
-            str(p.relative_to(img_dir))[: -len(spec.img_suffix)]
-            for p in img_dir.rglob(f"*{spec.img_suffix}")
-            if p.is_file()
-        )
-        if not ids:
-            raise DataError(f"dataset {spec.name!r}: no *{spec.img_suffix} images under {img_dir}")
-    samples = []
-    for file_id in ids:
-        image = img_dir / f"{file_id}{spec.img_suffix}"
-        label = ann_dir / f"{file_id}{spec.seg_suffix}"
+        return ids
+    ids = sorted(
+        str(p.relative_to(img_dir))[: -len(spec.img_suffix)] for p in img_dir.rglob(f"*{spec.img_suffix}") if p.is_file()
+    )
+    if not ids:
+        raise DataError(f"dataset {spec.name!r}: no *{spec.img_suffix} images under {img_dir}")
+    return ids
+
+
+def split_images(spec: DatasetSpec, root: str | Path, split: str) -> list[tuple[str, Path]]:
+    """``(file_id, image_path)`` of a split, checked to exist (labels not needed)."""
+    img_dir = spec.path(root, spec.img_dir, split)
+    images = [(file_id, img_dir / f"{file_id}{spec.img_suffix}") for file_id in split_ids(spec, root, split)]
+    for _, image in images:
         if not image.is_file():
             raise DataError(f"dataset {spec.name!r}: image {image} listed in the split is missing")
+    return images
+
+
+def list_samples(spec: DatasetSpec, root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
+    """``(file_id, image_path, label_path)`` for every sample of a split, checked to exist."""
+    ann_dir = spec.path(root, spec.ann_dir, split)
+    images = split_images(spec, root, split)
+    if not ann_dir.is_dir():
+        raise DataError(f"dataset {spec.name!r} ({split}): label folder {ann_dir} not found under data root {root}")
+    samples = []
+    for file_id, image in images:
+        label = ann_dir / f"{file_id}{spec.seg_suffix}"
         if not label.is_file():
             raise DataError(f"dataset {spec.name!r}: image {image} has no label (expected {label})")
         samples.append((file_id, image, label))

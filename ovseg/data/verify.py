@@ -32,7 +32,9 @@ class VerifyReport:
             return f"{self.dataset:14s} {self.split:6s} MISSING   {self.problems[0] if self.problems else ''}"
         status = "OK" if self.complete else "INCOMPLETE" if not self.problems else "BAD"
         count = f"{self.num_images}" + (f"/{self.expected}" if self.expected is not None else "")
-        values = f"raw ids {min(self.label_values)}..{max(self.label_values)}" if self.label_values else ""
+        ids = [v for v in self.label_values if v != IGNORE_INDEX]
+        values = f"raw ids {min(ids)}..{max(ids)}" if ids else ""
+        values += " (+255 ignore)" if IGNORE_INDEX in self.label_values else ""
         extra = f"; {len(self.problems)} problem(s): {self.problems[0]}" if self.problems else ""
         return f"{self.dataset:14s} {self.split:6s} {status:10s} {count:>11s} images  {values}{extra}"
 

@@ -81,6 +81,11 @@ class OVSegMethod(L.LightningModule):
     def input_size(self) -> int:
         raise NotImplementedError(f"{type(self).__name__} does not define an input size for square protocols")
 
+    def extra_metrics(self, dataset: str, confmat: Any, class_names: list[list[str]]) -> dict[str, Any]:
+        """Method-specific scores added to a dataset's results entry, computed from the (DDP-summed)
+        confusion matrix, e.g. CLIP-S4's known/unknown-class mIoU. Keys must not clash with the schema."""
+        return {}
+
     @property
     def weights_id(self) -> str:
         """Identity of the weights scored (recorded in results files)."""
@@ -113,6 +118,7 @@ class OVSegMethod(L.LightningModule):
                 protocol.name, entry.settings.as_dict(), entry.vocabulary.class_names, entry.class_names_source,
                 confmat.numpy(), scores, num_images,
             )
+            datasets[name].update(self.extra_metrics(name, confmat.numpy(), entry.vocabulary.class_names))
         self._log_scores(stage, datasets)
         return build_results(
             method=type(self).__name__,

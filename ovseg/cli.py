@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 # Importing albumentations otherwise asks PyPI for a newer version on every start.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -98,5 +99,7 @@ def main(args: list[str] | None = None) -> int | None:
         print(f"ovseg: unknown command {argv[0]!r}; use one of {', '.join(TRAINER_SUBCOMMANDS + tuple(COMMANDS))}",
               file=sys.stderr)
         return 2
+    # main() passes the (alias-expanded) argv explicitly; Lightning warns when sys.argv is also set
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     OVSegCLI(args=_expand_aliases(argv))
     return 0

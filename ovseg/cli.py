@@ -88,7 +88,21 @@ def build_command_parser() -> argparse.ArgumentParser:
 
 
 def main(args: list[str] | None = None) -> int | None:
-    argv = list(sys.argv[1:] if args is None else args)
+    """Entry point. From the shell (``args`` None), user errors — a missing file, a malformed
+    dataset, a bad setting — print one line naming the problem; ``OVSEG_DEBUG=1`` shows the traceback.
+    Called from Python with ``args``, exceptions propagate."""
+    if args is not None or os.environ.get("OVSEG_DEBUG"):
+        return _main(list(sys.argv[1:] if args is None else args))
+    from ovseg.data.seg_dataset import DataError
+
+    try:
+        return _main(sys.argv[1:])
+    except (DataError, FileNotFoundError, IsADirectoryError, ValueError, KeyError) as e:
+        print(f"ovseg: error: {e}\n(set OVSEG_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str]) -> int | None:
     if argv and argv[0] in ("--version", "-V"):
         print(f"ovseg {__version__}")
         return 0

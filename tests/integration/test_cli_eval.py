@@ -119,3 +119,16 @@ def test_one_and_two_processes_give_identical_confusion_matrices(tmp_path):
     for name in ("voc21", "ade150"):
         assert double["datasets"][name]["confusion_matrix"] == single["datasets"][name]["confusion_matrix"]
         assert double["datasets"][name]["num_images"] == single["datasets"][name]["num_images"]
+
+
+def test_console_errors_are_one_line_and_name_the_file(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("OVSEG_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ovseg", "test", "--config", TINY, "--data.root", str(tmp_path / "missing"),
+         "--trainer.logger", "false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "ovseg: error: dataset 'voc21' (val): image folder" in proc.stderr
+    assert str(tmp_path / "missing") in proc.stderr and "Traceback" not in proc.stderr

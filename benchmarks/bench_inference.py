@@ -63,27 +63,35 @@ def bench_model(name: str, device: str, repeats: int) -> dict:
             "whole": {"mode": "whole", "short_side": 448, "templates": "single"},
             "slide": {"mode": "slide", "crop": 224, "stride": 112, "short_side": 336, "templates": "single"},
         }.items():
-            evaluator = Evaluator(load_protocol("maskclip"), overrides, window_batch_size=8)
-            entry = evaluator.add_dataset(method, "bench", names, None, torch.device(device))
-            dense_time = [float("inf")]
-            real_dense = method.dense_logits
-
-            def counted(images, text):
-                sync()
-                t = time.perf_counter()
-                result = real_dense(images, text)
-                sync()
-                dense_time[0] = min(dense_time[0], time.perf_counter() - t)
-                return result
-
-            method.dense_logits = counted
-            per_image = timed(lambda: evaluator.predict(method, entry, image, (375, 500)), repeats, sync)
-            method.dense_logits = real_dense
+            per_image, share = bench_evaluator(method, overrides, image, names, repeats, sync, device)
             out[f"{mode}_images_per_s"] = 1 / per_image
-            # slide runs several dense calls per image: compare one image's total dense time
-            calls = 1 if mode == "whole" else -(-len(evaluator_windows(entry, image)) // 8)
-            out[f"{mode}_evaluator_share"] = max(0.0, 1 - calls * dense_time[0] / per_image)
+            out[f"{mode}_evaluator_share"] = share
     return out
+
+
+def bench_evaluator(method, overrides, image, names, repeats, sync, device) -> tuple[float, float]:
+    """Seconds per image through the evaluator, and the share of it spent outside ``dense_logits``."""
+    evaluator = Evaluator(load_protocol("maskclip"), overrides, window_batch_size=8)
+    entry = evaluator.add_dataset(method, "bench", names, None, torch.device(device))
+    dense_time = [float("inf")]
+    real_dense = method.dense_logits
+
+    def counted(images, text):
+        sync()
+        start = time.perf_counter()
+        result = real_dense(images, text)
+        sync()
+        dense_time[0] = min(dense_time[0], time.perf_counter() - start)
+        return result
+
+    method.dense_logits = counted
+    try:
+        per_image = timed(lambda: evaluator.predict(method, entry, image, tuple(image.shape[-2:])), repeats, sync)
+    finally:
+        method.dense_logits = real_dense
+    # slide mode runs one dense call per window batch
+    calls = 1 if entry.settings.mode == "whole" else -(-len(evaluator_windows(entry, image)) // 8)
+    return per_image, max(0.0, 1 - calls * dense_time[0] / per_image)
 
 
 def evaluator_windows(entry, image):
@@ -124,7 +132,8 @@ def main() -> None:
     memory = peak_memory_171_classes()
     results = [bench_model(m, args.device, args.repeats) for m in args.models.split(",")]
     results.append(memory)
-    results.append({"torch_threads": torch.get_num_threads(), "max_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024})
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    results.append({"torch_threads": torch.get_num_threads(), "max_rss_MiB": max_rss})
     print(json.dumps(results, indent=2))
 
 

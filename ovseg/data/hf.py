@@ -33,8 +33,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ovseg.data.classnames import parse_class_list, read_class_names
-from ovseg.data.seg_dataset import DataError
-from ovseg.data.specs import IGNORE_INDEX, DatasetSpec
+from ovseg.data.seg_dataset import DataError, values_outside_classes
+from ovseg.data.specs import DatasetSpec
 
 #: keys an entry may hold (anything else is a typo and is reported).
 ENTRY_KEYS = (
@@ -287,9 +287,8 @@ class HFSegDataset(Dataset):
 
     def _map_and_check(self, index: int, raw: np.ndarray, value: Any) -> np.ndarray:
         label = self.spec.map_label(raw)
-        bad = (label >= self.num_classes) & (label != IGNORE_INDEX) | (label < 0)
-        if bad.any():
-            values = sorted(set(np.unique(label[bad]).tolist()))[:10]
+        values = values_outside_classes(label, self.num_classes)
+        if values:
             raise DataError(
                 f"{self._where(index, value)}: mask values {values} outside the {self.num_classes} classes of "
                 f"{self.name!r} (after reduce_zero_label={self.reduce_zero_label}; 255 = ignore)"

@@ -47,6 +47,12 @@ def read_label_png(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot decode label ({e})") from None
 
 
+def values_outside_classes(label: np.ndarray, num_classes: int) -> list[int]:
+    """Up to 10 sorted label values that are neither a class id in ``[0, num_classes)`` nor 255."""
+    bad = (label >= num_classes) & (label != IGNORE_INDEX) | (label < 0)
+    return np.unique(label[bad]).tolist()[:10] if bad.any() else []
+
+
 def split_ids(spec: DatasetSpec, root: str | Path, split: str) -> list[str]:
     """File ids of a split: the split file's lines, or every image under the image folder."""
     img_dir = spec.path(root, spec.img_dir, split)
@@ -64,7 +70,9 @@ def split_ids(spec: DatasetSpec, root: str | Path, split: str) -> list[str]:
             raise DataError(f"dataset {spec.name!r}: split file {split_file} is empty")
         return ids
     ids = sorted(
-        str(p.relative_to(img_dir))[: -len(spec.img_suffix)] for p in img_dir.rglob(f"*{spec.img_suffix}") if p.is_file()
+        str(p.relative_to(img_dir))[: -len(spec.img_suffix)]
+        for p in img_dir.rglob(f"*{spec.img_suffix}")
+        if p.is_file()
     )
     if not ids:
         raise DataError(f"dataset {spec.name!r}: no *{spec.img_suffix} images under {img_dir}")
@@ -127,9 +135,8 @@ class SegFileDataset(Dataset):
         """The mapped label of sample ``index``, validated against the class range."""
         _, _, label_path = self.samples[index]
         label = self.spec.map_label(read_label_png(label_path))
-        bad = (label >= self.num_classes) & (label != IGNORE_INDEX) | (label < 0)
-        if bad.any():
-            values = sorted(set(np.unique(label[bad]).tolist()))[:10]
+        values = values_outside_classes(label, self.num_classes)
+        if values:
             raise DataError(
                 f"{label_path}: label values {values} outside the {self.num_classes} classes of {self.spec.name!r} "
                 f"(after its label mapping; 255 = ignore)"

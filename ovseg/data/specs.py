@@ -105,8 +105,12 @@ SPECS: dict[str, DatasetSpec] = {
             description="Pascal VOC 2012 + SBD (SegmentationClassAug), the usual training set",
         ),
         DatasetSpec("context60", **_CONTEXT, background_index=0, description="Pascal Context, 59 + background"),
-        DatasetSpec("context59", **_CONTEXT, reduce_zero_label=True, description="Pascal Context, background ignored"),
-        DatasetSpec("coco_stuff171", **_COCO, seg_suffix="_labelTrainIds.png", description="COCO-Stuff 164k, 171 classes"),
+        DatasetSpec(
+            "context59", **_CONTEXT, reduce_zero_label=True, description="Pascal Context, background ignored"
+        ),
+        DatasetSpec(
+            "coco_stuff171", **_COCO, seg_suffix="_labelTrainIds.png", description="COCO-Stuff 164k, 171 classes"
+        ),
         DatasetSpec(
             "coco_object",
             **_COCO,

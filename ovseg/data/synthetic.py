@@ -42,7 +42,9 @@ def synth_label(rng: np.random.Generator, height: int, width: int, num_raw: int,
             shape = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
         if boundary:
             inner = np.zeros_like(shape)
-            inner[1:-1, 1:-1] = shape[1:-1, 1:-1] & shape[:-2, 1:-1] & shape[2:, 1:-1] & shape[1:-1, :-2] & shape[1:-1, 2:]
+            inner[1:-1, 1:-1] = (
+                shape[1:-1, 1:-1] & shape[:-2, 1:-1] & shape[2:, 1:-1] & shape[1:-1, :-2] & shape[1:-1, 2:]
+            )
             label[shape & ~inner] = IGNORE_INDEX
             label[inner] = cls
         else:

@@ -66,7 +66,9 @@ def verify_dataset(name: str, root: str | Path, split: str = "val", check_labels
             seen.update(int(v) for v in values)
             bad = values[(values >= raw_limit) & (values != IGNORE_INDEX)]
             if bad.size:
-                report.problems.append(f"{label_path}: raw values {bad.tolist()[:10]} outside 0..{raw_limit - 1} and 255")
+                report.problems.append(
+                    f"{label_path}: raw values {bad.tolist()[:10]} outside 0..{raw_limit - 1} and 255"
+                )
             if raw.shape != (height, width):
                 report.problems.append(f"{label_path}: size {raw.shape[1]}x{raw.shape[0]} != image {width}x{height}")
         if len(report.problems) >= max_problems:

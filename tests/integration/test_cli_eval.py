@@ -38,8 +38,8 @@ def test_results_files_and_label_conventions(synthetic_root, tmp_path):
         ds = SegFileDataset(name, synthetic_root)
         labels = [ds.load_label(i) for i in range(len(ds))]
         # total = non-ignored pixels under this dataset's convention; rows = ground truth
-        assert cm.sum() == sum(int((l != 255).sum()) for l in labels)
-        gt_hist = np.bincount(np.concatenate([l[l != 255] for l in labels]), minlength=ds.num_classes)
+        assert cm.sum() == sum(int((lab != 255).sum()) for lab in labels)
+        gt_hist = np.bincount(np.concatenate([lab[lab != 255] for lab in labels]), minlength=ds.num_classes)
         np.testing.assert_array_equal(cm.sum(axis=1), gt_hist)
         scores = scores_from_confusion(cm)
         assert d["mIoU"] == pytest.approx(round(scores.mIoU, 2))

@@ -125,7 +125,7 @@ def test_label_size_differs_from_image(tmp_path):
 
 
 def test_label_value_outside_class_range(tmp_path):
-    ids = write_synthetic("cityscapes", tmp_path, num_images=1)
+    write_synthetic("cityscapes", tmp_path, num_images=1)
     ds = SegFileDataset("cityscapes", tmp_path)
     path = ds.samples[0][2]
     label = np.asarray(Image.open(path)).copy()

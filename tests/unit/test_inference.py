@@ -77,7 +77,9 @@ def naive_labels(logits, out_size, q2c, scale=None, prob_thd=None, area_thd=None
     return pred
 
 
-@pytest.mark.parametrize("scale,prob,area", [(None, None, None), (40.0, None, None), (40.0, 0.5, None), (10.0, 0.3, 0.15)])
+@pytest.mark.parametrize(
+    "scale,prob,area", [(None, None, None), (40.0, None, None), (40.0, 0.5, None), (10.0, 0.3, 0.15)]
+)
 def test_chunked_labels_equal_naive(scale, prob, area):
     torch.manual_seed(0)
     q2c = torch.tensor([0, 0, 0, 1, 2, 2, 3, 4])  # background with synonyms, class 2 with two names

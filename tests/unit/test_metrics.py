@@ -49,8 +49,8 @@ def test_matches_mmseg_reference(seed):
     rng = np.random.default_rng(seed)
     preds, labels = random_case(rng)
     metric = ConfusionMatrix(7)
-    for p, l in zip(preds, labels):
-        metric.update(torch.from_numpy(p), torch.from_numpy(l))
+    for pred, label in zip(preds, labels):
+        metric.update(torch.from_numpy(pred), torch.from_numpy(label))
     scores = scores_from_confusion(metric.compute())
     ref = mmseg_reference(preds, labels, 7)
     assert scores.pAcc == pytest.approx(ref["aAcc"])

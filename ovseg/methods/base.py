@@ -23,7 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ovseg.eval.evaluator import Evaluator
 from ovseg.eval.protocols import load_protocol
@@ -46,9 +46,14 @@ class OVSegMethod(L.LightningModule):
         window_batch_size: sliding windows per forward pass.
         results_dir: where ``ovseg test`` writes results.json/.md (default: the logger's folder).
         predict_dir: where ``ovseg predict`` writes its pictures (default: ``<log dir>/predictions``).
+        gallery_size: after ``ovseg test``, predictions for this many first images of each dataset
+            (image | ground truth | prediction) go to wandb, or as PNGs under ``<log dir>/media`` with the
+            CSV logger, beside per-class IoU charts; 0 turns the gallery off.
     """
 
     default_protocol: str = "maskclip"
+    #: settings that belong to the evaluation command, not to the trained weights
+    EVAL_TIME_SETTINGS = ("protocol", "protocol_overrides", "window_batch_size", "results_dir", "predict_dir")
 
     def __init__(
         self,
@@ -57,6 +62,7 @@ class OVSegMethod(L.LightningModule):
         window_batch_size: int = 8,
         results_dir: str | None = None,
         predict_dir: str | None = None,
+        gallery_size: int = 4,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -66,9 +72,18 @@ class OVSegMethod(L.LightningModule):
         self.window_batch_size = window_batch_size
         self.results_dir = results_dir
         self.predict_dir = predict_dir
+        self.gallery_size = gallery_size
         self.evaluator: Evaluator | None = None
         self.results: dict[str, Any] | None = None
         self.results_paths: tuple[Path, Path] | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # LightningCLI re-applies a checkpoint's hyper_parameters over the command line on --ckpt_path;
+        # evaluation settings must come from the test command, not from the training run.
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict):
+            for key in self.EVAL_TIME_SETTINGS:
+                hparams.pop(key, None)
 
     # -- the contract -----------------------------------------------------------------------------
     def encode_text(self, names: list[str], templates: list[str]) -> torch.Tensor:
@@ -192,6 +207,14 @@ class OVSegMethod(L.LightningModule):
                 f"\n{summary_table(self.results)}\n\n{self.results['method']} · protocol {self.protocol_name} · "
                 f"{seconds:.1f}s\nresults: {self.results_paths[0]}\n         {self.results_paths[1]}"
             )
+            # wandb: score tables, per-class IoU bar charts, a gallery; file loggers: the same as PNGs.
+            # Pictures must never cost a finished evaluation its results.
+            try:
+                from ovseg.eval.visualize import log_test_media
+
+                log_test_media(self, self.results, getattr(self, "gallery_size", 4))
+            except Exception as err:  # noqa: BLE001
+                rank_zero_warn(f"could not log the result pictures/tables: {type(err).__name__}: {err}")
 
     # -- prediction on arbitrary images and words -------------------------------------------------
     def on_predict_epoch_start(self) -> None:

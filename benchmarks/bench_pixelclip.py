@@ -1,0 +1,117 @@
+"""PixelCLIP training step time and where it goes: loading/decoding, teacher, clustering, student, decoder, backward.
+
+    python benchmarks/bench_pixelclip.py                      # tiny random model, CPU, generated SA-1B folder
+    python benchmarks/bench_pixelclip.py --model vitb16 --device cuda --batch 12 --crop 640
+
+Random weights (same speed as real ones). Data: a generated SA-1B-layout folder (``--images N``, ``--size HxW``,
+``--masks`` per image) decoded by the real loader. "GPU waits for data" is the share of a step spent in loading
+when the loader runs in the main process (``--workers 0``); with workers it overlaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from ovseg.data.sa1b import SA1B, write_synthetic_sa1b  # noqa: E402
+from ovseg.methods.pixelclip import PixelCLIP, cluster_targets  # noqa: E402
+from ovseg.models.clip import CLIPConfig  # noqa: E402
+
+MODELS = {
+    "tiny": dict(clip=CLIPConfig(name="tiny-vit", pretrained=None, last_block="value", residual="cls"),
+                 clip_resolution=64, mask_resolution=64, num_clusters=64),
+    "vitb16": dict(clip=CLIPConfig(name="ViT-B-16", pretrained=None, last_block="value", residual="cls",
+                                   quick_gelu=True), clip_resolution=320, mask_resolution=256, num_clusters=64),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny", choices=sorted(MODELS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--size", default="375x500", help="generated image size HxW")
+    ap.add_argument("--masks", type=int, default=60, help="masks per generated image (SA-1B: ~100)")
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    height, width = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_sa1b(tmp, args.images, (height, width), (args.masks, args.masks))
+        cfg = MODELS[args.model]
+        source = SA1B(folder=tmp, resize_short=min(height, width), crop_size=args.crop,
+                      mask_resolution=cfg["mask_resolution"])
+        dataset = source.build(tmp)
+        model = PixelCLIP(**cfg).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameter_groups())
+        times: dict[str, list[float]] = {k: [] for k in ("load", "teacher", "cluster", "student", "decoder",
+                                                         "backward", "step")}
+        for step in range(args.steps + 1):
+            t0 = time.perf_counter()
+            batch = source.collate([dataset[(step * args.batch + i) % len(dataset)] for i in range(args.batch)])
+            weak = batch["image"].to(device).float() / 255
+            strong = batch["image_strong"].to(device).float() / 255
+            masks = [m.to(device) for m in batch["masks"]]
+            sync(device)
+            t1 = time.perf_counter()
+            model.update_teacher()
+            with torch.no_grad():
+                tfeat = model.teacher.encode_dense(model.teacher.normalize(model._resize(weak)))
+            sync(device)
+            t2 = time.perf_counter()
+            protos = model.prototypes()
+            targets, _ = cluster_targets(tfeat, masks, protos, model.eps, model.mask_resolution)
+            sync(device)
+            t3 = time.perf_counter()
+            sfeat = model.encoder.encode_dense(model.encoder.normalize(model._resize(strong)))
+            sync(device)
+            t4 = time.perf_counter()
+            cost = torch.einsum("bdhw,kd->bkhw", F.normalize(sfeat, dim=1), F.normalize(protos, dim=-1))
+            b, k, h, w = cost.shape
+            logits = F.interpolate(model.head(cost.reshape(b * k, 1, h, w)), size=targets.shape[-2:],
+                                   mode="bilinear", align_corners=False).reshape(b, k, *targets.shape[-2:])
+            valid = targets.sum(1) > 0
+            loss = F.binary_cross_entropy_with_logits(logits.permute(0, 2, 3, 1)[valid],
+                                                      targets.permute(0, 2, 3, 1)[valid])
+            sync(device)
+            t5 = time.perf_counter()
+            optimizer.zero_grad()
+            loss.backward()
+            sync(device)
+            t6 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+            optimizer.step()
+            sync(device)
+            t7 = time.perf_counter()
+            if step:  # first step is warm-up
+                for key, (a, b_) in zip(times, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6),
+                                                (t6, t7))):
+                    times[key].append(b_ - a)
+        total = sum(statistics.median(v) for v in times.values())
+        print(f"model={args.model} device={args.device} batch={args.batch} crop={args.crop} image={args.size} "
+              f"masks/image={args.masks} threads={torch.get_num_threads()}")
+        print(f"step (median parts sum): {total * 1000:.1f} ms  ({args.batch / total:.1f} img/s)")
+        for key, values in times.items():
+            med = statistics.median(values)
+            print(f"  {key:9s} {med * 1000:8.1f} ms  {100 * med / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()

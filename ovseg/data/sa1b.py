@@ -1,0 +1,445 @@
+"""SA-1B-format training data for PixelCLIP: images with class-agnostic masks, two augmented views.
+
+Layout: any folder (searched recursively) of ``<name>.jpg`` + ``<name>.json`` pairs, as extracted from the
+SA-1B tar files (``sa_000000/sa_1.jpg`` + ``sa_1.json``) or written by ``ovseg masks sam|dino|downscale``.
+Each JSON is ``{"image": {...}, "annotations": [{"segmentation": {"size": [h, w], "counts": str}, ...}]}``.
+
+A sample (``SA1B`` source, ``PixelCLIPViews`` transform):
+
+- shared geometry: shortest edge resized to ``resize_short`` (1024), a random ``crop_size`` (640) square, SSD
+  colour augmentation, random horizontal flip -> ``image`` (the weak view, teacher side);
+- ``image_strong``: colour jitter, grayscale, Gaussian blur, and a cutout box filled with 0 (student side); the
+  cutout is also removed from every mask, so it is unsupervised;
+- ``masks``: bool [N, R, R] at ``mask_resolution`` (nearest), largest first, crowd masks dropped, masks emptied by
+  the crop/cutout dropped.
+
+RLE is decoded once per sample (one ``pycocotools.mask.decode`` call for all masks, cropped before resizing);
+``cache_dir`` keeps the decoded masks bit-packed so later epochs skip the decoding. Broken samples (unreadable
+image or JSON, RLE size different from the image, no masks) raise :class:`DataError` naming the file, or with
+``skip_bad`` are skipped, counted and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ovseg.data.seg_dataset import DataError, read_image
+from ovseg.data.sources import TrainSource
+from ovseg.utils.io import atomic_open
+
+__all__ = ["SA1B", "SA1BDataset", "PixelCLIPViews", "find_pairs", "load_masks", "ssd_color_augment",
+           "write_synthetic_sa1b", "encode_mask", "decode_masks"]
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MAX_CONSECUTIVE_SKIPS = 50
+
+
+# -- files ----------------------------------------------------------------------------------------------------------
+def find_pairs(folder: str | Path, require_json: bool = True) -> tuple[list[tuple[Path, Path | None]], list[Path]]:
+    """(image, json) pairs under ``folder`` sorted by path, and the images that have no JSON."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"SA-1B folder not found: {folder}")
+    pairs, missing = [], []
+    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        ann = image.with_suffix(".json")
+        if ann.is_file():
+            pairs.append((image, ann))
+        elif require_json:
+            missing.append(image)
+        else:
+            pairs.append((image, None))
+    return pairs, missing
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """A binary mask [H,W] -> COCO RLE with str counts (the SA-1B JSON form)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_masks(rles: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
+    """COCO RLEs -> bool masks [N, H, W] in one pycocotools call."""
+    from pycocotools import mask as mask_utils
+
+    if not rles:
+        return np.zeros((0, height, width), dtype=bool)
+    rles = [{"size": list(r["size"]), "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str)
+             else r["counts"]} for r in rles]
+    decoded = mask_utils.decode(rles)  # [H, W, N] uint8, Fortran order
+    return np.ascontiguousarray(decoded.transpose(2, 0, 1)).astype(bool)
+
+
+def load_masks(json_path: str | Path, height: int, width: int) -> np.ndarray:
+    """The non-crowd masks of one SA-1B JSON as bool [N, H, W], largest first.
+
+    Raises :class:`DataError` naming the file for unreadable JSON, a missing ``annotations`` list, an RLE whose
+    size differs from the image's ``height`` × ``width``, or no masks at all.
+    """
+    json_path = Path(json_path)
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{json_path}: mask JSON not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{json_path}: cannot parse mask JSON ({e})") from None
+    annotations = record.get("annotations") if isinstance(record, dict) else None
+    if not isinstance(annotations, list):
+        raise DataError(f"{json_path}: no 'annotations' list (not an SA-1B mask file)")
+    rles, areas = [], []
+    for i, ann in enumerate(annotations):
+        if ann.get("iscrowd", 0):
+            continue
+        seg = ann.get("segmentation")
+        if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
+            raise DataError(f"{json_path}: annotation {i} has no COCO RLE segmentation")
+        if [int(v) for v in seg["size"]] != [height, width]:
+            raise DataError(f"{json_path}: annotation {i} has RLE size {list(seg['size'])} but the image is "
+                            f"{height}x{width}")
+        rles.append(seg)
+        areas.append(float(ann["area"]) if "area" in ann else None)
+    if not rles:
+        raise DataError(f"{json_path}: image has zero masks")
+    try:
+        masks = decode_masks(rles, height, width)
+    except Exception as e:  # pycocotools raises bare errors on malformed counts
+        raise DataError(f"{json_path}: cannot decode RLE ({e})") from None
+    pixel_areas = masks.reshape(len(masks), -1).sum(axis=1)
+    order = np.argsort(-pixel_areas, kind="stable")  # largest first
+    return masks[order]
+
+
+# -- augmentation ---------------------------------------------------------------------------------------------------
+def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def ssd_color_augment(image: np.ndarray, rng: np.random.Generator, brightness_delta: float = 32.0,
+                      contrast: tuple[float, float] = (0.5, 1.5), saturation: tuple[float, float] = (0.5, 1.5),
+                      hue_delta: int = 18) -> np.ndarray:
+    """SSD photometric distortion (detectron2's ``ColorAugSSDTransform``) on an RGB uint8 image: brightness,
+    then contrast before or after saturation+hue, each applied with probability 1/2."""
+
+    def do_contrast(img):
+        return _convert(img, alpha=rng.uniform(*contrast)) if rng.random() < 0.5 else img
+
+    def do_saturation_hue(img):
+        sat, hue = rng.random() < 0.5, rng.random() < 0.5
+        if not (sat or hue):
+            return img
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        if sat:
+            hsv[:, :, 1] = _convert(hsv[:, :, 1], alpha=rng.uniform(*saturation))
+        if hue:
+            hsv[:, :, 0] = ((hsv[:, :, 0].astype(int) + int(rng.integers(-hue_delta, hue_delta + 1))) % 180)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    if rng.random() < 0.5:
+        image = _convert(image, beta=rng.uniform(-brightness_delta, brightness_delta))
+    if rng.random() < 0.5:
+        return do_saturation_hue(do_contrast(image))
+    return do_contrast(do_saturation_hue(image))
+
+
+class PixelCLIPViews:
+    """Weak and strong views of an image and its masks (see the module docstring). All numbers are settings
+    with PixelCLIP's defaults."""
+
+    def __init__(
+        self,
+        resize_short: int = 1024,
+        crop_size: int = 640,
+        ssd_color: bool = True,
+        flip_prob: float = 0.5,
+        strong: bool = True,
+        color_jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
+        color_jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_prob: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        cutout_scale: tuple[float, float] = (0.1, 0.5),
+        cutout_prob: float = 1.0,
+        cutout_removes_masks: bool = True,
+        mask_resolution: int | None = 256,
+    ):
+        if resize_short < crop_size:
+            raise ValueError(f"resize_short ({resize_short}) must be at least crop_size ({crop_size})")
+        self.resize_short, self.crop_size = resize_short, crop_size
+        self.ssd_color, self.flip_prob, self.strong = ssd_color, flip_prob, strong
+        self.cutout_scale, self.cutout_prob = tuple(cutout_scale), cutout_prob
+        self.cutout_removes_masks, self.mask_resolution = cutout_removes_masks, mask_resolution
+        import albumentations as A
+
+        b, c, s, h = color_jitter
+        self.photometric = A.Compose([
+            A.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h, p=color_jitter_prob),
+            A.ToGray(p=grayscale_prob),
+            A.GaussianBlur(blur_limit=0, sigma_limit=tuple(blur_sigma), p=blur_prob),
+        ])
+
+    def crop_window(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """The crop of the resized image, in original pixel coordinates (x0, y0, x1, y1)."""
+        scale = self.resize_short / min(height, width)
+        rh, rw = round(height * scale), round(width * scale)
+        y0 = int(rng.integers(0, rh - self.crop_size + 1))
+        x0 = int(rng.integers(0, rw - self.crop_size + 1))
+        box = (x0 / scale, y0 / scale, (x0 + self.crop_size) / scale, (y0 + self.crop_size) / scale)
+        x_0, y_0 = int(np.floor(box[0])), int(np.floor(box[1]))
+        x_1, y_1 = min(width, max(x_0 + 1, int(round(box[2])))), min(height, max(y_0 + 1, int(round(box[3]))))
+        return x_0, y_0, x_1, y_1
+
+    def cutout_box(self, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of a box of U(scale)·H × U(scale)·W fully inside the crop."""
+        size = self.crop_size
+        if rng.random() >= self.cutout_prob:
+            return 0, 0, 0, 0
+        bh = int(size * rng.uniform(*self.cutout_scale))
+        bw = int(size * rng.uniform(*self.cutout_scale))
+        y0 = int(rng.integers(0, size - bh + 1))
+        x0 = int(rng.integers(0, size - bw + 1))
+        return x0, y0, x0 + bw, y0 + bh
+
+    def __call__(self, image: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator) -> dict[str, Any]:
+        height, width = image.shape[:2]
+        x0, y0, x1, y1 = self.crop_window(height, width, rng)
+        size = (self.crop_size, self.crop_size)
+        weak = cv2.resize(np.ascontiguousarray(image[y0:y1, x0:x1]), size, interpolation=cv2.INTER_LINEAR)
+        if self.ssd_color:
+            weak = ssd_color_augment(weak, rng)
+        flip = rng.random() < self.flip_prob
+        if flip:
+            weak = np.ascontiguousarray(weak[:, ::-1])
+        out: dict[str, Any] = {}
+        cut = (0, 0, 0, 0)
+        if self.strong:
+            self.photometric.set_random_seed(int(rng.integers(0, 2**31 - 1)))
+            strong = self.photometric(image=weak)["image"].copy()
+            cut = self.cutout_box(rng)
+            strong[cut[1]:cut[3], cut[0]:cut[2]] = 0
+            out["image_strong"] = torch.from_numpy(np.ascontiguousarray(strong.transpose(2, 0, 1)))
+        out["image"] = torch.from_numpy(np.ascontiguousarray(weak.transpose(2, 0, 1)))
+        out["cutout"] = torch.tensor(cut, dtype=torch.int64)
+        if masks is not None:
+            crop = masks[:, y0:y1, x0:x1]
+            crop = torch.from_numpy(np.ascontiguousarray(crop)).to(torch.uint8)
+            # nearest resize of the crop (only the crop: SA-1B images are 1500×2250 with ~100 masks)
+            crop = F.interpolate(crop[None], size=size, mode="nearest")[0] if len(crop) else crop.new_zeros(0, *size)
+            if flip:
+                crop = crop.flip(-1)
+            if self.strong and self.cutout_removes_masks:
+                crop[:, cut[1]:cut[3], cut[0]:cut[2]] = 0
+            crop = crop[crop.flatten(1).amax(dim=1) > 0] if len(crop) else crop  # masks emptied by crop/cutout
+            if self.mask_resolution and self.mask_resolution != self.crop_size and len(crop):
+                res = (self.mask_resolution, self.mask_resolution)
+                crop = F.interpolate(crop[None], size=res, mode="nearest")[0]
+            out["masks"] = crop.bool()
+        return out
+
+
+# -- dataset --------------------------------------------------------------------------------------------------------
+class SA1BDataset(Dataset):
+    """Map-style SA-1B dataset; ``skipped`` counts the samples skipped in this process (or loader worker)."""
+
+    def __init__(self, name: str, pairs: list[tuple[Path, Path | None]], views: PixelCLIPViews,
+                 annotations: bool = True, cache_dir: Path | None = None, skip_bad: bool = True,
+                 folder: Path | None = None):
+        if not pairs:
+            raise DataError(f"training source {name!r}: no images with mask JSONs")
+        self.name, self.pairs, self.views = name, pairs, views
+        self.annotations, self.cache_dir, self.skip_bad = annotations, cache_dir, skip_bad
+        self.folder = folder
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _cache_path(self, json_path: Path) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        try:
+            rel = json_path.relative_to(self.folder) if self.folder else Path(json_path.name)
+        except ValueError:
+            rel = Path(json_path.name)
+        return self.cache_dir / rel.with_suffix(".masks.npz")
+
+    def masks_for(self, json_path: Path, height: int, width: int) -> np.ndarray:
+        """Decoded masks, through the bit-packed cache when ``cache_dir`` is set."""
+        cache = self._cache_path(json_path)
+        if cache is not None and cache.is_file():
+            try:
+                with np.load(cache) as data:
+                    shape = tuple(int(v) for v in data["shape"])
+                    if shape[1:] == (height, width):
+                        bits = np.unpackbits(data["bits"], axis=-1, count=width)
+                        return bits.reshape(shape).astype(bool)
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable cache entry: decode again and overwrite it
+        masks = load_masks(json_path, height, width)
+        if cache is not None:
+            with atomic_open(cache, "wb") as f:
+                np.savez(f, bits=np.packbits(masks, axis=-1), shape=np.array(masks.shape))
+        return masks
+
+    def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        image_path, json_path = self.pairs[index]
+        image = read_image(image_path)
+        masks = self.masks_for(json_path, *image.shape[:2]) if self.annotations else None
+        sample = self.views(image, masks, rng)
+        sample["meta"] = {"dataset": self.name, "image_path": str(image_path), "index": index}
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng(int(np.random.randint(0, 2**31 - 1)))
+        for attempt in range(MAX_CONSECUTIVE_SKIPS + 1):
+            current = (index + attempt) % len(self.pairs)
+            try:
+                return self.load(current, rng)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped += 1
+                log.warning("SA-1B: skipping %s (%d skipped so far in this process): %s",
+                            self.pairs[current][0], self.skipped, e)
+        raise DataError(f"training source {self.name!r}: {MAX_CONSECUTIVE_SKIPS + 1} consecutive broken samples "
+                        f"from {self.pairs[index][0]} on; last error above")
+
+
+class SA1B(TrainSource):
+    """SA-1B (or SAM/DINO-generated, same JSON format) images with masks, as PixelCLIP trains on them.
+
+    Args:
+        folder: the image/JSON folder, relative to the data root or absolute (searched recursively).
+        annotations: read the masks (False: images only, e.g. for ``masks: dino`` PixelCLIP runs).
+        limit: use the first N images (sorted by path).
+        cache_dir: keep decoded masks (bit-packed ``.npz``) here, relative to the root or absolute.
+        skip_bad: skip, count and log broken samples (False: raise naming the file).
+        resize_short, crop_size, ...: see :class:`PixelCLIPViews` (PixelCLIP defaults).
+    """
+
+    def __init__(
+        self,
+        folder: str = "sa1b",
+        annotations: bool = True,
+        limit: int | None = None,
+        cache_dir: str | None = None,
+        skip_bad: bool = True,
+        resize_short: int = 1024,
+        crop_size: int = 640,
+        ssd_color: bool = True,
+        flip_prob: float = 0.5,
+        strong: bool = True,
+        color_jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
+        color_jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_prob: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        cutout_scale: tuple[float, float] = (0.1, 0.5),
+        cutout_prob: float = 1.0,
+        cutout_removes_masks: bool = True,
+        mask_resolution: int | None = 256,
+    ):
+        self.folder, self.annotations, self.limit = folder, annotations, limit
+        self.cache_dir, self.skip_bad = cache_dir, skip_bad
+        self.views = PixelCLIPViews(resize_short, crop_size, ssd_color, flip_prob, strong, color_jitter,
+                                    color_jitter_prob, grayscale_prob, blur_prob, blur_sigma, cutout_scale,
+                                    cutout_prob, cutout_removes_masks, mask_resolution)
+
+    @staticmethod
+    def _resolve(path: str, root: str | Path) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(root) / p
+
+    def build(self, root: str | Path) -> SA1BDataset:
+        folder = self._resolve(self.folder, root)
+        if not folder.is_dir() and Path(self.folder).is_dir():
+            folder = Path(self.folder)
+        pairs, missing = find_pairs(folder, require_json=self.annotations)
+        if missing:
+            shown = ", ".join(str(p) for p in missing[:5])
+            log.warning("SA-1B: skipping %d image(s) without a mask JSON under %s: %s%s", len(missing), folder,
+                        shown, " ..." if len(missing) > 5 else "")
+        pairs = pairs[: self.limit]
+        cache = self._resolve(self.cache_dir, root) if self.cache_dir else None
+        dataset = SA1BDataset(f"sa1b:{self.folder}", pairs, self.views, self.annotations, cache, self.skip_bad,
+                              folder)
+        dataset.missing_json = len(missing)
+        return dataset
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_views(samples)
+
+
+def collate_views(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]),
+                             "cutout": torch.stack([s["cutout"] for s in samples]),
+                             "meta": [s["meta"] for s in samples]}
+    if "image_strong" in samples[0]:
+        batch["image_strong"] = torch.stack([s["image_strong"] for s in samples])
+    if "masks" in samples[0]:
+        batch["masks"] = [s["masks"] for s in samples]
+    return batch
+
+
+# -- synthetic data (tests, demo) -----------------------------------------------------------------------------------
+def write_synthetic_sa1b(folder: str | Path, num_images: int = 4, size: tuple[int, int] = (48, 64),
+                         masks_per_image: tuple[int, int] = (3, 6), seed: int = 0, images_per_tar: int = 2,
+                         full_cover: bool = False) -> list[Path]:
+    """Images and SA-1B JSONs (COCO RLE via pycocotools) in the extracted-tar layout
+    ``sa_00000k/sa_N.jpg`` + ``sa_N.json``. Masks are rectangles and ellipses (they may overlap); with
+    ``full_cover`` one extra mask covers what the others leave. Returns the image paths."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    height, width = size
+    yy, xx = np.mgrid[0:height, 0:width]
+    written = []
+    for n in range(num_images):
+        sub = folder / f"sa_{n // images_per_tar:06d}"
+        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        masks = []
+        for _ in range(int(rng.integers(masks_per_image[0], masks_per_image[1] + 1))):
+            cy, cx = rng.integers(0, height), rng.integers(0, width)
+            ry, rx = rng.integers(height // 8 + 1, height // 2 + 1), rng.integers(width // 8 + 1, width // 2 + 1)
+            if rng.random() < 0.5:
+                mask = (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
+            else:
+                mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            masks.append(mask)
+            image[mask] = (image[mask] // 4 + rng.integers(0, 192, 3)).astype(np.uint8)
+        if full_cover:
+            rest = ~np.any(masks, axis=0)
+            if rest.any():
+                masks.append(rest)
+        image_path = sub / f"sa_{n + 1}.jpg"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(image_path, "wb") as f:
+            Image.fromarray(image).save(f, format="JPEG", quality=95)
+        annotations = []
+        for i, mask in enumerate(masks):
+            ys, xs = np.nonzero(mask)
+            annotations.append({
+                "id": i, "segmentation": encode_mask(mask), "area": int(mask.sum()),
+                "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+                "predicted_iou": 0.9, "stability_score": 0.95, "crop_box": [0, 0, width, height],
+                "point_coords": [[float(xs.mean()), float(ys.mean())]],
+            })
+        record = {"image": {"image_id": n + 1, "width": width, "height": height, "file_name": image_path.name},
+                  "annotations": annotations}
+        with atomic_open(image_path.with_suffix(".json"), "w", encoding="utf-8") as f:
+            json.dump(record, f)
+        written.append(image_path)
+    return written

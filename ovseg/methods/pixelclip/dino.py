@@ -1,0 +1,107 @@
+"""DINO k-means masks: last-layer DINO ViT patch tokens clustered per image, one-hot masks that tile the image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DinoConfig", "DinoMasker", "kmeans"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DinoConfig:
+    """DINO ViT for k-means masks.
+
+    name: a timm model name (DINO ViT-S/16: ``vit_small_patch16_224.dino``).
+    weights: ``"hub"`` (timm downloads or reads its Hugging Face cache), a local weights file (``.pth``/
+        ``.safetensors``: timm's or the original DINO checkpoint), or None for random weights (tests).
+    clusters: k-means clusters per image (PixelCLIP: 16). iterations: k-means iterations (Euclidean).
+    model_kwargs: extra ``timm.create_model`` arguments (tiny test models: ``{depth: 1, embed_dim: 32}``).
+    """
+
+    name: str = "vit_small_patch16_224.dino"
+    weights: str | None = "hub"
+    clusters: int = 16
+    iterations: int = 100
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def kmeans(x: Tensor, k: int, iterations: int = 100, generator: torch.Generator | None = None) -> Tensor:
+    """Batched Euclidean k-means. ``x`` [B, N, C] -> cluster index per point [B, N] (k ≤ N).
+
+    Centroids start at k distinct random points of each item; an empty cluster keeps its centroid.
+    """
+    batch, num, _ = x.shape
+    if k > num:
+        raise ValueError(f"k-means with k={k} needs at least k points, got {num}")
+    x = x.float()
+    starts = torch.stack([torch.randperm(num, generator=generator, device="cpu")[:k] for _ in range(batch)])
+    centroids = torch.gather(x, 1, starts.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))
+    assign = torch.cdist(x, centroids).argmin(dim=-1)
+    for _ in range(iterations):
+        one_hot = F.one_hot(assign, k).to(x.dtype)  # [B, N, k]
+        counts = one_hot.sum(dim=1)  # [B, k]
+        sums = one_hot.transpose(1, 2) @ x  # [B, k, C]
+        centroids = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], centroids)
+        new = torch.cdist(x, centroids).argmin(dim=-1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign
+
+
+class DinoMasker(nn.Module):
+    """Images in [0,1] [B,3,H,W] -> k-means masks [B, k, H, W] (bool; every pixel in exactly one mask)."""
+
+    def __init__(self, config: DinoConfig | None = None):
+        super().__init__()
+        import timm
+
+        self.config = config = config or DinoConfig()
+        kwargs = dict(num_classes=0, dynamic_img_size=True, **config.model_kwargs)
+        weights = config.weights
+        if weights is None:
+            self.model = timm.create_model(config.name, pretrained=False, **kwargs)
+        elif weights == "hub":
+            self.model = timm.create_model(config.name, pretrained=True, **kwargs)
+        else:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"DINO weights file not found: {path}")
+            self.model = timm.create_model(config.name, pretrained=True,
+                                           pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        self.model.requires_grad_(False).eval()
+        patch = self.model.patch_embed.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def features(self, images01: Tensor) -> Tensor:
+        """Last-layer patch tokens [B, h*w, C] (after the final norm) and the grid."""
+        x = (images01.float() - self.mean) / self.std
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = F.interpolate(x, size=(h * self.patch_size, w * self.patch_size), mode="bilinear", align_corners=False)
+        tokens = self.model.forward_features(x)
+        return tokens[:, getattr(self.model, "num_prefix_tokens", 1):], (h, w)
+
+    @torch.no_grad()
+    def forward(self, images01: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        tokens, (h, w) = self.features(images01)
+        k = self.config.clusters
+        assign = kmeans(tokens, k, self.config.iterations, generator)  # [B, h*w]
+        masks = F.one_hot(assign, k).permute(0, 2, 1).reshape(len(images01), k, h, w)
+        return F.interpolate(masks.float(), size=images01.shape[-2:], mode="nearest").bool()

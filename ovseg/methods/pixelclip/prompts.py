@@ -1,0 +1,87 @@
+"""Learnable class prompts passed through CLIP's frozen text transformer.
+
+``encode_prompted_text`` re-expresses open_clip's ``CLIP.encode_text`` with the token embeddings given instead of
+looked up, built on the model's own modules (token_embedding, positional_embedding, transformer, ln_final,
+text_projection, attn_mask, EOT pooling) — no copy of open_clip.
+"""
+
+from __future__ import annotations
+
+import torch
+from open_clip.transformer import text_global_pool
+from torch import Tensor, nn
+
+__all__ = ["LearnablePrompts", "encode_prompted_text", "PLACEHOLDER"]
+
+PLACEHOLDER = "{}"
+
+
+def _text_tower(model: nn.Module) -> nn.Module:
+    if hasattr(model, "token_embedding"):
+        return model
+    raise NotImplementedError(
+        f"learnable prompts need an open_clip CLIP with its text tower inline (token_embedding, "
+        f"positional_embedding, transformer, ln_final, text_projection); got {type(model).__name__}")
+
+
+def encode_prompted_text(model: nn.Module, token_ids: Tensor, embeddings: Tensor) -> Tensor:
+    """Text features [N, D] of token sequences ``token_ids`` [N, L] whose input embeddings are ``embeddings``
+    [N, L, W] (the EOT position is taken from ``token_ids`` as in ``CLIP.encode_text``)."""
+    tower = _text_tower(model)
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask)
+    x = tower.ln_final(x)
+    x = text_global_pool(x, token_ids, tower.text_pool_type, eos_token_id=getattr(tower, "text_eos_id", None))
+    projection = tower.text_projection
+    if projection is not None:
+        x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
+    return x
+
+
+class LearnablePrompts(nn.Module):
+    """``num_prompts`` prompts of ``length`` learnable token embeddings each, inserted into ``template``.
+
+    The template's ``{}`` becomes ``length`` placeholder tokens whose embeddings are replaced by the learnable
+    vectors. The vectors start as the embeddings of random real vocabulary tokens drawn with ``seed``.
+    ``forward(clip_model)`` returns the prototypes [num_prompts, D] (not normalised).
+    """
+
+    token_ids: Tensor
+    positions: Tensor
+
+    def __init__(self, clip_model: nn.Module, tokenizer, num_prompts: int = 64, length: int = 4,
+                 template: str = "A photo of a {} in the scene", seed: int = 0):
+        super().__init__()
+        if template.count(PLACEHOLDER) != 1:
+            raise ValueError(f"the prompt template needs exactly one '{{}}', got {template!r}")
+        if num_prompts < 1 or length < 1:
+            raise ValueError("num_prompts and length must be positive")
+        tower = _text_tower(clip_model)
+        token_ids = tokenizer([template.format(" ".join([PLACEHOLDER] * length))])[0]
+        placeholder = tokenizer([PLACEHOLDER])[0]
+        placeholder = placeholder[(placeholder != 0)][1:-1]  # drop start/end tokens and padding
+        if placeholder.numel() != 1:
+            raise ValueError("the tokenizer does not encode '{}' as a single token")
+        positions = (token_ids == placeholder[0]).nonzero().flatten()
+        if positions.numel() != length:
+            raise ValueError(f"expected {length} placeholder tokens in the tokenized template, found "
+                             f"{positions.numel()} (template too long for the context?)")
+        vocab = tower.token_embedding.num_embeddings
+        generator = torch.Generator().manual_seed(seed)
+        # the last few ids are special tokens (start/end of text), as in the authors' code
+        words = torch.randint(vocab - 10, (num_prompts, length), generator=generator)
+        with torch.no_grad():
+            init = tower.token_embedding(words.to(tower.token_embedding.weight.device)).float()
+        self.num_prompts, self.length = num_prompts, length
+        self.tokens = nn.Parameter(init.clone())
+        self.register_buffer("token_ids", token_ids.long(), persistent=False)
+        self.register_buffer("positions", positions, persistent=False)
+        self.register_buffer("init_words", words, persistent=False)
+
+    def forward(self, clip_model: nn.Module) -> Tensor:
+        tower = _text_tower(clip_model)
+        ids = self.token_ids.unsqueeze(0).expand(self.num_prompts, -1)
+        embeddings = tower.token_embedding(ids).clone()
+        embeddings[:, self.positions] = self.tokens.to(embeddings.dtype)
+        return encode_prompted_text(clip_model, ids, embeddings)

@@ -54,6 +54,8 @@ class OVSegMethod(L.LightningModule):
     default_protocol: str = "maskclip"
     #: settings that belong to the evaluation command, not to the trained weights
     EVAL_TIME_SETTINGS = ("protocol", "protocol_overrides", "window_batch_size", "results_dir", "predict_dir")
+    #: constructor arguments left out of the hyper-parameters (modules: record their settings instead)
+    HPARAMS_IGNORE: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -65,7 +67,7 @@ class OVSegMethod(L.LightningModule):
         gallery_size: int = 4,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(self.HPARAMS_IGNORE))
         self.protocol_name = protocol or self.default_protocol
         self.protocol_overrides = protocol_overrides or {}
         load_protocol(self.protocol_name)  # fail at construction on an unknown protocol

@@ -1,0 +1,301 @@
+"""CLIP-S4 (He et al., CVPR 2023): language-guided self-supervised semantic segmentation.
+
+No public code exists and the paper body was unavailable; ``shared/spec/clips4.md`` reconstructs the
+method from the abstract, the supplementary and the authors' earlier work. Every reconstructed choice
+(marked **(R)** below) is a named constructor setting whose default is the spec's, so a user holding the
+paper can change it from a config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ovseg.data.folds import resolve_vocabulary
+from ovseg.data.views import correspondence, warp_to_view
+from ovseg.eval.metrics import scores_from_confusion
+from ovseg.methods.base import OVSegMethod, cosine_logits
+from ovseg.methods.clips4.backbones import Backbone, CLIPDenseEncoder
+from ovseg.methods.clips4.dist import gather_detached, gather_with_local_grad
+from ovseg.methods.clips4.losses import embedding_consistency, pixel_segment_infonce, semantic_consistency
+from ovseg.methods.clips4.prototypes import UnknownPrototypes
+from ovseg.methods.clips4.segments import segment_mean, segment_sizes, spherical_kmeans
+from ovseg.models.clip import CLIPConfig, DenseCLIP
+from ovseg.models.text import TextBank
+
+__all__ = ["CLIPS4", "vocabulary_split_scores"]
+
+
+
+class CLIPS4(OVSegMethod):
+    """CLIP-S4: pixel-segment contrastive learning across two views, tied to a frozen CLIP teacher by
+    embedding consistency and semantic consistency (known + unknown prototypes).
+
+    Training step (spec "Data flow"): the backbone embeds both views (L2-normalised, stride 8); spherical
+    k-means on the detached embeddings gives ``num_segments`` segments per view (R: 36, 20 iterations);
+    a pixel of view A inside the A∩B overlap has as positive the prototype of the view-B segment holding
+    its corresponding pixel, negatives are the other segment prototypes of both views of all images on
+    all processes (gathered, gradient kept for the local part) — InfoNCE at ``pixel_temperature`` (R: 0.1),
+    symmetric. The frozen CLIP teacher's MaskCLIP features of the un-augmented image are warped into each
+    view; pooled over the model's segments they give CLIP segment embeddings. Embedding consistency: the
+    model's segment embedding must pick its own CLIP segment embedding among the batch's (R: InfoNCE,
+    τ 0.1; or ``cosine``). Semantic consistency: KL(p_CLIP ‖ p_model) over K known prototypes (text
+    embeddings of the training vocabulary, ``train_templates``) and M unknown prototypes (R: 32, see
+    :mod:`ovseg.methods.clips4.prototypes`), softmax at τ_s (R: 0.01). Total (R): L_pix + λ_emb L_emb +
+    λ_sem L_sem with λ = 1, 1. SGD (momentum 0.9, weight decay 1e-3; confirmed), lr 0.01 poly-0.9 for the
+    head and ×0.1 for the backbone (R).
+
+    Inference: per-pixel cosine between the backbone's embeddings and the class text embeddings (the
+    teacher's text encoder, the protocol's templates), like MaskCLIP.
+
+    Reconstructed settings (R) and their defaults: ``num_segments=36``, ``kmeans_iterations=20``,
+    ``pixel_temperature=0.1``, ``own_segment="exclude"`` (the pixel's own segment in its own view is not a
+    negative; ``"negative"`` keeps it), ``prototype_grad=True`` (gradients flow through segment
+    prototypes), ``embedding_loss="infonce"``, ``embedding_temperature=0.1``, ``semantic_temperature=0.01``,
+    ``num_unknown=32``, ``unknown_threshold=0.5``, ``unknown_momentum=0.99``, ``unknown_init_segments=None``
+    (4 × M), ``lambda_embedding=1``, ``lambda_semantic=1``, ``lr=0.01``, ``backbone_lr_mult=0.1``,
+    ``poly_power=0.9``; the backbone's (:class:`CLIPDenseEncoder`: last 4 blocks + an upsampling head to
+    stride 8) and the views' (:class:`ovseg.data.views.TwoViewImages`: crop scale (0.25, 1), colour jitter
+    0.4, grey 0.2, teacher short side = crop size).
+
+    Args:
+        clip: the CLIP teacher (MaskCLIP-style dense output: ``last_block=value``); the default backbone
+            starts from a copy of it.
+        known_classes: the training vocabulary — a list of names, a class-name file (``voc20``) or
+            ``context59-fold{i}`` (the other three Pascal Context folds). Only these names are encoded during
+            training.
+        backbone: a :class:`Backbone` (default :class:`CLIPDenseEncoder`; or
+            :class:`ovseg.models.deeplab.DeepLabResNet`).
+        train_templates: templates of the known prototypes (CLIP-S4: the 85 MaskCLIP templates).
+        strict_vocabulary: while fitting, refuse to encode names outside the training vocabulary (turn on
+            for held-out protocols, where validation must not run during fit).
+        unknown_seed: seed of the unknown-prototype k-means initialisation (same on every process).
+    """
+
+    HPARAMS_IGNORE = ("backbone",)
+    default_protocol = "maskclip"
+
+    def __init__(
+        self,
+        clip: CLIPConfig = CLIPConfig(name="ViT-B-16", pretrained="openai", last_block="value", residual="token"),
+        known_classes: list[str] | str = "voc20",
+        backbone: Backbone | None = None,
+        train_templates: str = "maskclip85",
+        num_segments: int = 36,
+        kmeans_iterations: int = 20,
+        pixel_temperature: float = 0.1,
+        own_segment: Literal["exclude", "negative"] = "exclude",
+        prototype_grad: bool = True,
+        embedding_loss: Literal["infonce", "cosine"] = "infonce",
+        embedding_temperature: float = 0.1,
+        semantic_temperature: float = 0.01,
+        num_unknown: int = 32,
+        unknown_threshold: float = 0.5,
+        unknown_momentum: float = 0.99,
+        unknown_init_segments: int | None = None,
+        unknown_seed: int = 0,
+        lambda_embedding: float = 1.0,
+        lambda_semantic: float = 1.0,
+        lr: float = 0.01,
+        backbone_lr_mult: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-3,
+        poly_power: float = 0.9,
+        strict_vocabulary: bool = False,
+        protocol: str | None = None,
+        protocol_overrides: dict[str, Any] | None = None,
+        window_batch_size: int = 8,
+        results_dir: str | None = None,
+        predict_dir: str | None = None,
+    ):
+        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir)
+        if own_segment not in ("exclude", "negative"):
+            raise ValueError(f"own_segment must be 'exclude' or 'negative', got {own_segment!r}")
+        if embedding_loss not in ("infonce", "cosine"):
+            raise ValueError(f"embedding_loss must be 'infonce' or 'cosine', got {embedding_loss!r}")
+        self.teacher = DenseCLIP(clip)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.backbone = backbone if backbone is not None else CLIPDenseEncoder()
+        self.backbone.build(self.teacher)
+        self.hparams["backbone"] = self.backbone.settings
+
+        self.known_names: list[str] = resolve_vocabulary(known_classes)
+        self._known_set = set(self.known_names)
+        self.strict_vocabulary = strict_vocabulary
+        #: every prompt this method ever sent to the text encoder (what the vocabulary tests assert on)
+        self.encoded_prompts: list[str] = []
+        self._text_banks: dict[tuple[str, ...], TextBank] = {}
+        self.register_buffer("known_text", self._bank(train_templates).embed(self.known_names).float())
+        self.unknown = UnknownPrototypes(num_unknown, self.teacher.embed_dim, unknown_momentum, unknown_threshold,
+                                         semantic_temperature, unknown_init_segments, kmeans_iterations)
+        self._unknown_generator = torch.Generator().manual_seed(unknown_seed)
+
+    # -- text --------------------------------------------------------------------------------------
+    def _encode_prompts(self, prompts: list[str]) -> Tensor:
+        self.encoded_prompts.extend(prompts)
+        return self.teacher.encode_text(prompts)
+
+    def _bank(self, templates: str | list[str]) -> TextBank:
+        key = (templates,) if isinstance(templates, str) else tuple(templates)
+        if key not in self._text_banks:
+            self._text_banks[key] = TextBank(self._encode_prompts, templates)
+        return self._text_banks[key]
+
+    def _fitting(self) -> bool:
+        return self._trainer is not None and self.trainer.state.fn == "fit"
+
+    @torch.no_grad()
+    def encode_text(self, names: list[str], templates: list[str]) -> Tensor:
+        if self.strict_vocabulary and self._fitting():
+            outside = [n for n in names if n not in self._known_set]
+            if outside:
+                raise ValueError(f"strict_vocabulary: names outside the training vocabulary must not be encoded "
+                                 f"while fitting (disable validation during fit): {outside[:5]}")
+        return self._bank(list(templates)).embed(names)
+
+    # -- inference ---------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        return self.teacher.input_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def embed(self, images01: Tensor) -> Tensor:
+        """Images in [0, 1] -> L2-normalised pixel embeddings ``[B, D, h, w]`` (stride 8)."""
+        return F.normalize(self.backbone(images01).float(), dim=1)
+
+    @torch.no_grad()
+    def dense_logits(self, images: Tensor, text: Tensor) -> Tensor:
+        return cosine_logits(self.backbone(images).float(), text)
+
+    # -- training ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_features(self, teacher_images: list[Tensor]) -> list[Tensor]:
+        """Un-augmented images (uint8 or [0, 1], sizes may differ) -> per-pixel unit-norm MaskCLIP features
+        ``[D, h, w]`` each; images of equal size run as one batch."""
+        out: list[Tensor | None] = [None] * len(teacher_images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(teacher_images):
+            groups.setdefault(tuple(image.shape), []).append(i)
+        for indices in groups.values():
+            batch = torch.stack([teacher_images[i] for i in indices]).to(self.device)
+            batch = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
+            features = F.normalize(self.teacher.encode_dense(self.teacher.normalize(batch)).float(), dim=1)
+            for i, f in zip(indices, features):
+                out[i] = f
+        return out  # type: ignore[return-value]
+
+    def compute_losses(self, views: Tensor, geometry: Tensor, teacher_images: list[Tensor]) -> dict[str, Tensor]:
+        """views ``[B, 2, 3, S, S]`` in [0, 1], geometry ``[B, 2, 5]`` -> the loss terms and diagnostics."""
+        hp = self.hparams
+        batch = views.shape[0]
+        z = self.embed(views.flatten(0, 1))  # [2B, D, h, w], order: image0 A, image0 B, image1 A, ...
+        height, width = z.shape[-2:]
+        n, dim = height * width, z.shape[1]
+        zf = z.flatten(2).transpose(1, 2)  # [2B, N, D]
+        k = min(hp.num_segments, n)
+        assign, _ = spherical_kmeans(zf.detach(), k, hp.kmeans_iterations)
+        prototypes = segment_mean(zf if hp.prototype_grad else zf.detach(), assign, k)  # [2B, k, D]
+        valid = segment_sizes(assign, k) > 0  # [2B, k]
+        all_prototypes, offset = gather_with_local_grad(prototypes.reshape(-1, dim))
+        all_valid = gather_detached(valid.flatten())
+
+        # pixel-segment InfoNCE, A->B and B->A
+        assign_v = assign.view(batch, 2, n)
+        zf_v = zf.view(batch, 2, n, dim)
+        image_index = torch.arange(batch, device=z.device)[:, None]
+        pixel_losses, overlap = [], []
+        for src, dst in ((0, 1), (1, 0)):
+            index, inside = correspondence(geometry[:, src], geometry[:, dst], height, width)  # [B, N]
+            target_segment = torch.gather(assign_v[:, dst], 1, index)
+            positive = offset + (image_index * 2 + dst) * k + target_segment
+            own = offset + (image_index * 2 + src) * k + assign_v[:, src]
+            pixel_losses.append(pixel_segment_infonce(
+                zf_v[:, src][inside], all_prototypes, positive[inside], all_valid,
+                own[inside] if hp.own_segment == "exclude" else None, hp.pixel_temperature))
+            overlap.append(inside.float().mean())
+        loss_pixel = (pixel_losses[0] + pixel_losses[1]) / 2
+
+        # CLIP teacher features warped into each view, pooled over the model's segments
+        teacher = self.teacher_features(teacher_images)
+        with torch.no_grad():
+            warped = torch.cat([warp_to_view(f[None].expand(2, -1, -1, -1), geometry[b], (height, width))
+                                for b, f in enumerate(teacher)])  # [2B, D, h, w]
+            warped = F.normalize(warped, dim=1).flatten(2).transpose(1, 2)
+            clip_segments = segment_mean(warped, assign, k)  # [2B, k, D]
+            all_clip = gather_detached(clip_segments.reshape(-1, dim))
+
+        local = prototypes.reshape(-1, dim)
+        positive = offset + torch.arange(local.shape[0], device=z.device)
+        loss_embedding = embedding_consistency(local, all_clip, positive, all_valid, hp.embedding_loss,
+                                               hp.embedding_temperature)
+        targets = torch.cat([self.known_text, self.unknown.active.to(self.known_text.dtype)])
+        loss_semantic = semantic_consistency(local, clip_segments.reshape(-1, dim), targets,
+                                             hp.semantic_temperature, valid.flatten())
+        total = loss_pixel + hp.lambda_embedding * loss_embedding + hp.lambda_semantic * loss_semantic
+        return {"loss": total, "pixel": loss_pixel, "embedding": loss_embedding, "semantic": loss_semantic,
+                "overlap": torch.stack(overlap).mean(), "all_clip": all_clip[all_valid],
+                "segments": valid.sum(dim=1).float().mean()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.compute_losses(batch["image"], batch["geometry"], batch["teacher_image"])
+        unexplained = self.unknown.update(out["all_clip"], self.known_text, self._unknown_generator)
+        size = batch["image"].shape[0]
+        self.log_dict({f"train/{k}": out[k].detach() for k in ("loss", "pixel", "embedding", "semantic")},
+                      prog_bar=True, batch_size=size)
+        self.log_dict({"train/overlap": out["overlap"], "train/segments": out["segments"],
+                       "train/unexplained": float(unexplained),
+                       "train/unknown_ready": float(bool(self.unknown.initialized))}, batch_size=size)
+        return out["loss"]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.backbone.param_groups()
+        param_groups = [{"params": groups["head"], "lr": hp.lr},
+                        {"params": groups["backbone"], "lr": hp.lr * hp.backbone_lr_mult}]
+        param_groups = [g for g in param_groups if g["params"]]
+        optimizer = torch.optim.SGD(param_groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def poly(step: int) -> float:
+            return max(0.0, 1.0 - step / total) ** hp.poly_power
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- scores over known / unknown classes -------------------------------------------------------
+    def extra_metrics(self, dataset: str, confmat: Any, class_names: list[list[str]]) -> dict[str, Any]:
+        return vocabulary_split_scores(confmat, class_names, self._known_set)
+
+
+def vocabulary_split_scores(confmat: Any, class_names: list[list[str]], known: set[str]) -> dict[str, Any]:
+    """mIoU over the classes whose names were in the training vocabulary (known), over the others
+    (unknown; a class named "background" counts as neither) and their harmonic mean (hIoU), from the
+    dataset's full confusion matrix — per-class IoU is the usual one, the means just split the classes."""
+    iou = scores_from_confusion(confmat).iou
+    is_known = [any(s in known for s in synonyms) for synonyms in class_names]
+    is_unknown = [not k and synonyms[0] != "background" for k, synonyms in zip(is_known, class_names)]
+
+    def mean(mask: list[bool]) -> float | None:
+        values = [v for v, m in zip(iou, mask) if m and v == v]
+        return round(float(sum(values) / len(values)), 2) if values else None
+
+    known_miou, unknown_miou = mean(is_known), mean(is_unknown)
+    harmonic = None
+    if known_miou is not None and unknown_miou is not None:
+        harmonic = round(2 * known_miou * unknown_miou / (known_miou + unknown_miou), 2) if known_miou + unknown_miou \
+            else 0.0
+    return {
+        "known_mIoU": known_miou,
+        "unknown_mIoU": unknown_miou,
+        "hIoU": harmonic,
+        "known_classes": [c[0] for c, k in zip(class_names, is_known) if k],
+        "unknown_classes": [c[0] for c, u in zip(class_names, is_unknown) if u],
+    }

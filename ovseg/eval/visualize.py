@@ -53,3 +53,166 @@ def save_prediction(out_dir: str | Path, file_id: str, image: torch.Tensor, pred
     with atomic_open(out_dir / f"{file_id}_overlay.png", "wb") as f:
         overlay_with_legend(image_np, pred_np, class_names).save(f, format="PNG")
     return label_path
+
+
+# -- test-run pictures: gallery (image | ground truth | prediction) and per-class IoU charts ----------------
+IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.uint8)
+
+
+def colourise_label(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """Class ids -> colours as :func:`colourise`; ``ignore_index`` pixels white."""
+    label = np.asarray(label, dtype=np.int64)
+    out = colourise(np.where(label == ignore_index, 0, label))
+    out[label == ignore_index] = IGNORE_COLOUR
+    return out
+
+
+def gallery_panel(image: np.ndarray, label: np.ndarray, pred: np.ndarray, class_names: list[str],
+                  title: str = "", ignore_index: int = 255) -> Image.Image:
+    """``image`` | ground truth | prediction side by side, a legend of the classes present below."""
+    h, w = image.shape[:2]
+    font = ImageFont.load_default()
+    gap = 4
+    head = 30 if title else 16
+    present = sorted({int(c) for c in np.unique(label) if c != ignore_index} | {int(c) for c in np.unique(pred)})
+    present = [c for c in present if 0 <= c < len(class_names)]
+    per_row = max(1, (3 * w + 2 * gap) // 150)
+    legend_h = 16 * ((len(present) + per_row - 1) // per_row) + 4
+    canvas = Image.new("RGB", (3 * w + 2 * gap, head + h + legend_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    panels = [(image, "image"), (colourise_label(label, ignore_index), "ground truth"), (colourise(pred), "prediction")]
+    if title:
+        draw.text((2, 2), title, fill=(0, 0, 0), font=font)
+    for i, (array, name) in enumerate(panels):
+        x = i * (w + gap)
+        canvas.paste(Image.fromarray(np.ascontiguousarray(array.astype(np.uint8))), (x, head))
+        draw.text((x + 2, head - 14), name, fill=(0, 0, 0), font=font)
+    for k, c in enumerate(present):
+        x, y = (k % per_row) * 150 + 4, head + h + 4 + (k // per_row) * 16
+        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in CLASS_COLOURS[c % len(CLASS_COLOURS)]))
+        draw.text((x + 14, y - 1), class_names[c][:20], fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def iou_bar_chart(per_class: dict[str, dict], title: str, width: int = 640) -> Image.Image:
+    """One horizontal bar per class (IoU in percent, ``n/a`` where undefined), in the dataset's class order."""
+    font = ImageFont.load_default()
+    row, label_w, head = 14, 170, 22
+    bar_w = width - label_w - 50
+    canvas = Image.new("RGB", (width, head + row * len(per_class) + 6), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title, fill=(0, 0, 0), font=font)
+    for i, (name, scores) in enumerate(per_class.items()):
+        y = head + i * row
+        iou = scores.get("IoU")
+        draw.text((4, y), name[:26], fill=(0, 0, 0), font=font)
+        if iou is None:
+            draw.text((label_w, y), "n/a", fill=(128, 128, 128), font=font)
+            continue
+        colour = tuple(int(v) for v in CLASS_COLOURS[i % len(CLASS_COLOURS)])
+        draw.rectangle([label_w, y + 2, label_w + max(1, int(bar_w * iou / 100)), y + row - 3], fill=colour)
+        draw.text((label_w + int(bar_w * iou / 100) + 4, y), f"{iou:.1f}", fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def collect_gallery(module, size: int) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]:
+    """Predictions for the first ``size`` images of each evaluation dataset of a finished test run
+    (recomputed: ``size`` extra forward passes per dataset) -> ``{dataset: [(id, image, label, pred)]}``."""
+    from ovseg.data.datamodule import to_unit_float
+
+    out: dict[str, list] = {}
+    if size <= 0 or module.evaluator is None:
+        return out
+    for dataset in module.trainer.datamodule.eval_datasets:
+        entry = module.evaluator.datasets.get(dataset.name)
+        if entry is None:
+            continue
+        items = []
+        for i in range(min(size, len(dataset))):
+            sample = dataset[i]
+            image = to_unit_float(sample["image"]).to(module.device)
+            label = sample["label"]
+            pred = module.evaluator.predict(module, entry, image, tuple(label.shape[-2:]))
+            image_np = (image.float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+            items.append((str(sample["meta"]["id"]), image_np, label.cpu().numpy(), pred.cpu().numpy()))
+        out[dataset.name] = items
+    return out
+
+
+def _safe_name(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)[:80]
+
+
+def save_test_pictures(out_dir: str | Path, results: dict, gallery: dict) -> list[Path]:
+    """PNG files: ``<dataset>/per_class_iou.png`` and ``<dataset>/gallery_<k>_<id>.png``."""
+    out_dir = Path(out_dir)
+    written = []
+    for name, d in results["datasets"].items():
+        if "per_class" not in d:
+            continue
+        path = out_dir / name / "per_class_iou.png"
+        with atomic_open(path, "wb") as f:
+            iou_bar_chart(d["per_class"], f"{name}: per-class IoU (mIoU {d.get('mIoU')})").save(f, format="PNG")
+        written.append(path)
+        display = [c[0] for c in d["class_names"]]
+        for k, (file_id, image, label, pred) in enumerate(gallery.get(name, [])):
+            path = out_dir / name / f"gallery_{k}_{_safe_name(file_id)}.png"
+            with atomic_open(path, "wb") as f:
+                gallery_panel(image, label, pred, display, title=file_id).save(f, format="PNG")
+            written.append(path)
+    return written
+
+
+def log_wandb_media(run, results: dict, gallery: dict, prefix: str = "test") -> dict:
+    """wandb Tables of the scores, a per-class IoU bar chart per dataset and a gallery table
+    (image with ground-truth/prediction masks | ground truth | prediction). Returns what was logged."""
+    import wandb
+
+    rows = [[n, d.get("num_images"), d.get("mIoU"), d.get("pAcc"), d.get("mAcc")]
+            for n, d in results["datasets"].items()]
+    payload: dict = {
+        f"{prefix}/results": wandb.Table(columns=["dataset", "images", "mIoU", "pAcc", "mAcc"], data=rows)}
+    for name, d in results["datasets"].items():
+        if "per_class" not in d:
+            continue
+        per_class = wandb.Table(columns=["class", "IoU", "Acc"],
+                                data=[[c, v.get("IoU"), v.get("Acc")] for c, v in d["per_class"].items()])
+        payload[f"{prefix}/{name}/per_class"] = per_class
+        defined = wandb.Table(columns=["class", "IoU"],
+                              data=[[c, v["IoU"]] for c, v in d["per_class"].items() if v.get("IoU") is not None])
+        payload[f"{prefix}/{name}/per_class_IoU"] = wandb.plot.bar(defined, "class", "IoU",
+                                                                    title=f"{name}: per-class IoU")
+        items = gallery.get(name) or []
+        if items:
+            display = [c[0] for c in d["class_names"]]
+            labels = {i: n for i, n in enumerate(display)}
+            table = wandb.Table(columns=["id", "image", "ground truth", "prediction"])
+            for file_id, image, label, pred in items:
+                masks = {
+                    "ground_truth": {"mask_data": label.astype(np.int64), "class_labels": {**labels, 255: "ignore"}},
+                    "prediction": {"mask_data": pred.astype(np.int64), "class_labels": labels},
+                }
+                table.add_data(file_id, wandb.Image(image, masks=masks), wandb.Image(colourise_label(label)),
+                               wandb.Image(colourise(pred)))
+            payload[f"{prefix}/{name}/gallery"] = table
+    run.log(payload)
+    return payload
+
+
+def log_test_media(module, results: dict, gallery_size: int = 4) -> list[Path]:
+    """After ``ovseg test``: with a wandb logger, tables, bar charts and the gallery go to wandb; with the
+    CSV (or any file) logger the same pictures are PNG files under ``<log dir>/media``. Returns the files."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = list(module.loggers)
+    wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    file_dirs = [Path(lg.log_dir) for lg in loggers if not isinstance(lg, WandbLogger) and getattr(lg, "log_dir", None)]
+    if not wandb_loggers and not file_dirs:
+        return []
+    gallery = collect_gallery(module, gallery_size)
+    written = []
+    for directory in file_dirs:
+        written += save_test_pictures(directory / "media", results, gallery)
+    for lg in wandb_loggers:
+        log_wandb_media(lg.experiment, results, gallery)
+    return written

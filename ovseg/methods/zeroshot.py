@@ -27,8 +27,9 @@ class ZeroShotCLIP(OVSegMethod):
         window_batch_size: int = 8,
         results_dir: str | None = None,
         predict_dir: str | None = None,
+        gallery_size: int = 4,
     ):
-        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir)
+        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
         self.encoder = DenseCLIP(clip)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
@@ -73,8 +74,9 @@ class CLIP(ZeroShotCLIP):
         window_batch_size: int = 8,
         results_dir: str | None = None,
         predict_dir: str | None = None,
+        gallery_size: int = 4,
     ):
-        super().__init__(clip, protocol, protocol_overrides, window_batch_size, results_dir, predict_dir)
+        super().__init__(clip, protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
 
 
 class MaskCLIP(ZeroShotCLIP):
@@ -90,5 +92,6 @@ class MaskCLIP(ZeroShotCLIP):
         window_batch_size: int = 8,
         results_dir: str | None = None,
         predict_dir: str | None = None,
+        gallery_size: int = 4,
     ):
-        super().__init__(clip, protocol, protocol_overrides, window_batch_size, results_dir, predict_dir)
+        super().__init__(clip, protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)

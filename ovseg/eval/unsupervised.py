@@ -189,8 +189,9 @@ class _Probe(OVSegMethod):
     def __init__(self, embedder: OVSegMethod, checkpoint: str | None = None, train_dataset: str = "voc21",
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,
                  protocol: str | None = None, protocol_overrides: dict[str, Any] | None = None,
-                 window_batch_size: int = 8, results_dir: str | None = None, predict_dir: str | None = None):
-        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir)
+                 window_batch_size: int = 8, results_dir: str | None = None, predict_dir: str | None = None,
+                 gallery_size: int = 4):
+        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
         self.embedder = embedder
         self.embedder.requires_grad_(False)
         self.checkpoint = checkpoint
@@ -268,9 +269,10 @@ class KNNProbe(_Probe):
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,
                  num_segments: int = 36, kmeans_iterations: int = 20, neighbours: int = 20,
                  protocol: str | None = None, protocol_overrides: dict[str, Any] | None = None,
-                 window_batch_size: int = 8, results_dir: str | None = None, predict_dir: str | None = None):
+                 window_batch_size: int = 8, results_dir: str | None = None, predict_dir: str | None = None,
+                 gallery_size: int = 4):
         super().__init__(embedder, checkpoint, train_dataset, train_split, train_limit, train_short_side, protocol,
-                         protocol_overrides, window_batch_size, results_dir, predict_dir)
+                         protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
         self.num_segments, self.kmeans_iterations, self.neighbours = num_segments, kmeans_iterations, neighbours
         self.bank: Tensor | None = None
         self.bank_labels: Tensor | None = None
@@ -303,9 +305,10 @@ class LinearProbe(_Probe):
                  iterations: int = 60000, lr: float = 0.1, crop_size: int = 512, probe_batch_size: int = 16,
                  momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
                  protocol: str | None = None, protocol_overrides: dict[str, Any] | None = None,
-                 window_batch_size: int = 8, results_dir: str | None = None, predict_dir: str | None = None):
+                 window_batch_size: int = 8, results_dir: str | None = None, predict_dir: str | None = None,
+                 gallery_size: int = 4):
         super().__init__(embedder, checkpoint, train_dataset, train_split, train_limit, train_short_side, protocol,
-                         protocol_overrides, window_batch_size, results_dir, predict_dir)
+                         protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
         self.probe_settings = dict(iterations=iterations, lr=lr, crop=crop_size, batch_size=probe_batch_size,
                                    momentum=momentum, weight_decay=weight_decay, seed=seed)
         self.weight: Tensor | None = None

@@ -110,8 +110,9 @@ class CLIPS4(OVSegMethod):
         window_batch_size: int = 8,
         results_dir: str | None = None,
         predict_dir: str | None = None,
+        gallery_size: int = 4,
     ):
-        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir)
+        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
         if own_segment not in ("exclude", "negative"):
             raise ValueError(f"own_segment must be 'exclude' or 'negative', got {own_segment!r}")
         if embedding_loss not in ("infonce", "cosine"):

@@ -171,8 +171,9 @@ class PixelCLIP(OVSegMethod):
         window_batch_size: int = 8,
         results_dir: str | None = None,
         predict_dir: str | None = None,
+        gallery_size: int = 4,
     ):
-        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir)
+        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
         if not 0.0 <= ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1], got {ema_momentum}")
         self.encoder = DenseCLIP(clip)

@@ -73,6 +73,11 @@ def _expand_aliases(argv: list[str]) -> list[str]:
 #: ``func`` to a callable taking the parsed Namespace and returning an exit code.
 COMMANDS: dict[str, str] = {
     "data": "ovseg.data.commands",
+    "bench": "ovseg.bench.commands",
+    "toyworld": "ovseg.toyworld.commands",
+    "masks": "ovseg.tools.masks",
+    "weights": "ovseg.tools.weights",
+    "folds": "ovseg.eval.folds_report",
 }
 
 
@@ -113,6 +118,12 @@ def _main(argv: list[str]) -> int | None:
         print(f"ovseg: unknown command {argv[0]!r}; use one of {', '.join(TRAINER_SUBCOMMANDS + tuple(COMMANDS))}",
               file=sys.stderr)
         return 2
+    if argv[:1] == ["test"]:  # `ovseg test --config benchmarks/suites/<suite>.yaml`: run the whole suite
+        from ovseg.bench.commands import run_suite_argv
+
+        rc = run_suite_argv(argv[1:])
+        if rc is not None:
+            return rc
     # main() passes the (alias-expanded) argv explicitly; Lightning warns when sys.argv is also set
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     OVSegCLI(args=_expand_aliases(argv))

@@ -138,6 +138,16 @@ SPECS: dict[str, DatasetSpec] = {
             expected_counts={"val": 500, "train": 2975},
             description="Cityscapes fine, 19 train ids",
         ),
+        DatasetSpec(
+            "toyworld",
+            img_dir="VOCdevkit/VOC2012/JPEGImages",
+            ann_dir="VOCdevkit/VOC2012/SegmentationClass",
+            split_file="VOCdevkit/VOC2012/ImageSets/Segmentation/{split}.txt",
+            img_suffix=".jpg",
+            seg_suffix=".png",
+            expected_counts={"val": 300, "train": 4000},
+            description="ovseg's procedural toy world (`ovseg toyworld generate`, own root), 18 classes, no background",
+        ),
     ]
 }
 

@@ -41,6 +41,12 @@ __all__ = [
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: weights shipped inside the package, (open_clip model name, pretrained tag) -> file; looked up before open_clip's
+#: own tags, so e.g. ``CLIPConfig(name="toyworld-vit", pretrained="toyworld")`` loads offline like any tag.
+SHIPPED_WEIGHTS: dict[tuple[str, str], Path] = {
+    ("toyworld-vit", "toyworld"): WEIGHTS_DIR / "toyworld-vit.safetensors",
+}
 
 # Literal types let LightningCLI/jsonargparse validate the choice at parse time and list it in --help
 LastBlock = Literal["vanilla", "value", "qq_kk"]
@@ -254,6 +260,13 @@ def _load_open_clip(config: CLIPConfig) -> tuple[nn.Module, str]:
     pretrained = config.pretrained
     if not pretrained:
         return open_clip.create_model(name, pretrained=None, **kwargs), f"{name}/random"
+
+    shipped = SHIPPED_WEIGHTS.get((name, pretrained))
+    if shipped is not None:
+        if not shipped.is_file():
+            raise FileNotFoundError(f"weights {name}/{pretrained} should ship with ovseg but are missing: {shipped}")
+        model = open_clip.create_model(name, pretrained=str(shipped), **kwargs)
+        return model, f"{name}/{pretrained}#sha256:{_sha256_prefix([shipped])}"
 
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if tag_cfg:

@@ -1,0 +1,102 @@
+"""``ovseg toyworld generate | pretrain | zeroshot``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from ovseg.toyworld.generate import generate
+
+    start = time.perf_counter()
+    summary = generate(ns.root, ns.num_train, ns.num_val, ns.seed, ns.size, masks=not ns.no_masks,
+                       log=print if ns.progress else None)
+    seconds = time.perf_counter() - start
+    print(f"toyworld: wrote {summary['num_train']} train + {summary['num_val']} val images "
+          f"({ns.size}x{ns.size}, seed {ns.seed}, {len(summary['classes'])} classes) under {ns.root} "
+          f"in {seconds:.1f} s")
+    return 0
+
+
+def _pretrain(ns: argparse.Namespace) -> int:
+    from ovseg.toyworld.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(model=ns.model, steps=ns.steps, batch_size=ns.batch_size, lr=ns.lr,
+                         weight_decay=ns.weight_decay, warmup=ns.warmup, seed=ns.seed, threads=ns.threads,
+                         limit=ns.limit, compact=not ns.full_precision, log_every=ns.log_every)
+    pretrain(ns.root, ns.out, cfg)
+    if ns.eval:
+        from ovseg.models.clip import CLIPConfig
+        from ovseg.toyworld.zeroshot import evaluate_recognition
+
+        print(evaluate_recognition(ns.root, "val", CLIPConfig(name=ns.model, pretrained=ns.out)).line())
+    return 0
+
+
+def _zeroshot(ns: argparse.Namespace) -> int:
+    import torch
+
+    from ovseg.models.clip import CLIPConfig
+    from ovseg.toyworld.zeroshot import evaluate_recognition
+
+    torch.set_num_threads(ns.threads)
+    result = evaluate_recognition(ns.root, ns.split, CLIPConfig(name=ns.model, pretrained=ns.weights),
+                                  prompts=ns.prompt or None, limit=ns.limit)
+    print(result.line())
+    if ns.per_class:
+        print("  per-class AP: " + ", ".join(f"{k} {v:.1f}" for k, v in result.per_class_AP.items()))
+    if ns.json:
+        from dataclasses import asdict
+
+        from ovseg.utils.io import atomic_write_json
+
+        atomic_write_json(ns.json, asdict(result))
+        print(f"wrote {ns.json}")
+    return 0
+
+
+def register(commands) -> None:
+    toy = commands.add_parser("toyworld", help="the toy world: generate it, pretrain a toy CLIP, zero-shot check")
+    sub = toy.add_subparsers(dest="toyworld_command", required=True)
+
+    gen = sub.add_parser("generate", help="write a procedurally generated dataset (VOC layout, SA-1B masks, captions)")
+    gen.add_argument("--root", required=True, help="output folder (its own data root)")
+    gen.add_argument("--num-train", type=int, default=4000)
+    gen.add_argument("--num-val", type=int, default=300)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--size", type=int, default=96, help="image side in pixels")
+    gen.add_argument("--no-masks", action="store_true", help="skip the SA-1B-format instance masks")
+    gen.add_argument("--progress", action="store_true")
+    gen.set_defaults(func=_generate)
+
+    pre = sub.add_parser("pretrain", help="train the toy CLIP contrastively on (image, caption) pairs (CPU)")
+    pre.add_argument("--root", required=True, help="a root written by `ovseg toyworld generate`")
+    pre.add_argument("--out", required=True, help="weights file to write (.safetensors or .pt)")
+    pre.add_argument("--model", default="toyworld-vit", help="open_clip model config name")
+    pre.add_argument("--steps", type=int, default=600)
+    pre.add_argument("--batch-size", type=int, default=128)
+    pre.add_argument("--lr", type=float, default=1e-3)
+    pre.add_argument("--weight-decay", type=float, default=0.1)
+    pre.add_argument("--warmup", type=int, default=50)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it; shipped: 1)")
+    pre.add_argument("--limit", type=int, default=None, help="use the first N train images only")
+    pre.add_argument("--full-precision", action="store_true",
+                     help="write the fp32 state dict as trained (default: fp16, unused token rows zeroed)")
+    pre.add_argument("--log-every", type=int, default=50)
+    pre.add_argument("--eval", action="store_true", help="report zero-shot recognition on val afterwards")
+    pre.set_defaults(func=_pretrain)
+
+    zs = sub.add_parser("zeroshot", help="image-level zero-shot recognition of the toy classes (mAP vs chance)")
+    zs.add_argument("--root", required=True)
+    zs.add_argument("--split", default="val")
+    zs.add_argument("--model", default="toyworld-vit")
+    zs.add_argument("--weights", default="toyworld", help="pretrained tag or weights file (default: shipped)")
+    zs.add_argument("--prompt", action="append", default=[],
+                    help="prompt template with {} (repeat to ensemble; default 'a photo of a {}.')")
+    zs.add_argument("--limit", type=int, default=None)
+    zs.add_argument("--threads", type=int, default=1)
+    zs.add_argument("--per-class", action="store_true")
+    zs.add_argument("--json", default=None, help="also write the result as JSON")
+    zs.set_defaults(func=_zeroshot)

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch + torchvision first, as a matching pair (PyPI's torchvision does not import beside a CPU-only torch)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 -c requirements/constraints.txt
-	$(PY) -m pip install -q -e '.[dev,hf,wandb,rich]' -c requirements/constraints.txt
+	$(PY) -m pip install -q -e '.[dev,hf,wandb,rich,sam]' -c requirements/constraints.txt
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install ovseg with pinned dependencies

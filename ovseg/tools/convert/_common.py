@@ -93,6 +93,15 @@ def print_summary(name: str, summary: dict[str, Any]) -> None:
     print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
+def warn_unknown_values(results: Iterable[tuple[str, list[int]]], what: str) -> int:
+    """Warn once about output files whose inputs held values outside the mapping (``what`` says which
+    values, e.g. "values outside the Cityscapes label ids 0..33"); returns how many files did."""
+    odd = sorted((path, values) for path, values in results if values)
+    if odd:
+        warn(f"{len(odd)} {what}; written as 255. E.g. " + "; ".join(f"{p}: {v[:5]}" for p, v in odd[:3]))
+    return len(odd)
+
+
 def split_todo(outputs: Iterable[tuple[T, Path]], overwrite: bool) -> tuple[list[T], int]:
     """Tasks whose output must be (re)written, and the number skipped because it already exists."""
     todo, skipped = [], 0

@@ -23,8 +23,8 @@ from ovseg.tools.convert._common import (
     require_dir,
     run_parallel,
     split_todo,
+    warn_unknown_values,
     unexpected_values,
-    warn,
 )
 from ovseg.utils.io import atomic_save_png
 
@@ -130,13 +130,11 @@ def convert_cityscapes(
         summary[split] = len(files)
     todo, skipped = split_todo(((t, Path(t[1])) for t in tasks), overwrite)
     results = run_parallel(_convert_one, todo, nproc, desc=NAME)
-    odd = sorted((path, vals) for path, vals in results if vals)
-    if odd:
-        warn(
-            f"{len(odd)} labelIds PNGs hold values outside the Cityscapes label ids 0..33; written as 255. E.g. "
-            + "; ".join(f"{p}: {v[:5]}" for p, v in odd[:3])
-        )
-    summary.update(written=len(results), skipped=skipped, files_with_unknown_ids=len(odd))
+    unknown = warn_unknown_values(
+        results,
+        "labelIds PNGs hold values outside the Cityscapes label ids 0..33",
+    )
+    summary.update(written=len(results), skipped=skipped, files_with_unknown_ids=unknown)
     return summary
 
 

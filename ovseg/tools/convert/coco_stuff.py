@@ -28,8 +28,8 @@ from ovseg.tools.convert._common import (
     require_dir,
     run_parallel,
     split_todo,
+    warn_unknown_values,
     unexpected_values,
-    warn,
 )
 from ovseg.utils.io import atomic_save_png
 
@@ -95,14 +95,14 @@ def convert_coco_stuff(
         summary[split] = len(files)
     todo, skipped = split_todo(((t, Path(t[1])) for t in tasks), overwrite)
     results = run_parallel(_convert_one, todo, nproc, desc=NAME)
-    odd = sorted((path, vals) for path, vals in results if vals)
-    if odd:
-        warn(
-            f"{len(odd)} raw maps hold values that are neither a used COCO-Stuff id (0..181 without "
-            f"{list(UNUSED_RAW_IDS)}) nor 255; written as 255. E.g. "
-            + "; ".join(f"{p}: {v[:5]}" for p, v in odd[:3])
-        )
-    summary.update(written=len(results), skipped=skipped, files_with_unknown_ids=len(odd))
+    unknown = warn_unknown_values(
+        results,
+        (
+            "raw maps hold values that are neither a used COCO-Stuff id (0..181 without "
+            f"{list(UNUSED_RAW_IDS)}) nor 255"
+        ),
+    )
+    summary.update(written=len(results), skipped=skipped, files_with_unknown_ids=unknown)
     return summary
 
 

@@ -64,14 +64,15 @@ class DatasetSpec:
         return label
 
 
-_VOC = dict(
+#: the Pascal VOC 2012 folders, shared by voc21/voc20, the SBD training set and the toy world
+_VOC_LAYOUT = dict(
     img_dir="VOCdevkit/VOC2012/JPEGImages",
     ann_dir="VOCdevkit/VOC2012/SegmentationClass",
     split_file="VOCdevkit/VOC2012/ImageSets/Segmentation/{split}.txt",
     img_suffix=".jpg",
     seg_suffix=".png",
-    expected_counts={"val": 1449, "train": 1464},
 )
+_VOC = dict(**_VOC_LAYOUT, expected_counts={"val": 1449, "train": 1464})
 _CONTEXT = dict(
     img_dir="VOCdevkit/VOC2010/JPEGImages",
     ann_dir="VOCdevkit/VOC2010/SegmentationClassContext",
@@ -94,11 +95,7 @@ SPECS: dict[str, DatasetSpec] = {
         DatasetSpec("voc20", **_VOC, reduce_zero_label=True, description="Pascal VOC 2012, background ignored"),
         DatasetSpec(
             "voc_aug",
-            img_dir="VOCdevkit/VOC2012/JPEGImages",
-            ann_dir="VOCdevkit/VOC2012/SegmentationClassAug",
-            split_file="VOCdevkit/VOC2012/ImageSets/Segmentation/{split}.txt",
-            img_suffix=".jpg",
-            seg_suffix=".png",
+            **{**_VOC_LAYOUT, "ann_dir": "VOCdevkit/VOC2012/SegmentationClassAug"},
             background_index=0,
             classnames="voc21",
             expected_counts={"trainaug": 10582, "aug": 9118},
@@ -140,11 +137,7 @@ SPECS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             "toyworld",
-            img_dir="VOCdevkit/VOC2012/JPEGImages",
-            ann_dir="VOCdevkit/VOC2012/SegmentationClass",
-            split_file="VOCdevkit/VOC2012/ImageSets/Segmentation/{split}.txt",
-            img_suffix=".jpg",
-            seg_suffix=".png",
+            **_VOC_LAYOUT,
             expected_counts={"val": 300, "train": 4000},
             description="ovseg's procedural toy world (`ovseg toyworld generate`, own root), 18 classes, no background",
         ),

@@ -56,7 +56,7 @@ def format_table(table: dict) -> str:
     """Markdown: one row per fold, then mean ± std."""
     fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     head = "| fold | " + " | ".join(t for _, t in METRICS) + " |"
-    lines = [f"# CLIP-S4 Pascal Context 4-fold ({table['dataset']})", "", head,
+    lines = [f"# CLIP-S4 4-fold unknown-class protocol ({table['dataset']})", "", head,
              "|" + "---|" * (len(METRICS) + 1)]
     for i, row in enumerate(table["folds"]):
         lines.append(f"| {i} | " + " | ".join(fmt(row[k]) for k, _ in METRICS) + " |")

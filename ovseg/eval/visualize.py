@@ -45,11 +45,7 @@ def save_prediction(out_dir: str | Path, file_id: str, image: torch.Tensor, pred
     pred_np = pred.cpu().numpy().astype(np.int64)
     image_np = (image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
     label_path = out_dir / f"{file_id}_label.png"
-    if len(class_names) <= 256:
-        atomic_save_png(label_path, pred_np.astype(np.uint8), palette=np.concatenate([CLASS_COLOURS, PALETTE[:1]]))
-    else:  # more classes than a palette holds: 16-bit ids
-        with atomic_open(label_path, "wb") as f:
-            Image.fromarray(pred_np.astype(np.uint16)).save(f, format="PNG")
+    save_label_png(label_path, pred_np, len(class_names))
     with atomic_open(out_dir / f"{file_id}_overlay.png", "wb") as f:
         overlay_with_legend(image_np, pred_np, class_names).save(f, format="PNG")
     return label_path
@@ -67,20 +63,26 @@ def colourise_label(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     return out
 
 
-def gallery_panel(image: np.ndarray, label: np.ndarray, pred: np.ndarray, class_names: list[str],
-                  title: str = "", ignore_index: int = 255) -> Image.Image:
-    """``image`` | ground truth | prediction side by side, a legend of the classes present below."""
+def gallery_panel(image: np.ndarray, label: np.ndarray, pred: np.ndarray | list[tuple[str, np.ndarray]],
+                  class_names: list[str], title: str = "", ignore_index: int = 255) -> Image.Image:
+    """``image`` | ground truth | prediction side by side, a legend of the classes present below.
+    ``pred`` may also be a list of ``(name, prediction)``: one captioned panel each (methods compared)."""
     h, w = image.shape[:2]
+    preds = [("prediction", pred)] if isinstance(pred, np.ndarray) else list(pred)
     font = ImageFont.load_default()
     gap = 4
     head = 30 if title else 16
-    present = sorted({int(c) for c in np.unique(label) if c != ignore_index} | {int(c) for c in np.unique(pred)})
-    present = [c for c in present if 0 <= c < len(class_names)]
-    per_row = max(1, (3 * w + 2 * gap) // 150)
+    panels = [(image, "image"), (colourise_label(label, ignore_index), "ground truth")]
+    panels += [(colourise(p), name) for name, p in preds]
+    width = len(panels) * w + (len(panels) - 1) * gap
+    present = {int(c) for c in np.unique(label) if c != ignore_index}
+    for _, p in preds:
+        present |= {int(c) for c in np.unique(p)}
+    present = [c for c in sorted(present) if 0 <= c < len(class_names)]
+    per_row = max(1, width // 150)
     legend_h = 16 * ((len(present) + per_row - 1) // per_row) + 4
-    canvas = Image.new("RGB", (3 * w + 2 * gap, head + h + legend_h), (255, 255, 255))
+    canvas = Image.new("RGB", (width, head + h + legend_h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    panels = [(image, "image"), (colourise_label(label, ignore_index), "ground truth"), (colourise(pred), "prediction")]
     if title:
         draw.text((2, 2), title, fill=(0, 0, 0), font=font)
     for i, (array, name) in enumerate(panels):
@@ -91,6 +93,17 @@ def gallery_panel(image: np.ndarray, label: np.ndarray, pred: np.ndarray, class_
         x, y = (k % per_row) * 150 + 4, head + h + 4 + (k // per_row) * 16
         draw.rectangle([x, y, x + 10, y + 10], fill=tuple(int(v) for v in CLASS_COLOURS[c % len(CLASS_COLOURS)]))
         draw.text((x + 14, y - 1), class_names[c][:20], fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def stack_vertically(pictures: list[Image.Image], gap: int = 6) -> Image.Image:
+    """Pictures one under another on white, left-aligned."""
+    width = max(p.width for p in pictures)
+    canvas = Image.new("RGB", (width, sum(p.height for p in pictures) + gap * (len(pictures) - 1)), (255, 255, 255))
+    y = 0
+    for p in pictures:
+        canvas.paste(p, (0, y))
+        y += p.height + gap
     return canvas
 
 
@@ -143,8 +156,23 @@ def _safe_name(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)[:80]
 
 
+def save_label_png(path: str | Path, pred: np.ndarray, num_classes: int) -> None:
+    """Class ids as a PNG: palette colours (the ones of :func:`colourise`) up to 256 classes, else 16-bit."""
+    if num_classes <= 256:
+        atomic_save_png(path, pred.astype(np.uint8), palette=np.concatenate([CLASS_COLOURS, PALETTE[:1]]))
+    else:
+        with atomic_open(path, "wb") as f:
+            Image.fromarray(pred.astype(np.uint16)).save(f, format="PNG")
+
+
+def gallery_pred_path(out_dir: str | Path, dataset: str, k: int, file_id: str) -> Path:
+    """Where :func:`save_test_pictures` puts the raw prediction (class ids) of gallery image ``k``."""
+    return Path(out_dir) / dataset / f"gallery_{k}_{_safe_name(file_id)}_pred.png"
+
+
 def save_test_pictures(out_dir: str | Path, results: dict, gallery: dict) -> list[Path]:
-    """PNG files: ``<dataset>/per_class_iou.png`` and ``<dataset>/gallery_<k>_<id>.png``."""
+    """PNG files: ``<dataset>/per_class_iou.png``, ``<dataset>/gallery_<k>_<id>.png`` (image | ground truth |
+    prediction) and ``<dataset>/gallery_<k>_<id>_pred.png`` (the prediction's class ids, for comparisons)."""
     out_dir = Path(out_dir)
     written = []
     for name, d in results["datasets"].items():
@@ -160,6 +188,8 @@ def save_test_pictures(out_dir: str | Path, results: dict, gallery: dict) -> lis
             with atomic_open(path, "wb") as f:
                 gallery_panel(image, label, pred, display, title=file_id).save(f, format="PNG")
             written.append(path)
+            save_label_png(gallery_pred_path(out_dir, name, k, file_id), pred, len(display))
+            written.append(gallery_pred_path(out_dir, name, k, file_id))
     return written
 
 

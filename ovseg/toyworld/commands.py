@@ -1,4 +1,4 @@
-"""``ovseg toyworld generate | pretrain | zeroshot``."""
+"""``ovseg toyworld generate | pretrain | zeroshot | leaderboard``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,19 @@ def _zeroshot(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _leaderboard(ns: argparse.Namespace) -> int:
+    from ovseg.toyworld.leaderboard import LeaderboardSettings, format_leaderboard, run_leaderboard
+
+    settings = LeaderboardSettings(root=ns.root, out=ns.out, pixelclip_steps=ns.pixelclip_steps,
+                                   clips4_steps=ns.clips4_steps, folds=ns.folds, fold_steps=ns.fold_steps,
+                                   seed=ns.seed, gallery=ns.gallery, reuse=ns.reuse, extra=ns.extra)
+    start = time.perf_counter()
+    table = run_leaderboard(settings)
+    print("\n" + format_leaderboard(table))
+    print(f"leaderboard: {ns.out}/leaderboard.md ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
 def register(commands) -> None:
     toy = commands.add_parser("toyworld", help="the toy world: generate it, pretrain a toy CLIP, zero-shot check")
     sub = toy.add_subparsers(dest="toyworld_command", required=True)
@@ -100,3 +113,17 @@ def register(commands) -> None:
     zs.add_argument("--per-class", action="store_true")
     zs.add_argument("--json", default=None, help="also write the result as JSON")
     zs.set_defaults(func=_zeroshot)
+
+    lb = sub.add_parser("leaderboard", help="every method on toy val: zero-shot CLIP/MaskCLIP, PixelCLIP and CLIP-S4 "
+                                            "frozen -> fine-tuned (gain), optional toy 4-fold protocol")
+    lb.add_argument("--root", default="data/toyworld", help="a root written by `ovseg toyworld generate`")
+    lb.add_argument("--out", default="outputs/toyworld_leaderboard")
+    lb.add_argument("--pixelclip-steps", type=int, default=100)
+    lb.add_argument("--clips4-steps", type=int, default=200)
+    lb.add_argument("--folds", action="store_true", help="also CLIP-S4's toy 4-fold unknown-class protocol")
+    lb.add_argument("--fold-steps", type=int, default=200)
+    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument("--gallery", type=int, default=4, help="val images in predictions.png")
+    lb.add_argument("--reuse", action="store_true", help="keep stages whose results/checkpoint exist (resume)")
+    lb.add_argument("extra", nargs="*", help="more `ovseg fit/test` arguments for every stage (after --)")
+    lb.set_defaults(func=_leaderboard)

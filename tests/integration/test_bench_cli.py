@@ -4,8 +4,10 @@ data; the result pictures with the CSV logger and with wandb (offline)."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 import ovseg.bench.suite as suite_module
 from ovseg.cli import main
@@ -45,7 +47,12 @@ def test_suite_resume_reruns_only_the_missing_entry(voc_root, tmp_path, monkeypa
     assert list(maskclip["datasets"]) == ["voc21", "voc20"] and maskclip["bench"]["complete"] is True
     # CSV logger: gallery (image | ground truth | prediction) and per-class IoU chart as PNG files
     media = out / "maskclip/parts/voc20/lightning_logs/version_0/media/voc20"
-    assert sorted(p.name for p in media.glob("*.png")) == ["gallery_0_2008_000001.png", "per_class_iou.png"]
+    assert sorted(p.name for p in media.glob("*.png")) == [
+        "gallery_0_2008_000001.png", "gallery_0_2008_000001_pred.png", "per_class_iou.png"]
+    # the raw prediction beside each panel: class ids at the label's size (what comparisons are built from)
+    label = np.array(Image.open(voc_root / "VOCdevkit/VOC2012/SegmentationClass/2008_000001.png"))
+    pred = np.array(Image.open(media / "gallery_0_2008_000001_pred.png"))
+    assert pred.shape == label.shape and pred.max() < 20  # voc20: 20 classes, no background
 
     # lose one entry (as if it never finished): only it runs again, through `ovseg test --config <suite>`
     (out / "clip/results.json").unlink()

@@ -1,9 +1,10 @@
-"""Pascal Context 4-fold vocabularies of CLIP-S4."""
+"""4-fold unknown-class vocabularies of CLIP-S4: Pascal Context (the spec's folds) and the toy world's."""
 
 import pytest
 
 from ovseg.data.classnames import read_class_names
-from ovseg.data.folds import ALIASES, CONTEXT_FOLDS, fold_classes, known_classes, resolve_vocabulary
+from ovseg.data.folds import (ALIASES, CONTEXT_FOLDS, alphabetical_folds, fold_classes, known_classes,
+                              resolve_vocabulary)
 
 SPEC = [  # copied from shared/spec/clips4.md
     "airplane, bag, bed, bedclothes, bench, bicycle, bird, boat, book, bottle, building, bus, cabinet, car, cat",
@@ -31,6 +32,27 @@ def test_known_classes_are_the_other_three_folds(fold):
     assert known == [n for n in pc59 if n not in held_out]
     assert len(known) == 59 - len(held_out)
     assert resolve_vocabulary(f"context59-fold{fold}") == known
+
+
+def test_the_toy_rule_reproduces_the_context_folds():
+    # the toy folds come from a rule; the spec's Pascal Context folds are that rule applied to PC-59
+    pc59 = [c[0] for c in read_class_names("context59")]
+    spec_spelling = {v: k for k, v in ALIASES.items()}
+    assert alphabetical_folds([spec_spelling.get(n, n) for n in pc59]) == CONTEXT_FOLDS
+
+
+def test_toyworld_folds():
+    toy = [c[0] for c in read_class_names("toyworld")]
+    folds = [fold_classes(i, "toyworld") for i in range(4)]
+    assert [len(f) for f in folds] == [5, 5, 4, 4]
+    assert sorted(sum(folds, [])) == sorted(toy) and len(toy) == 18
+    assert folds[0] == ["ball", "box", "car", "cloud", "fish"]  # hand-checked: alphabetical, consecutive
+    assert folds[3] == ["sun", "tree", "wall", "water"]
+    for i, held_out in enumerate(folds):
+        known = resolve_vocabulary(f"toyworld-fold{i}")
+        assert known == [n for n in toy if n not in held_out]
+    with pytest.raises(ValueError, match="no unknown-class folds"):
+        fold_classes(0, "voc20")
 
 
 def test_resolve_vocabulary():

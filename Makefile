@@ -4,29 +4,40 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= data/synthetic
+TOY ?= data/toyworld
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install demo test test-full test-ddp bench lint clean
+.PHONY: help install demo demo-tiny test test-full test-ddp bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
+# torch + torchvision first, as a matching pair (PyPI's torchvision does not import beside a CPU-only torch)
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch + torchvision first, as a matching pair (PyPI's torchvision does not import beside a CPU-only torch)
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 -c requirements/constraints.txt
-	$(PY) -m pip install -q -e '.[dev,hf,wandb,rich,sam]' -c requirements/constraints.txt
-	touch $@
+	@set -e; start=$$(date +%s); \
+	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 -c requirements/constraints.txt; \
+	$(PY) -m pip install -q -e '.[dev,hf,wandb,rich,sam]' -c requirements/constraints.txt; \
+	touch $@; echo "[install] $$(( $$(date +%s) - start )) s"
 
 install: $(VENV)/.installed  ## create .venv and install ovseg with pinned dependencies
+
+$(TOY)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt: | $(VENV)/.installed
+	@start=$$(date +%s); $(VENV)/bin/ovseg toyworld generate --root $(TOY); \
+	echo "[demo] generate: $$(( $$(date +%s) - start )) s"
+
+demo: $(VENV)/.installed $(TOY)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt  ## install, generate the toy world, the toy leaderboard (zero-shot, fine-tuned, 4-fold), predictions.png
+	@start=$$(date +%s); $(VENV)/bin/ovseg toyworld leaderboard --root $(TOY) --out outputs/toyworld_leaderboard \
+	  --folds -- --trainer.enable_progress_bar false; \
+	echo "[demo] leaderboard: $$(( $$(date +%s) - start )) s"
 
 $(DATA)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt: | $(VENV)/.installed
 	$(VENV)/bin/ovseg data synth --root $(DATA) --datasets voc21 --num-images 8 --min-size 96 --max-size 160
 
-demo: $(VENV)/.installed $(DATA)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt  ## install, write a synthetic VOC, evaluate MaskCLIP (tiny random CLIP)
+demo-tiny: $(VENV)/.installed $(DATA)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt  ## a 1-minute smoke run: synthetic VOC, MaskCLIP with a tiny random CLIP
 	$(VENV)/bin/ovseg test --config configs/tiny/maskclip.yaml --data.root $(DATA) --data.datasets '[voc21,voc20]'
 
 test: $(VENV)/.installed  ## fast tests (not slow), DDP equivalence included
@@ -41,5 +52,5 @@ bench: $(VENV)/.installed  ## inference throughput / memory benchmark (numbers i
 lint: $(VENV)/.installed  ## ruff
 	$(VENV)/bin/ruff check ovseg tests benchmarks
 
-clean:  ## remove outputs and the synthetic demo data (keeps .venv)
-	rm -rf outputs $(DATA)
+clean:  ## remove outputs and the generated demo data (keeps .venv)
+	rm -rf outputs $(DATA) $(TOY)

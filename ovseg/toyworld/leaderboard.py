@@ -58,8 +58,10 @@ METHODS = (
 
 
 def _run(command: str, config: Path, log_dir: Path, s: LeaderboardSettings, *args: str) -> float:
-    """One ``ovseg fit|test`` in this process, logging into ``log_dir`` (``<save_dir>/<name>/<version>``)."""
+    """One ``ovseg fit|test`` in this process, logging into ``log_dir`` (``<save_dir>/<name>/<version>``);
+    its wall time is kept in ``log_dir/wall_time.json`` (read back when a stage is reused)."""
     from ovseg.cli import main as ovseg_main
+    from ovseg.utils.io import atomic_write_json
 
     start = time.perf_counter()
     ovseg_main([command, "--config", str(config), "--data.root", s.root, "--seed_everything", str(s.seed),
@@ -68,22 +70,28 @@ def _run(command: str, config: Path, log_dir: Path, s: LeaderboardSettings, *arg
                 "--trainer.logger.init_args.name", log_dir.parent.name,
                 "--trainer.logger.init_args.version", log_dir.name,
                 "--model.init_args.gallery_size", str(s.gallery), *args, *s.extra])
-    return round(time.perf_counter() - start, 1)
+    seconds = round(time.perf_counter() - start, 1)
+    atomic_write_json(log_dir / "wall_time.json", {"command": command, "seconds": seconds})
+    return seconds
+
+
+def _wall_time(log_dir: Path) -> float | None:
+    path = log_dir / "wall_time.json"
+    return json.loads(path.read_text())["seconds"] if path.is_file() else None
 
 
 def _test(config: Path, log_dir: Path, s: LeaderboardSettings, *args: str) -> dict[str, Any]:
     results = log_dir / "results.json"
-    seconds = None
     if not (s.reuse and results.is_file()):
-        seconds = _run("test", config, log_dir, s, *args)
+        _run("test", config, log_dir, s, *args)
     data = json.loads(results.read_text())
-    return {"log_dir": str(log_dir), "seconds": seconds, **_scores(data)}
+    return {"log_dir": str(log_dir), "seconds": _wall_time(log_dir), **_scores(data)}
 
 
 def _fit(config: Path, log_dir: Path, steps: int, s: LeaderboardSettings, *args: str) -> tuple[Path, float | None]:
     ckpt = log_dir / "checkpoints" / "last.ckpt"
     if s.reuse and ckpt.is_file():
-        return ckpt, None
+        return ckpt, _wall_time(log_dir)
     # no validation while fitting: the leaderboard scores the last checkpoint once, with `ovseg test`
     seconds = _run("fit", config, log_dir, s, "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
                    *args)

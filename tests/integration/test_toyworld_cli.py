@@ -79,12 +79,18 @@ def test_leaderboard_plumbing(tmp_path, capsys):
             assert own["num_images"] == 3 and all(row[k] == own[k] for k in ("mIoU", "pAcc", "mAcc"))
         if "tuned" in stages:
             gain = table["methods"][key]["gain"]
-            assert gain["mIoU"] == round(table["methods"][key]["tuned"]["mIoU"] - table["methods"][key]["frozen"]["mIoU"], 2)
+            row = table["methods"][key]
+            assert gain["mIoU"] == round(row["tuned"]["mIoU"] - row["frozen"]["mIoU"], 2)
             assert (out / key / "fit" / "checkpoints" / "last.ckpt").is_file()
     # fold i: the fold's names are the unknown ones; known mIoU is over the other classes
     folds = table["folds"]
     for i, row in enumerate(folds["tuned"]["folds"]):
-        assert row["unknown_classes"] == fold_classes(i, "toyworld")
+        assert sorted(row["unknown_classes"]) == fold_classes(i, "toyworld")
+        per_class = json.loads((out / "clips4_folds" / f"fold{i}" / "tuned" / "results.json").read_text())[
+            "datasets"]["toyworld"]["per_class"]
+        known = [v["IoU"] for name, v in per_class.items()
+                 if name not in row["unknown_classes"] and v["IoU"] is not None]
+        assert row["known_mIoU"] == pytest.approx(np.mean(known), abs=0.02)
     markdown = (out / "leaderboard.md").read_text()
     assert "| PixelCLIP | fine-tuned 1 steps |" in markdown and "toy 4-fold" in markdown
     assert "leaderboard:" in capsys.readouterr().out
@@ -96,6 +102,8 @@ def test_leaderboard_plumbing(tmp_path, capsys):
                  "--clips4-steps", "1", "--gallery", "2", "--reuse"]) == 0
     assert (out / "clips4" / "tuned" / "results.json").stat().st_mtime_ns == mtime
     assert json.loads((out / "leaderboard.json").read_text())["methods"] == table["methods"]
+    with pytest.raises(FileNotFoundError, match="holds no toy world.*ovseg toyworld generate"):
+        main(["toyworld", "leaderboard", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "lb2")])
 
 
 # Fine-tuning gains on the default world, seed 0 (measured with `ovseg toyworld leaderboard`; ovseg/toyworld/README.md):

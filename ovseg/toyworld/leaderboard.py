@@ -1,6 +1,7 @@
 """The toy-world leaderboard: every method of ovseg on toy val through the shared evaluator, with the shipped
-toy CLIP — zero-shot CLIP and MaskCLIP, then PixelCLIP and CLIP-S4 each scored at its frozen start, fine-tuned
-briefly without labels, and scored again — plus, optionally, the toy 4-fold unknown-class protocol of CLIP-S4.
+toy CLIP — first its image-level zero-shot recognition (does it know the words?), then zero-shot CLIP and
+MaskCLIP, then PixelCLIP and CLIP-S4 each scored at its frozen start, fine-tuned briefly without labels, and
+scored again — plus, optionally, the toy 4-fold unknown-class protocol of CLIP-S4.
 
     ovseg toyworld leaderboard --root data/toyworld --out outputs/toyworld_leaderboard [--folds]
 
@@ -115,6 +116,10 @@ def run_leaderboard(s: LeaderboardSettings, log=print) -> dict[str, Any]:
     if not (Path(s.root) / "VOCdevkit").is_dir():
         raise FileNotFoundError(f"{s.root} holds no toy world (no VOCdevkit/): run `ovseg toyworld generate --root "
                                 f"{s.root}` first")
+    from ovseg.toyworld.zeroshot import evaluate_recognition
+
+    recognition = evaluate_recognition(s.root, "val")
+    log(f"[leaderboard] toy CLIP {recognition.line()}")
     rows: dict[str, dict[str, Any]] = {}
     for m in METHODS:
         config = CONFIGS / m.config
@@ -132,7 +137,10 @@ def run_leaderboard(s: LeaderboardSettings, log=print) -> dict[str, Any]:
         rows[m.key] = {"title": m.title, "config": str(config.relative_to(REPO)), "steps": steps,
                        "fit_seconds": fit_seconds, "frozen": frozen, "tuned": tuned,
                        "gain": {k: round(tuned[k] - frozen[k], 2) for k in METRICS}}
-    table: dict[str, Any] = {"dataset": DATASET, "root": s.root, "seed": s.seed, "methods": rows}
+    table: dict[str, Any] = {"dataset": DATASET, "root": s.root, "seed": s.seed,
+                             "recognition": {k: round(getattr(recognition, k), 2) for k in (
+                                 "num_images", "mAP", "mAP_chance", "recall_at_k", "recall_at_k_chance")},
+                             "methods": rows}
     if s.folds:
         table["folds"] = _run_folds(s, out, log)
     atomic_write_json(out / "leaderboard.json", table)
@@ -180,7 +188,11 @@ def leaderboard_table(table: dict[str, Any]) -> list[dict[str, Any]]:
 def format_leaderboard(table: dict[str, Any]) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     signed = lambda v: f"{v:+.2f}"  # noqa: E731
+    rec = table["recognition"]
     lines = [f"# Toy-world leaderboard (toy val, {table['root']}, seed {table['seed']})", "",
+             f"The toy CLIP knows the words: zero-shot recognition of the classes in each of {rec['num_images']} val "
+             f"images, mAP {rec['mAP']:.1f} (chance {rec['mAP_chance']:.1f}), recall@k {rec['recall_at_k']:.1f} "
+             f"(chance {rec['recall_at_k_chance']:.1f}).", "",
              "| method | stage | mIoU | pAcc | mAcc | gain over frozen start (mIoU / pAcc / mAcc) |",
              "|---|---|---|---|---|---|"]
     for row in leaderboard_table(table):

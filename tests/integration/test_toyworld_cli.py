@@ -93,6 +93,7 @@ def test_leaderboard_plumbing(tmp_path, capsys):
         assert row["known_mIoU"] == pytest.approx(np.mean(known), abs=0.02)
     markdown = (out / "leaderboard.md").read_text()
     assert "| PixelCLIP | fine-tuned 1 steps |" in markdown and "toy 4-fold" in markdown
+    assert table["recognition"]["num_images"] == 3 and "zero-shot recognition" in markdown
     assert "leaderboard:" in capsys.readouterr().out
     picture = Image.open(out / "predictions.png")
     assert picture.width == 8 * 2 * 96 + 7 * 4  # image, ground truth, CLIP, MaskCLIP, 2 x (frozen, tuned); 2x scale

@@ -107,19 +107,30 @@ def test_leaderboard_plumbing(tmp_path, capsys):
         main(["toyworld", "leaderboard", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "lb2")])
 
 
-# Fine-tuning gains on the default world, seed 0 (measured with `ovseg toyworld leaderboard`; ovseg/toyworld/README.md):
-# PixelCLIP 100 steps +3.29 mIoU / +7.49 pAcc (seed 1: +1.90); CLIP-S4 200 steps +0.74..+1.03 mIoU / +2.0..+2.8 pAcc
-# over seeds. Asserted with headroom for thread-count and platform noise.
-MIN_GAIN = {"pixelclip": {"mIoU": 1.0, "pAcc": 2.0}, "clips4": {"mIoU": 0.3, "pAcc": 1.0}}
+# Fine-tuning gains on the default world, seeds 0/1/2, 2 torch threads (measured with `ovseg toyworld leaderboard`;
+# ovseg/toyworld/README.md): PixelCLIP 100 steps +1.99 / +2.22 / -0.93 mIoU (mean +1.09), +5.53 / +5.03 / +0.23 pAcc;
+# CLIP-S4 200 steps +1.01 / +0.79 / +1.02 mIoU, +2.84 / +2.00 / +2.53 pAcc. PixelCLIP's gain depends on the seed
+# (one seed in three ends below its start, see the README), so it is asserted on the mean over the three seeds;
+# CLIP-S4's on every seed. Floors leave headroom for thread-count and platform noise.
+SEEDS = (0, 1, 2)
+MIN_MEAN_GAIN = {"pixelclip": {"mIoU": 0.5, "pAcc": 2.0}, "clips4": {"mIoU": 0.4, "pAcc": 1.2}}
+MIN_EVERY_SEED_GAIN = {"clips4": {"mIoU": 0.3, "pAcc": 1.0}}
 
 
 @pytest.mark.slow
 def test_fine_tuning_beats_the_frozen_start(tmp_path):
-    root, out = tmp_path / "toy", tmp_path / "lb"
+    root = tmp_path / "toy"
     main(["toyworld", "generate", "--root", str(root)])
-    table = run_leaderboard(LeaderboardSettings(root=str(root), out=str(out), gallery=1,
-                                                extra=["--trainer.enable_progress_bar", "false"]))
-    for method, floors in MIN_GAIN.items():
-        row = table["methods"][method]
+    gains = {method: [] for method in MIN_MEAN_GAIN}
+    for seed in SEEDS:
+        table = run_leaderboard(LeaderboardSettings(root=str(root), out=str(tmp_path / f"seed{seed}"), seed=seed,
+                                                    gallery=0, extra=["--trainer.enable_progress_bar", "false"]))
+        for method in gains:
+            gains[method].append(table["methods"][method]["gain"])
+    for method, floors in MIN_MEAN_GAIN.items():
         for metric, floor in floors.items():
-            assert row["gain"][metric] >= floor, (method, metric, row["frozen"][metric], row["tuned"][metric])
+            values = [g[metric] for g in gains[method]]
+            assert np.mean(values) >= floor, (method, metric, values)
+    for method, floors in MIN_EVERY_SEED_GAIN.items():
+        for metric, floor in floors.items():
+            assert min(g[metric] for g in gains[method]) >= floor, (method, metric, gains[method])

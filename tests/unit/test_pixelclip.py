@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ovseg.methods.pixelclip import PixelCLIP, cluster_targets, distributed_sinkhorn
+from ovseg.methods.pixelclip.prompts import LearnablePrompts
 from ovseg.models.clip import CLIPConfig
 
 TINY = CLIPConfig(name="tiny-vit", pretrained=None, last_block="value", residual="cls", ffn=True)
@@ -241,6 +242,21 @@ def test_prompts_start_from_seeded_vocabulary_embeddings():
     assert torch.equal(a.prompts.tokens.detach(), emb[a.prompts.init_words].detach())
     assert a.prompts.tokens.shape == (8, 4, 64) and int(a.prompts.init_words.max()) < emb.shape[0] - 10
     assert torch.equal(a.prompts.tokens, b.prompts.tokens) and not torch.equal(a.prompts.tokens, c.prompts.tokens)
+
+
+def test_prompts_from_init_words():
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("tiny-vit")
+    words = ["photo", "scene", "with"]
+    pool = {int(t) for w in words for t in tokenizer([w])[0] if t != 0} - {49406, 49407}  # start/end of text
+    model = make_model(prompt_init_words=words)
+    drawn = set(model.prompts.init_words.flatten().tolist())
+    assert drawn <= pool and len(drawn) > 1
+    emb = model.encoder.model.token_embedding.weight
+    assert torch.equal(model.prompts.tokens.detach(), emb[model.prompts.init_words].detach())
+    with pytest.raises(ValueError, match="has no tokens"):
+        LearnablePrompts(model.encoder.model, tokenizer, num_prompts=2, init_words=[""])
 
 
 def test_prompt_prototypes_equal_open_clip_text_of_the_same_tokens():

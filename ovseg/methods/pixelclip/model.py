@@ -119,6 +119,8 @@ class PixelCLIP(OVSegMethod):
             640); also the evaluation square of the ``pixelclip`` protocol.
         mask_resolution: masks, teacher features and predictions meet at this square (256).
         num_clusters / prompt_length / prompt_template / prompt_seed: learnable prompts (64 × 4 tokens).
+        prompt_init_words: draw the prompts' initial token embeddings from these words' tokens instead of the
+            whole vocabulary (None, the authors' choice) — for a CLIP trained on a small vocabulary (the toy CLIP).
         eps: Sinkhorn score scale (``eps · cos``); None: 100 for ViTs, 1 for ConvNeXt.
         sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
         min_mask_pixels: masks with fewer pixels at ``mask_resolution`` are dropped (2: "≤ 1 pixel dropped").
@@ -149,6 +151,7 @@ class PixelCLIP(OVSegMethod):
         prompt_length: int = 4,
         prompt_template: str = "A photo of a {} in the scene",
         prompt_seed: int = 0,
+        prompt_init_words: list[str] | None = None,
         eps: float | None = None,
         sinkhorn_iterations: int = 3,
         min_mask_pixels: int = 2,
@@ -200,7 +203,7 @@ class PixelCLIP(OVSegMethod):
             param.requires_grad_(name in self._trainable_visual)
 
         self.prompts = LearnablePrompts(self.encoder.model, self.encoder._get_tokenizer(), num_clusters,
-                                        prompt_length, prompt_template, prompt_seed)
+                                        prompt_length, prompt_template, prompt_seed, prompt_init_words)
         self.head = ConvHead(1, 1, tuple(decoder_channels), decoder_group_channels)
 
         # teacher: a copy of the student's visual encoder (the text tower is stripped), never trained

@@ -43,7 +43,10 @@ class LearnablePrompts(nn.Module):
     """``num_prompts`` prompts of ``length`` learnable token embeddings each, inserted into ``template``.
 
     The template's ``{}`` becomes ``length`` placeholder tokens whose embeddings are replaced by the learnable
-    vectors. The vectors start as the embeddings of random real vocabulary tokens drawn with ``seed``.
+    vectors. The vectors start as the embeddings of random real vocabulary tokens drawn with ``seed`` — from
+    the whole vocabulary (the authors' choice), or from the tokens of ``init_words`` when given (a CLIP trained on
+    a small vocabulary: the toy CLIP knows 34 tokens and its other rows are zero, so the authors' draw starts
+    every prompt from the same all-zero vectors; the Sinkhorn assignment still spreads them over the clusters).
     ``forward(clip_model)`` returns the prototypes [num_prompts, D] (not normalised).
     """
 
@@ -51,7 +54,7 @@ class LearnablePrompts(nn.Module):
     positions: Tensor
 
     def __init__(self, clip_model: nn.Module, tokenizer, num_prompts: int = 64, length: int = 4,
-                 template: str = "A photo of a {} in the scene", seed: int = 0):
+                 template: str = "A photo of a {} in the scene", seed: int = 0, init_words: list[str] | None = None):
         super().__init__()
         if template.count(PLACEHOLDER) != 1:
             raise ValueError(f"the prompt template needs exactly one '{{}}', got {template!r}")
@@ -67,10 +70,13 @@ class LearnablePrompts(nn.Module):
         if positions.numel() != length:
             raise ValueError(f"expected {length} placeholder tokens in the tokenized template, found "
                              f"{positions.numel()} (template too long for the context?)")
-        vocab = tower.token_embedding.num_embeddings
         generator = torch.Generator().manual_seed(seed)
-        # the last few ids are special tokens (start/end of text), as in the authors' code
-        words = torch.randint(vocab - 10, (num_prompts, length), generator=generator)
+        if init_words:
+            pool = torch.unique(torch.cat([self._word_tokens(tokenizer, w) for w in init_words]))
+            words = pool[torch.randint(len(pool), (num_prompts, length), generator=generator)]
+        else:
+            # the last few ids are special tokens (start/end of text), as in the authors' code
+            words = torch.randint(tower.token_embedding.num_embeddings - 10, (num_prompts, length), generator=generator)
         with torch.no_grad():
             init = tower.token_embedding(words.to(tower.token_embedding.weight.device)).float()
         self.num_prompts, self.length = num_prompts, length
@@ -78,6 +84,14 @@ class LearnablePrompts(nn.Module):
         self.register_buffer("token_ids", token_ids.long(), persistent=False)
         self.register_buffer("positions", positions, persistent=False)
         self.register_buffer("init_words", words, persistent=False)
+
+    @staticmethod
+    def _word_tokens(tokenizer, word: str) -> Tensor:
+        ids = tokenizer([word])[0]
+        ids = ids[ids != 0][1:-1]  # drop start/end tokens and padding
+        if not ids.numel():
+            raise ValueError(f"prompt_init_words: {word!r} has no tokens")
+        return ids.long()
 
     def forward(self, clip_model: nn.Module) -> Tensor:
         tower = _text_tower(clip_model)

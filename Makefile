@@ -26,11 +26,11 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 install: $(VENV)/.installed  ## create .venv and install ovseg with pinned dependencies
 
 $(TOY)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt: | $(VENV)/.installed
-	@start=$$(date +%s); $(VENV)/bin/ovseg toyworld generate --root $(TOY); \
+	@set -e; start=$$(date +%s); $(VENV)/bin/ovseg toyworld generate --root $(TOY); \
 	echo "[demo] generate: $$(( $$(date +%s) - start )) s"
 
 demo: $(VENV)/.installed $(TOY)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt  ## install, generate the toy world, the toy leaderboard (zero-shot, fine-tuned, 4-fold), predictions.png
-	@start=$$(date +%s); $(VENV)/bin/ovseg toyworld leaderboard --root $(TOY) --out outputs/toyworld_leaderboard \
+	@set -e; start=$$(date +%s); $(VENV)/bin/ovseg toyworld leaderboard --root $(TOY) --out outputs/toyworld_leaderboard \
 	  --folds -- --trainer.enable_progress_bar false; \
 	echo "[demo] leaderboard: $$(( $$(date +%s) - start )) s"
 

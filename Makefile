@@ -25,11 +25,12 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 
 install: $(VENV)/.installed  ## create .venv and install ovseg with pinned dependencies
 
-$(TOY)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt: | $(VENV)/.installed
+# toyworld.json is written last: its presence means a complete world
+$(TOY)/toyworld.json: | $(VENV)/.installed
 	@set -e; start=$$(date +%s); $(VENV)/bin/ovseg toyworld generate --root $(TOY); \
 	echo "[demo] generate: $$(( $$(date +%s) - start )) s"
 
-demo: $(VENV)/.installed $(TOY)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt  ## install, generate the toy world, the toy leaderboard (zero-shot, fine-tuned, 4-fold), predictions.png
+demo: $(VENV)/.installed $(TOY)/toyworld.json  ## install, generate the toy world, the toy leaderboard (zero-shot, fine-tuned, 4-fold), predictions.png
 	@set -e; start=$$(date +%s); $(VENV)/bin/ovseg toyworld leaderboard --root $(TOY) --out outputs/toyworld_leaderboard \
 	  --folds -- --trainer.enable_progress_bar false; \
 	echo "[demo] leaderboard: $$(( $$(date +%s) - start )) s"

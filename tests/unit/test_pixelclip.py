@@ -255,7 +255,7 @@ def test_prompts_from_init_words():
     assert drawn <= pool and len(drawn) > 1
     emb = model.encoder.model.token_embedding.weight
     assert torch.equal(model.prompts.tokens.detach(), emb[model.prompts.init_words].detach())
-    with pytest.raises(ValueError, match="has no tokens"):
+    with pytest.raises(ValueError, match="have no tokens"):
         LearnablePrompts(model.encoder.model, tokenizer, num_prompts=2, init_words=[""])
 
 

@@ -39,6 +39,12 @@ def encode_prompted_text(model: nn.Module, token_ids: Tensor, embeddings: Tensor
     return x
 
 
+def _content_tokens(tokenizer, text: str) -> Tensor:
+    """The token ids of ``text`` without the start/end-of-text tokens and padding."""
+    ids = tokenizer([text])[0]
+    return ids[ids != 0][1:-1].long()
+
+
 class LearnablePrompts(nn.Module):
     """``num_prompts`` prompts of ``length`` learnable token embeddings each, inserted into ``template``.
 
@@ -62,8 +68,7 @@ class LearnablePrompts(nn.Module):
             raise ValueError("num_prompts and length must be positive")
         tower = _text_tower(clip_model)
         token_ids = tokenizer([template.format(" ".join([PLACEHOLDER] * length))])[0]
-        placeholder = tokenizer([PLACEHOLDER])[0]
-        placeholder = placeholder[(placeholder != 0)][1:-1]  # drop start/end tokens and padding
+        placeholder = _content_tokens(tokenizer, PLACEHOLDER)
         if placeholder.numel() != 1:
             raise ValueError("the tokenizer does not encode '{}' as a single token")
         positions = (token_ids == placeholder[0]).nonzero().flatten()
@@ -72,7 +77,11 @@ class LearnablePrompts(nn.Module):
                              f"{positions.numel()} (template too long for the context?)")
         generator = torch.Generator().manual_seed(seed)
         if init_words:
-            pool = torch.unique(torch.cat([self._word_tokens(tokenizer, w) for w in init_words]))
+            tokens = [_content_tokens(tokenizer, w) for w in init_words]
+            empty = [w for w, t in zip(init_words, tokens) if not t.numel()]
+            if empty:
+                raise ValueError(f"prompt_init_words: {empty} have no tokens")
+            pool = torch.unique(torch.cat(tokens))
             words = pool[torch.randint(len(pool), (num_prompts, length), generator=generator)]
         else:
             # the last few ids are special tokens (start/end of text), as in the authors' code
@@ -84,14 +93,6 @@ class LearnablePrompts(nn.Module):
         self.register_buffer("token_ids", token_ids.long(), persistent=False)
         self.register_buffer("positions", positions, persistent=False)
         self.register_buffer("init_words", words, persistent=False)
-
-    @staticmethod
-    def _word_tokens(tokenizer, word: str) -> Tensor:
-        ids = tokenizer([word])[0]
-        ids = ids[ids != 0][1:-1]  # drop start/end tokens and padding
-        if not ids.numel():
-            raise ValueError(f"prompt_init_words: {word!r} has no tokens")
-        return ids.long()
 
     def forward(self, clip_model: nn.Module) -> Tensor:
         tower = _text_tower(clip_model)

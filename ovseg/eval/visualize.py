@@ -188,8 +188,9 @@ def save_test_pictures(out_dir: str | Path, results: dict, gallery: dict) -> lis
             with atomic_open(path, "wb") as f:
                 gallery_panel(image, label, pred, display, title=file_id).save(f, format="PNG")
             written.append(path)
-            save_label_png(gallery_pred_path(out_dir, name, k, file_id), pred, len(display))
-            written.append(gallery_pred_path(out_dir, name, k, file_id))
+            pred_path = gallery_pred_path(out_dir, name, k, file_id)
+            save_label_png(pred_path, pred, len(display))
+            written.append(pred_path)
     return written
 
 

@@ -114,16 +114,19 @@ def register(commands) -> None:
     zs.add_argument("--json", default=None, help="also write the result as JSON")
     zs.set_defaults(func=_zeroshot)
 
+    from ovseg.toyworld.leaderboard import LeaderboardSettings
+
+    default = LeaderboardSettings()
     lb = sub.add_parser("leaderboard", help="every method on toy val: zero-shot CLIP/MaskCLIP, PixelCLIP and CLIP-S4 "
                                             "frozen -> fine-tuned (gain), optional toy 4-fold protocol")
-    lb.add_argument("--root", default="data/toyworld", help="a root written by `ovseg toyworld generate`")
-    lb.add_argument("--out", default="outputs/toyworld_leaderboard")
-    lb.add_argument("--pixelclip-steps", type=int, default=100)
-    lb.add_argument("--clips4-steps", type=int, default=200)
+    lb.add_argument("--root", default=default.root, help="a root written by `ovseg toyworld generate`")
+    lb.add_argument("--out", default=default.out)
+    lb.add_argument("--pixelclip-steps", type=int, default=default.pixelclip_steps)
+    lb.add_argument("--clips4-steps", type=int, default=default.clips4_steps)
     lb.add_argument("--folds", action="store_true", help="also CLIP-S4's toy 4-fold unknown-class protocol")
-    lb.add_argument("--fold-steps", type=int, default=200)
-    lb.add_argument("--seed", type=int, default=0)
-    lb.add_argument("--gallery", type=int, default=4, help="val images in predictions.png")
+    lb.add_argument("--fold-steps", type=int, default=default.fold_steps)
+    lb.add_argument("--seed", type=int, default=default.seed)
+    lb.add_argument("--gallery", type=int, default=default.gallery, help="val images in predictions.png")
     lb.add_argument("--reuse", action="store_true", help="keep stages whose results/checkpoint exist (resume)")
     lb.add_argument("extra", nargs="*", help="more `ovseg fit/test` arguments for every stage (after --)")
     lb.set_defaults(func=_leaderboard)

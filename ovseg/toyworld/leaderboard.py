@@ -110,14 +110,13 @@ def _scores(results: dict) -> dict[str, Any]:
 
 def run_leaderboard(s: LeaderboardSettings, log=print) -> dict[str, Any]:
     """Run every stage, write ``<out>/leaderboard.{json,md}`` and ``<out>/predictions.png``; returns the table."""
+    from ovseg.toyworld.zeroshot import evaluate_recognition
     from ovseg.utils.io import atomic_write_json, atomic_write_text
 
     out = Path(s.out)
-    if not (Path(s.root) / "VOCdevkit").is_dir():
-        raise FileNotFoundError(f"{s.root} holds no toy world (no VOCdevkit/): run `ovseg toyworld generate --root "
-                                f"{s.root}` first")
-    from ovseg.toyworld.zeroshot import evaluate_recognition
-
+    if not (Path(s.root) / "toyworld.json").is_file():  # the generator writes it last
+        raise FileNotFoundError(f"{s.root} holds no complete toy world (no toyworld.json): run `ovseg toyworld "
+                                f"generate --root {s.root}` first")
     recognition = evaluate_recognition(s.root, "val")
     log(f"[leaderboard] toy CLIP {recognition.line()}")
     rows: dict[str, dict[str, Any]] = {}

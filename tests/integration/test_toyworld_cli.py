@@ -103,7 +103,7 @@ def test_leaderboard_plumbing(tmp_path, capsys):
                  "--clips4-steps", "1", "--gallery", "2", "--reuse"]) == 0
     assert (out / "clips4" / "tuned" / "results.json").stat().st_mtime_ns == mtime
     assert json.loads((out / "leaderboard.json").read_text())["methods"] == table["methods"]
-    with pytest.raises(FileNotFoundError, match="holds no toy world.*ovseg toyworld generate"):
+    with pytest.raises(FileNotFoundError, match="holds no complete toy world.*ovseg toyworld generate"):
         main(["toyworld", "leaderboard", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "lb2")])
 
 

@@ -78,6 +78,7 @@ COMMANDS: dict[str, str] = {
     "masks": "ovseg.tools.masks",
     "weights": "ovseg.tools.weights",
     "folds": "ovseg.eval.folds_report",
+    "parity": "ovseg.parity.commands",
 }
 
 

@@ -7,8 +7,9 @@ Methods never touch this module; :class:`~ovseg.methods.base.OVSegMethod` drives
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -16,6 +17,7 @@ from ovseg.data.classnames import read_class_names
 from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, whole_logits
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
 from ovseg.eval.protocols import Protocol, ProtocolSettings
+from ovseg.models.clip import DenseCLIP, DenseOptions
 from ovseg.models.text import get_templates
 
 if TYPE_CHECKING:
@@ -125,15 +127,18 @@ class Evaluator:
         """One image ``[3,H,W]`` in [0,1] -> class ids ``[H,W]`` at ``out_size``."""
         s = entry.settings
         square = method.input_size if s.square == "model" else s.square
-        resized = protocol_resize(image[None], s.short_side, s.long_side_max, square)
+        resized = protocol_resize(image[None], s.short_side, s.long_side_max, square, s.resize_library,
+                                  s.resize_rule)
 
         def dense_fn(images: torch.Tensor) -> torch.Tensor:
             return method.dense_logits(images, entry.text)
 
-        if s.mode == "slide":
-            logits = slide_logits(dense_fn, resized, s.crop, s.stride, self.window_batch_size)
-        else:
-            logits = whole_logits(dense_fn, resized)
+        with dense_options(method, s):
+            if s.mode == "slide":
+                logits = slide_logits(dense_fn, resized, s.crop, s.stride, self.window_batch_size)
+            else:
+                logits = whole_logits(dense_fn, resized)
+        via_size = tuple(resized.shape[-2:]) if s.logits_upsample == "image_then_label" else None
         return labels_from_logits(
             logits,
             out_size,
@@ -142,6 +147,7 @@ class Evaluator:
             prob_threshold=s.prob_threshold,
             area_threshold=s.area_threshold,
             background_index=entry.background_index,
+            via_size=via_size,
             max_chunk_bytes=self.max_chunk_bytes,
         )
 
@@ -161,6 +167,24 @@ class Evaluator:
             num_images = _sum_over_ranks(entry.num_images, confmat.device)
             out[name] = (confmat, scores_from_confusion(confmat), num_images)
         return out
+
+
+@contextmanager
+def dense_options(method: torch.nn.Module, settings: ProtocolSettings) -> Iterator[None]:
+    """Every :class:`DenseCLIP` inside ``method`` reads images as the protocol says (normalisation, patch
+    padding, positional-embedding resize, image-tower quirks) for the duration of the block."""
+    options = DenseOptions(
+        normalization=settings.normalization,
+        patch_padding=settings.patch_padding,
+        pos_embed_interpolation=settings.pos_embed_interpolation,
+        vision_activation=settings.vision_activation,
+        vision_ln_eps=settings.vision_ln_eps,
+    )
+    with ExitStack() as stack:
+        for module in method.modules():
+            if isinstance(module, DenseCLIP):
+                stack.enter_context(module.using(options))
+        yield
 
 
 def _sum_over_ranks(value: int, device: torch.device) -> int:

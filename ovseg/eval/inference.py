@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,9 +17,27 @@ DenseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 # -- resize ---------------------------------------------------------------------------------------
-def keep_ratio_size(height: int, width: int, short_side: int | None, long_side_max: int | None) -> tuple[int, int]:
-    """mmcv ``rescale_size`` for ``scale=(long_side_max, short_side)``: the largest scale at which the
-    short side is at most ``short_side`` and the long side at most ``long_side_max``."""
+def keep_ratio_size(
+    height: int, width: int, short_side: int | None, long_side_max: int | None, rule: str = "mmcv"
+) -> tuple[int, int]:
+    """The keep-ratio output size ``(h, w)``.
+
+    ``mmcv``: ``rescale_size`` for ``scale=(long_side_max, short_side)``: the largest scale at which the short
+    side is at most ``short_side`` and the long side at most ``long_side_max``, each side rounded.
+    ``detectron2``: ``ResizeShortestEdge.get_output_shape``: the short side becomes ``short_side`` exactly, the
+    long side follows, then both shrink if the long side exceeds ``long_side_max``; rounded at the end.
+    """
+    if rule == "detectron2":
+        if not short_side:
+            return height, width
+        scale = short_side / min(height, width)
+        new_h, new_w = (short_side, scale * width) if height < width else (scale * height, short_side)
+        if long_side_max and max(new_h, new_w) > long_side_max:
+            shrink = long_side_max / max(new_h, new_w)
+            new_h, new_w = new_h * shrink, new_w * shrink
+        return int(new_h + 0.5), int(new_w + 0.5)
+    if rule != "mmcv":
+        raise ValueError(f"resize rule must be 'mmcv' or 'detectron2', got {rule!r}")
     factors = []
     if short_side:
         factors.append(short_side / min(height, width))
@@ -30,18 +49,57 @@ def keep_ratio_size(height: int, width: int, short_side: int | None, long_side_m
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of ``[B,3,H,W]`` (no antialias, as mmcv/cv2 INTER_LINEAR)."""
+def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    """``[3,H,W]`` in [0,1] -> ``[H,W,3]`` uint8. Exact for images decoded from 8-bit files (k/255 -> k)."""
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def from_uint8_hwc(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).to(like.device, like.dtype) / 255.0
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int], library: str = "torch") -> torch.Tensor:
+    """Bilinear resize of ``[B,3,H,W]`` in [0,1] to ``size = (h, w)``.
+
+    ``torch``: ``F.interpolate`` on floats (no antialias, as cv2 INTER_LINEAR). ``cv2``: mmcv ``imresize`` —
+    ``cv2.resize(INTER_LINEAR)`` on the uint8 image, as mmseg pipelines do. ``pil``: detectron2
+    ``ResizeTransform`` — ``PIL.Image.resize(BILINEAR)`` on the uint8 image (antialiased when shrinking).
+    The libraries themselves are called, so their rounding is theirs.
+    """
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    if library == "torch":
+        return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    height, width = size
+    out = []
+    for single in image:
+        array = to_uint8_hwc(single)
+        if library == "cv2":
+            import cv2
+
+            resized = cv2.resize(array, (width, height), interpolation=cv2.INTER_LINEAR)
+        elif library == "pil":
+            from PIL import Image
+
+            resized = np.asarray(Image.fromarray(array).resize((width, height), Image.BILINEAR))
+        else:
+            raise ValueError(f"resize library must be 'torch', 'cv2' or 'pil', got {library!r}")
+        out.append(from_uint8_hwc(resized, image))
+    return torch.stack(out)
 
 
 def protocol_resize(
-    image: torch.Tensor, short_side: int | None, long_side_max: int | None, square: int | None
+    image: torch.Tensor,
+    short_side: int | None,
+    long_side_max: int | None,
+    square: int | None,
+    library: str = "torch",
+    rule: str = "mmcv",
 ) -> torch.Tensor:
+    """The protocol's keep-ratio resize (by ``library`` and size ``rule``), then an optional square resize on
+    floats (PixelCLIP's ``F.interpolate`` to the CLIP input)."""
     h, w = image.shape[-2:]
-    image = resize_image(image, keep_ratio_size(h, w, short_side, long_side_max))
+    image = resize_image(image, keep_ratio_size(h, w, short_side, long_side_max, rule), library)
     if square:
         image = resize_image(image, (square, square))
     return image
@@ -108,9 +166,13 @@ def labels_from_logits(
     prob_threshold: float | None = None,
     area_threshold: float | None = None,
     background_index: int | None = None,
+    via_size: tuple[int, int] | None = None,
     max_chunk_bytes: int = 64 * 2**20,
 ) -> torch.Tensor:
     """``[Q,h,w]`` query scores -> ``[H,W]`` class ids at the label size.
+
+    ``via_size``: upsample to this size first, then to ``out_size`` (mmseg's whole inference resizes scores to
+    the resized image, then to the original; each step bilinear, per channel, so chunking stays exact).
 
     Equivalent to: bilinear upsampling of all scores to ``out_size``, ``softmax(scale · s)`` over
     queries, max over each class's synonyms, SCLIP's area rule, argmax, and the probability
@@ -125,16 +187,18 @@ def labels_from_logits(
     num_queries = logits.shape[0]
     query_to_class = query_to_class.to(logits.device)
     height, width = out_size
-    chunk = max(1, min(num_queries, max_chunk_bytes // (height * width * 4)))
+    largest = max(height * width, via_size[0] * via_size[1] if via_size else 0)
+    chunk = max(1, min(num_queries, max_chunk_bytes // (largest * 4)))
 
     def best_query(allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         best_value = torch.full((height, width), -math.inf, device=logits.device)
         best = torch.zeros((height, width), dtype=torch.long, device=logits.device)
         log_norm = torch.full((height, width), -math.inf, device=logits.device) if logit_scale else None
         for q0 in range(0, num_queries, chunk):
-            up = F.interpolate(
-                logits[None, q0 : q0 + chunk].float(), size=out_size, mode="bilinear", align_corners=False
-            )[0]
+            up = logits[None, q0 : q0 + chunk].float()
+            if via_size is not None and tuple(via_size) != tuple(up.shape[-2:]):
+                up = F.interpolate(up, size=via_size, mode="bilinear", align_corners=False)
+            up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)[0]
             if logit_scale:
                 up.mul_(logit_scale)
                 log_norm = torch.logaddexp(log_norm, torch.logsumexp(up, dim=0))

@@ -16,6 +16,17 @@ import yaml
 PROTOCOLS_DIR = Path(__file__).parent / "protocols"
 
 
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "resize_library": ("torch", "cv2", "pil"),
+    "resize_rule": ("mmcv", "detectron2"),
+    "normalization": ("model", "imagenet"),
+    "patch_padding": ("none", "corner"),
+    "pos_embed_interpolation": ("grid", "sclip"),
+    "logits_upsample": ("label", "image_then_label"),
+    "vision_activation": ("model", "gelu"),
+}
+
+
 @dataclass(frozen=True)
 class ProtocolSettings:
     """Everything that decides a number besides the model. See ``shared/spec/evaluation.md``."""
@@ -41,6 +52,30 @@ class ProtocolSettings:
     #: extra names appended as synonyms of the dataset's background class.
     background_names: list[str] = field(default_factory=list)
 
+    # -- the reference pipeline: how the code behind a paper's numbers resized, padded and normalised ------------
+    #: library of the keep-ratio resize: ``torch`` (bilinear on floats), ``cv2`` (mmcv ``imresize``: cv2
+    #: INTER_LINEAR on uint8) or ``pil`` (detectron2 ``ResizeShortestEdge``: PIL BILINEAR on uint8, antialiased
+    #: when shrinking). The square step (``square``) is always ``F.interpolate`` on floats, as in PixelCLIP.
+    resize_library: str = "torch"
+    #: the keep-ratio output size: ``mmcv`` (``rescale_size``: one scale, each side rounded) or ``detectron2``
+    #: (``ResizeShortestEdge.get_output_shape``: short side set exactly, then the long-side cap).
+    resize_rule: str = "mmcv"
+    #: image mean/std: ``model`` (the CLIP's own) or ``imagenet`` (mmseg's ``img_norm_cfg``, used by MaskCLIP).
+    normalization: str = "model"
+    #: ViT inputs whose sides are not multiples of the patch size: ``none`` (the patch convolution drops the
+    #: remainder) or ``corner`` (mmcv ``AdaptivePadding('corner')``: zeros after normalisation, bottom/right).
+    patch_padding: str = "none"
+    #: positional-embedding resize: ``grid`` (bicubic to the token grid) or ``sclip`` (SCLIP/NACLIP: bicubic with
+    #: ``scale_factor=(side // patch + 0.1) / trained_grid``, ``recompute_scale_factor=False``).
+    pos_embed_interpolation: str = "grid"
+    #: whole-mode scores -> labels: ``label`` (one bilinear step to the label size) or ``image_then_label``
+    #: (mmseg ``EncoderDecoder``: to the resized image first, then to the label size).
+    logits_upsample: str = "label"
+    #: ViT image tower activation: ``model`` (as loaded) or ``gelu`` (exact GELU instead of QuickGELU).
+    vision_activation: str = "model"
+    #: ViT image tower LayerNorm epsilon; None keeps the model's (1e-5).
+    vision_ln_eps: float | None = None
+
     def __post_init__(self):
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"protocol mode must be 'whole' or 'slide', got {self.mode!r}")
@@ -50,6 +85,11 @@ class ProtocolSettings:
             raise ValueError(f"`square` must be a size, 'model' or null, got {self.square!r}")
         if (self.prob_threshold is not None or self.area_threshold is not None) and self.logit_scale is None:
             raise ValueError("prob_threshold/area_threshold need a logit_scale (thresholds act on softmax scores)")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"protocol setting {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.vision_ln_eps is not None and not self.vision_ln_eps > 0:
+            raise ValueError(f"vision_ln_eps must be positive or null, got {self.vision_ln_eps!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

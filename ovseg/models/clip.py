@@ -17,14 +17,15 @@ import hashlib
 import inspect
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, get_args
+from typing import Callable, Iterator, Literal, get_args
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 __all__ = [
     "CLIPConfig",
     "DenseCLIP",
+    "DenseOptions",
     "TransformerBlockView",
     "dense_last_block",
     "resize_positional_embedding",
@@ -193,11 +195,14 @@ def dense_last_block(
 
 
 def resize_positional_embedding(
-    positional_embedding: Tensor, trained_grid: tuple[int, int], grid: tuple[int, int]
+    positional_embedding: Tensor, trained_grid: tuple[int, int], grid: tuple[int, int], interpolation: str = "grid"
 ) -> Tensor:
     """Bicubically resize a ViT positional embedding [1+gh*gw, C] (class position first) to ``grid``.
 
-    The class-token position is kept as is. At the trained grid the input is returned unchanged.
+    ``interpolation="grid"`` resizes to the grid's size; ``"sclip"`` follows SCLIP/NACLIP (``clip/model.py``,
+    ``interpolate_pos_encoding``): ``scale_factor=(side + 0.1) / trained_side`` without recomputing the scale, so
+    source coordinates are spaced by that factor, not by ``trained/side`` (other values for any grid but the
+    trained one). The class-token position is kept as is. At the trained grid the input is returned unchanged.
     """
     trained_grid, grid = tuple(trained_grid), tuple(grid)
     if grid == trained_grid:
@@ -206,9 +211,39 @@ def resize_positional_embedding(
     width = patch_pos.shape[-1]
     patch_pos = patch_pos.reshape(1, *trained_grid, width).permute(0, 3, 1, 2)
     # bicubic is not implemented for half precision on every device; interpolate in fp32
-    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
+    if interpolation == "grid":
+        patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
+    elif interpolation == "sclip":
+        scale = tuple((g + 0.1) / t for g, t in zip(grid, trained_grid))
+        patch_pos = F.interpolate(patch_pos.float(), scale_factor=scale, mode="bicubic", align_corners=False,
+                                  recompute_scale_factor=False)
+        if tuple(patch_pos.shape[-2:]) != grid:
+            raise RuntimeError(f"sclip positional-embedding interpolation gave {tuple(patch_pos.shape[-2:])}, "
+                               f"expected {grid}")
+    else:
+        raise ValueError(f"positional-embedding interpolation must be 'grid' or 'sclip', got {interpolation!r}")
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width).to(positional_embedding.dtype)
     return torch.cat([class_pos, patch_pos], dim=0)
+
+
+@dataclass(frozen=True)
+class DenseOptions:
+    """How a protocol asks the dense path to read images (see ``ovseg.eval.protocols.ProtocolSettings``, where
+    each setting is documented with the reference code it reproduces). The defaults are the model as loaded."""
+
+    normalization: str = "model"  # "model" | "imagenet"
+    patch_padding: str = "none"  # "none" | "corner"
+    pos_embed_interpolation: str = "grid"  # "grid" | "sclip"
+    vision_activation: str = "model"  # "model" | "gelu"
+    vision_ln_eps: float | None = None
+
+
+def mlp_activation_name(mlp: nn.Module) -> str:
+    """The attribute holding a ViT MLP's activation: open_clip ``gelu``, transformers ``activation_fn``."""
+    for name in ("gelu", "activation_fn"):
+        if hasattr(mlp, name):
+            return name
+    raise NotImplementedError(f"cannot find the activation of MLP {type(mlp).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -446,12 +481,46 @@ class DenseCLIP(nn.Module):
         self.input_size = self.input_hw[0]
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.options = DenseOptions()
+        # what the protocol options replace, kept to put back: (block mlp, its activation), (LayerNorm, its eps)
+        self._activations = [(mlp, mlp_activation_name(mlp)) for mlp in self._vision_mlps()]
+        self._activation_modules = {id(mlp): getattr(mlp, name) for mlp, name in self._activations}
+        self._layer_norms = [(m, m.eps) for m in self._vision_tower().modules() if isinstance(m, nn.LayerNorm)]
 
     # ---- public API ------------------------------------------------------------------------------------------
 
     def normalize(self, images01: Tensor) -> Tensor:
-        """[0,1] images [B,3,H,W] -> CLIP-normalised images."""
+        """[0,1] images [B,3,H,W] -> normalised images (the CLIP's mean/std, or ImageNet's under
+        ``options.normalization="imagenet"``)."""
+        if self.options.normalization == "imagenet":
+            mean = torch.tensor(IMAGENET_MEAN, dtype=self.mean.dtype, device=self.mean.device).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGENET_STD, dtype=self.std.dtype, device=self.std.device).view(1, 3, 1, 1)
+            return (images01 - mean) / std
         return (images01 - self.mean) / self.std
+
+    def set_options(self, options: DenseOptions) -> None:
+        """Apply a protocol's :class:`DenseOptions` (normalisation, padding, positional-embedding resize, and the
+        image tower's activation / LayerNorm epsilon, swapped in place and put back by the defaults)."""
+        if options.vision_activation not in ("model", "gelu"):
+            raise ValueError(f"vision_activation must be 'model' or 'gelu', got {options.vision_activation!r}")
+        if options.vision_activation == "gelu" and not self._activations:
+            raise NotImplementedError(f"vision_activation='gelu' needs a ViT image tower, this model is {self.kind!r}")
+        for mlp, name in self._activations:
+            original = self._activation_modules[id(mlp)]
+            setattr(mlp, name, nn.GELU() if options.vision_activation == "gelu" else original)
+        for norm, eps in self._layer_norms:
+            norm.eps = eps if options.vision_ln_eps is None else float(options.vision_ln_eps)
+        self.options = options
+
+    @contextmanager
+    def using(self, options: DenseOptions) -> Iterator[DenseCLIP]:
+        """``with clip.using(options):`` the dense path reads images as ``options`` say, then as before."""
+        previous = self.options
+        self.set_options(options)
+        try:
+            yield self
+        finally:
+            self.set_options(previous)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.encode_dense(images)
@@ -461,7 +530,7 @@ class DenseCLIP(nn.Module):
         if self.kind == "timm":
             return self._timm_dense(images)
         batch, _, height, width = images.shape
-        grid = (height // self.patch_size, width // self.patch_size)
+        grid = self.token_grid(height, width)
         patch_tokens = self.encode_tokens(images)[:, 1:]
         return patch_tokens.transpose(1, 2).reshape(batch, -1, *grid)
 
@@ -504,7 +573,24 @@ class DenseCLIP(nn.Module):
             return torch.empty(0, self.embed_dim, device=device)
         return torch.cat(chunks)
 
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid of a ``height``×``width`` input: floor division, or ceiling under corner padding."""
+        p = self.patch_size
+        if self.options.patch_padding == "corner" and self.kind != "timm":
+            return -(-height // p), -(-width // p)
+        return height // p, width // p
+
     # ---- internals -------------------------------------------------------------------------------------------
+
+    def _vision_tower(self) -> nn.Module:
+        return self.model.vision_model if self.kind == "hf_vit" else self.model.visual
+
+    def _vision_mlps(self) -> list[nn.Module]:
+        if self.kind == "vit":
+            return [block.mlp for block in self.model.visual.transformer.resblocks]
+        if self.kind == "hf_vit":
+            return [layer.mlp for layer in self.model.vision_model.encoder.layers]
+        return []
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -526,16 +612,18 @@ class DenseCLIP(nn.Module):
         """Resized positional embedding, cached per grid while it cannot receive gradients."""
         if grid == tuple(trained_grid):
             return positional_embedding
+        interpolation = self.options.pos_embed_interpolation
         if torch.is_grad_enabled() and positional_embedding.requires_grad:
-            return resize_positional_embedding(positional_embedding, trained_grid, grid)
+            return resize_positional_embedding(positional_embedding, trained_grid, grid, interpolation)
         # _version changes on every in-place update (optimizer step, EMA, load_state_dict), so stale entries
         # are never hit. (Updates through ``.data`` bypass the counter: call ``clear_cache()`` after those.)
-        key = (grid, positional_embedding._version, positional_embedding.device, positional_embedding.dtype)
+        key = (grid, interpolation, positional_embedding._version, positional_embedding.device,
+               positional_embedding.dtype)
         cached = self._pos_cache.get(key)
         if cached is None:
             # computed outside inference mode so the cached tensor stays usable in normal/no-grad mode later
             with torch.inference_mode(False), torch.no_grad():
-                cached = resize_positional_embedding(positional_embedding, trained_grid, grid)
+                cached = resize_positional_embedding(positional_embedding, trained_grid, grid, interpolation)
             if len(self._pos_cache) >= 16:
                 self._pos_cache.clear()
             self._pos_cache[key] = cached
@@ -557,6 +645,11 @@ class DenseCLIP(nn.Module):
         ln_post: nn.Module,
         project: Callable[[Tensor], Tensor],
     ) -> Tensor:
+        if self.options.patch_padding == "corner":
+            # mmcv AdaptivePadding('corner'): zeros (in normalised units) at the bottom/right up to whole patches
+            height, width = images.shape[-2:]
+            grid_h, grid_w = self.token_grid(height, width)
+            images = F.pad(images, (0, grid_w * self.patch_size - width, 0, grid_h * self.patch_size - height))
         x = patch_embed(images.to(patch_embed.weight.dtype))  # [B, C, h, w]
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)

@@ -1,0 +1,59 @@
+"""``ovseg parity --ref MaskCLIP=/src/MaskCLIP [--ref SCLIP=/src/SCLIP …] --out benchmarks``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+from pathlib import Path
+
+import torch
+
+from ovseg.parity import REFERENCES, REPOSITORIES
+
+
+def _parse_ref(value: str) -> tuple[str, Path]:
+    name, sep, folder = value.partition("=")
+    if not sep or not folder:
+        raise argparse.ArgumentTypeError(f"--ref takes NAME=DIR, got {value!r}")
+    if name not in REFERENCES:
+        raise argparse.ArgumentTypeError(f"unknown reference {name!r}; known: {', '.join(REFERENCES)}")
+    return name, Path(folder).expanduser()
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "parity",
+        help="compare ovseg with the authors' code on the same random weights; writes PARITY.md / parity.json",
+        description="Runs each reference checkout's unmodified files beside ovseg (same random weights, generated "
+        "images) and writes benchmarks/PARITY.md and parity.json. Get a checkout with `git clone` of: "
+        + "; ".join(f"{k}: {v}" for k, v in REPOSITORIES.items()),
+    )
+    parser.add_argument("--ref", action="append", type=_parse_ref, required=True, metavar="NAME=DIR",
+                        help=f"a reference checkout ({', '.join(REFERENCES)}); repeat for several")
+    parser.add_argument("--out", default="benchmarks", help="folder of PARITY.md and parity.json")
+    parser.add_argument("--device", default="cpu", help="torch device for both sides (default cpu)")
+    parser.add_argument("--work-dir", default="outputs/parity", help="random weights and scratch files")
+    parser.set_defaults(func=run)
+
+
+def run(ns: argparse.Namespace) -> int:
+    from ovseg.parity.common import git_commit
+    from ovseg.parity.report import update_parity
+
+    failed = []
+    for name, ref_dir in ns.ref:
+        if not ref_dir.is_dir():
+            raise FileNotFoundError(f"--ref {name}={ref_dir}: no such folder (git clone {REPOSITORIES[name]})")
+        module = importlib.import_module(REFERENCES[name])
+        records = module.run(ref_dir, device=ns.device, work_dir=Path(ns.work_dir))
+        environment = {"torch": torch.__version__, "device": ns.device, "machine": platform.machine()}
+        update_parity(ns.out, name, git_commit(ref_dir), list(module.PROTOCOLS), records, environment)
+        for r in records:
+            value = (f"max rel diff {r.max_rel_diff:.2e}" if r.max_rel_diff is not None
+                     else f"identical {100 * r.identical_share:.4f} %")
+            print(f"[{name}] {'ok  ' if r.passed else 'FAIL'} {r.quantity} ({r.protocol or '-'}): {value}")
+        if not all(r.passed for r in records):
+            failed.append(name)
+    print(f"wrote {Path(ns.out) / 'PARITY.md'}" + (f"; not passed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0

@@ -67,7 +67,7 @@ def run_suite(suite: str, extra: list[str] | None = None, variables: dict | None
         from ovseg.bench.metafile import load_metafiles as _load
         from ovseg.bench.report import build_report, write_report
 
-        md, csv_path = write_report(build_report(metas or _load(), [runner.out]), report)
+        md, csv_path = write_report(build_report(metas or _load(), [runner.out], parity_dir=report), report)
         print(f"bench: report {md} and {csv_path}")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
@@ -113,7 +113,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
         roots = [r for r in ["outputs/bench"] if Path(r).exists()]
         if not roots:
             print("no outputs/bench here: every row is reported as not reproduced")
-    report = build_report(load_metafiles(ns.metafiles), roots)
+    report = build_report(load_metafiles(ns.metafiles), roots, parity_dir=ns.out)
     md, csv_path = write_report(report, ns.out)
     measured = sum(r.results is not None for r in report.rows)
     print(f"{md}: {len(report.rows)} paper evaluations, {measured} with ovseg results, {len(report.notes)} notes")

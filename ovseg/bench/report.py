@@ -156,9 +156,14 @@ def _num(x: Any) -> bool:
 
 
 class Report:
-    def __init__(self, metafiles: dict[str, Metafile], results: list[ResultsFile]):
+    """``parity``: protocol -> ``{references, passed}`` from ``parity.json`` (``ovseg.parity.report.protocol_parity``);
+    each row shows whether its protocol has passed parity with the authors' code and at which commit."""
+
+    def __init__(self, metafiles: dict[str, Metafile], results: list[ResultsFile],
+                 parity: dict[str, dict[str, Any]] | None = None):
         self.metafiles = metafiles
         self.files = results
+        self.parity = parity or {}
         self.rows: list[Row] = []
         for meta in sorted(metafiles.values(), key=lambda m: (m.method.lower(), m.name)):
             self.rows += [Row(meta, ev) for ev in meta.evaluations]
@@ -259,6 +264,12 @@ class Report:
         mark = "◐ partial" if row.missing() or not row.results.complete else "✓ measured"
         return mark + ("" if row.results.current_version else f" ⚠ ovseg {row.results.version}")
 
+    def parity_text(self, protocol: str) -> str:
+        entry = self.parity.get(protocol)
+        if entry is None:
+            return "not checked"
+        return ("✓ " if entry["passed"] else "✗ ") + ", ".join(entry["references"])
+
     def reason(self, row: Row) -> str:
         if row.ev.pending:
             return row.ev.pending
@@ -330,17 +341,20 @@ class Report:
             "",
             "Reproduce: `ovseg bench run baselines --data-root /data/ovseg` (or `paper`), then `ovseg bench report`.",
             "",
+            "*parity*: whether the row's protocol has passed `ovseg parity` against the authors' code (reference@commit; "
+            "`PARITY.md` has the figures), or was not checked.",
+            "",
             "## Rows",
             "",
-            "| method | variant | evaluation | protocol | paper | weights | status |",
-            "|---|---|---|---|---|---|---|",
+            "| method | variant | evaluation | protocol | paper | weights | parity | status |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in self.rows:
             paper = row.meta.paper
             paper_text = f"[{paper.get('venue') or paper['title']}]({paper['url']})" if paper.get("url") else (
                 paper.get("venue") or paper["title"])
             out.append(f"| {row.meta.method} | {self.variant(row)} | `{row.id}` | {row.ev.protocol} | {paper_text} | "
-                       f"{self.weights_text(row.meta)} | {self.status(row)} |")
+                       f"{self.weights_text(row.meta)} | {self.parity_text(row.ev.protocol)} | {self.status(row)} |")
         metrics = _sort_metrics(m for r in self.rows for _, m, _ in r.ev.values() if not m.startswith("IoU/"))
         for metric in metrics:
             protocols = sorted({r.ev.protocol for r in self.rows if any(m == metric for _, m, _ in r.ev.values())})
@@ -438,8 +452,15 @@ class Report:
         return buf.getvalue()
 
 
-def build_report(metafiles: dict[str, Metafile], roots: list[str | Path]) -> Report:
-    return Report(metafiles, collect_results(roots))
+def build_report(metafiles: dict[str, Metafile], roots: list[str | Path],
+                 parity_dir: str | Path | None = None) -> Report:
+    """``parity_dir``: the folder of ``parity.json`` (usually the report's own output folder)."""
+    parity = None
+    if parity_dir is not None:
+        from ovseg.parity.report import protocol_parity
+
+        parity = protocol_parity(parity_dir)
+    return Report(metafiles, collect_results(roots), parity)
 
 
 def write_report(report: Report, out_dir: str | Path) -> tuple[Path, Path]:

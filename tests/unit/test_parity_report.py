@@ -1,0 +1,64 @@
+"""`ovseg parity` bookkeeping: parity.json sections per reference, PARITY.md regenerated from it, and the
+leaderboard's per-row parity column."""
+
+import json
+
+import pytest
+
+from ovseg.bench.metafile import load_metafiles
+from ovseg.bench.report import build_report
+from ovseg.parity.common import ParityRecord, label_record, max_rel_diff, tensor_record
+from ovseg.parity.report import load_parity, protocol_parity, update_parity
+
+from .test_bench_report import META_DIR
+
+
+def _records(reference, passed=True):
+    return [ParityRecord(reference, "dense features 224x224", max_rel_diff=1e-7, tolerance=1e-5, passed=True),
+            ParityRecord(reference, "labels voc21 375x500", "maskclip", identical_share=1.0 if passed else 0.9,
+                         tolerance=0.9999, passed=passed)]
+
+
+def test_sections_are_replaced_per_reference_and_markdown_follows(tmp_path):
+    env = {"torch": "x", "device": "cpu"}
+    update_parity(tmp_path, "MaskCLIP", "a" * 40, ["maskclip"], _records("MaskCLIP", passed=False), env)
+    update_parity(tmp_path, "SCLIP", "b" * 40, ["sclip"], _records("SCLIP"), env)
+    update_parity(tmp_path, "MaskCLIP", "c" * 40, ["maskclip"], _records("MaskCLIP"), env)  # rerun: replaced
+    data = load_parity(tmp_path)
+    assert list(data["references"]) == ["MaskCLIP", "SCLIP"]
+    assert data["references"]["MaskCLIP"]["commit"] == "c" * 40 and data["references"]["MaskCLIP"]["passed"]
+    md = (tmp_path / "PARITY.md").read_text()
+    assert "## MaskCLIP — passed" in md and "`" + "c" * 40 + "`" in md and "a" * 40 not in md
+    assert "| labels voc21 375x500 | maskclip |  | 100.0000 % | 99.9900 % | ✓ |" in md
+    assert protocol_parity(tmp_path) == {"maskclip": {"references": ["MaskCLIP@ccccccc"], "passed": True},
+                                         "sclip": {"references": ["SCLIP@bbbbbbb"], "passed": True}}
+
+
+def test_a_failed_record_fails_its_reference_and_protocol(tmp_path):
+    update_parity(tmp_path, "SCLIP", "d" * 40, ["sclip"], _records("SCLIP", passed=False), {})
+    assert json.loads((tmp_path / "parity.json").read_text())["references"]["SCLIP"]["passed"] is False
+    assert protocol_parity(tmp_path)["sclip"]["passed"] is False
+    assert "## SCLIP — NOT passed" in (tmp_path / "PARITY.md").read_text()
+
+
+def test_leaderboard_rows_show_their_protocols_parity(tmp_path):
+    update_parity(tmp_path, "MaskCLIP", "e" * 40, ["maskclip"], _records("MaskCLIP"), {})
+    md = build_report(load_metafiles(META_DIR), [], parity_dir=tmp_path).markdown()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "`" in line and "/" in line]
+    maskclip_rows = [r for r in rows if "| maskclip |" in r]
+    sclip_rows = [r for r in rows if "| sclip |" in r]
+    assert maskclip_rows and all("✓ MaskCLIP@eeeeeee" in r for r in maskclip_rows)
+    assert sclip_rows and all("not checked" in r for r in sclip_rows)
+
+
+def test_comparison_statistics():
+    import torch
+
+    ref = torch.tensor([[1.0, -4.0], [2.0, 0.0]])
+    assert max_rel_diff(ref + torch.tensor([[0.0, 0.0], [0.0, 4e-5]]), ref) == pytest.approx(1e-5, rel=1e-6)
+    assert tensor_record("R", "q", ref * (1 + 2e-5), ref).passed is False
+    ours = torch.zeros(10, 10, dtype=torch.long)
+    theirs = ours.clone()
+    theirs[0, 0] = 1
+    record = label_record("R", "q", ours, theirs)
+    assert record.identical_share == 0.99 and not record.passed

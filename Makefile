@@ -10,7 +10,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install demo demo-tiny test test-full test-ddp bench lint clean
+.PHONY: help install demo demo-tiny test test-full test-ddp bench parity lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,16 @@ test-full: $(VENV)/.installed  ## every test, slow ones included
 
 bench: $(VENV)/.installed  ## inference throughput / memory benchmark (numbers in benchmarks/README.md)
 	$(PY) benchmarks/bench_inference.py
+
+# REFS: a folder with checkouts of the authors' code (git clone https://github.com/cvlab-kaist/PixelCLIP, …/chongzhou96/MaskCLIP,
+# …/wangf3014/SCLIP, …/sinahmr/NACLIP); the ones present are compared, the others skipped.
+REFS ?= ../refs
+PARITY_REFS := $(foreach r,PixelCLIP MaskCLIP SCLIP NACLIP,$(if $(wildcard $(REFS)/$(r)),--ref $(r)=$(REFS)/$(r)))
+parity: $(VENV)/.installed  ## parity with the authors' code (REFS=dir of their checkouts): benchmarks/PARITY.md, then RESULTS.md
+	@test -n "$(PARITY_REFS)" || { echo "no reference checkouts under REFS=$(REFS) (see the Makefile comment above this target)"; exit 1; }
+	$(PY) -m pip install -q -e '.[parity]' -c requirements/constraints.txt
+	$(VENV)/bin/ovseg parity $(PARITY_REFS) --out benchmarks
+	$(VENV)/bin/ovseg bench report --out benchmarks
 
 lint: $(VENV)/.installed  ## ruff
 	$(VENV)/bin/ruff check ovseg tests benchmarks

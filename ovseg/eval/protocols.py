@@ -27,6 +27,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: the settings that describe how a model reads images rather than the benchmark pipeline, at the values that
+#: read a CLIP as it was trained (what methods trained in ovseg pin, see ``OVSegMethod.NATIVE_SETTINGS``)
+MODEL_NATIVE_SETTINGS: dict[str, Any] = {"normalization": "model", "vision_activation": "model", "vision_ln_eps": None}
+
+
 @dataclass(frozen=True)
 class ProtocolSettings:
     """Everything that decides a number besides the model. See ``shared/spec/evaluation.md``."""

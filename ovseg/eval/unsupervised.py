@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from ovseg.eval.protocols import MODEL_NATIVE_SETTINGS
 from ovseg.methods.base import OVSegMethod
 from ovseg.methods.clips4.segments import segment_mean, spherical_kmeans
 
@@ -185,6 +186,7 @@ class _Probe(OVSegMethod):
 
     HPARAMS_IGNORE = ("embedder",)
     default_protocol = "maskclip"
+    NATIVE_SETTINGS = MODEL_NATIVE_SETTINGS  # features of a model trained in ovseg (see CLIPS4)
 
     def __init__(self, embedder: OVSegMethod, checkpoint: str | None = None, train_dataset: str = "voc21",
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,

@@ -56,6 +56,11 @@ class OVSegMethod(L.LightningModule):
     EVAL_TIME_SETTINGS = ("protocol", "protocol_overrides", "window_batch_size", "results_dir", "predict_dir")
     #: constructor arguments left out of the hyper-parameters (modules: record their settings instead)
     HPARAMS_IGNORE: tuple[str, ...] = ()
+    #: protocol settings a method pins because they describe how its own weights read images, not the benchmark
+    #: pipeline (e.g. a method trained in ovseg keeps its CLIP's normalisation under the ``maskclip`` protocol,
+    #: whose ImageNet normalisation / GELU / LayerNorm-eps defaults reproduce MaskCLIP's released model).
+    #: ``protocol_overrides`` given by the user still win.
+    NATIVE_SETTINGS: dict[str, Any] = {}
 
     def __init__(
         self,
@@ -69,7 +74,7 @@ class OVSegMethod(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=list(self.HPARAMS_IGNORE))
         self.protocol_name = protocol or self.default_protocol
-        self.protocol_overrides = protocol_overrides or {}
+        self.protocol_overrides = {**self.NATIVE_SETTINGS, **(protocol_overrides or {})}
         load_protocol(self.protocol_name)  # fail at construction on an unknown protocol
         self.window_batch_size = window_batch_size
         self.results_dir = results_dir

@@ -482,9 +482,10 @@ class DenseCLIP(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.options = DenseOptions()
-        # what the protocol options replace, kept to put back: (block mlp, its activation), (LayerNorm, its eps)
-        self._activations = [(mlp, mlp_activation_name(mlp)) for mlp in self._vision_mlps()]
-        self._activation_modules = {id(mlp): getattr(mlp, name) for mlp, name in self._activations}
+        # what the protocol options replace, kept to put back (plain lists of the modules themselves, so a deepcopy
+        # of this model, e.g. an EMA teacher, keeps consistent references): (mlp, attribute, activation), (LN, eps)
+        self._activations = [(mlp, name, getattr(mlp, name)) for mlp in self._vision_mlps()
+                             for name in [mlp_activation_name(mlp)]]
         self._layer_norms = [(m, m.eps) for m in self._vision_tower().modules() if isinstance(m, nn.LayerNorm)]
 
     # ---- public API ------------------------------------------------------------------------------------------
@@ -505,8 +506,7 @@ class DenseCLIP(nn.Module):
             raise ValueError(f"vision_activation must be 'model' or 'gelu', got {options.vision_activation!r}")
         if options.vision_activation == "gelu" and not self._activations:
             raise NotImplementedError(f"vision_activation='gelu' needs a ViT image tower, this model is {self.kind!r}")
-        for mlp, name in self._activations:
-            original = self._activation_modules[id(mlp)]
+        for mlp, name, original in self._activations:
             setattr(mlp, name, nn.GELU() if options.vision_activation == "gelu" else original)
         for norm, eps in self._layer_norms:
             norm.eps = eps if options.vision_ln_eps is None else float(options.vision_ln_eps)

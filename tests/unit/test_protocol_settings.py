@@ -66,3 +66,17 @@ def test_dense_options_hold_for_one_prediction_only():
     image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 37, 45))).float() / 255
     pred = evaluator.predict(method, entry, image, (37, 45))
     assert pred.shape == (37, 45) and clip.options == DenseOptions()
+
+
+def test_methods_trained_in_ovseg_keep_their_clips_native_reading_under_maskclip():
+    """CLIP-S4 (and its probes) pin the model-reading settings; the user's overrides still win; MaskCLIP does
+    not pin them (the maskclip protocol reproduces its released model)."""
+    from ovseg.eval.protocols import MODEL_NATIVE_SETTINGS
+    from ovseg.eval.unsupervised import KNNProbe
+    from ovseg.methods import CLIPS4, MaskCLIP
+
+    assert CLIPS4.NATIVE_SETTINGS == KNNProbe.NATIVE_SETTINGS == MODEL_NATIVE_SETTINGS
+    assert MaskCLIP.NATIVE_SETTINGS == {}
+    protocol = load_protocol("maskclip")
+    pinned = protocol.settings_for("voc21", {**CLIPS4.NATIVE_SETTINGS, "vision_ln_eps": 1e-6})
+    assert (pinned.normalization, pinned.vision_activation, pinned.vision_ln_eps) == ("model", "model", 1e-6)

@@ -17,6 +17,7 @@ from torch import Tensor
 from ovseg.data.folds import resolve_vocabulary
 from ovseg.data.views import correspondence, warp_to_view
 from ovseg.eval.metrics import scores_from_confusion
+from ovseg.eval.protocols import MODEL_NATIVE_SETTINGS
 from ovseg.methods.base import OVSegMethod, cosine_logits
 from ovseg.methods.clips4.backbones import Backbone, CLIPDenseEncoder
 from ovseg.methods.clips4.dist import gather_detached, gather_with_local_grad
@@ -77,6 +78,9 @@ class CLIPS4(OVSegMethod):
 
     HPARAMS_IGNORE = ("backbone",)
     default_protocol = "maskclip"
+    #: CLIP-S4 released no code: its CLIP is read as ovseg trained it (its own normalisation and activation),
+    #: not with the released MaskCLIP model's ImageNet normalisation / GELU / LayerNorm eps
+    NATIVE_SETTINGS = MODEL_NATIVE_SETTINGS
 
     def __init__(
         self,

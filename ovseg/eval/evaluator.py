@@ -74,6 +74,8 @@ class DatasetEvaluation:
     text: torch.Tensor
     metric: ConfusionMatrix
     background_index: int | None
+    #: the dataset's own class names (the protocol may spell them otherwise, e.g. MaskCLIP's ``airplane``)
+    dataset_class_names: list[list[str]] | None = None
     num_images: int = 0
 
 
@@ -117,6 +119,7 @@ class Evaluator:
             text=text,
             metric=ConfusionMatrix(len(vocabulary.class_names)).to(device),
             background_index=background_index,
+            dataset_class_names=class_names,
         )
         self.datasets[name] = entry
         return entry

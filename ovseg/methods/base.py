@@ -105,7 +105,9 @@ class OVSegMethod(L.LightningModule):
 
     def extra_metrics(self, dataset: str, confmat: Any, class_names: list[list[str]]) -> dict[str, Any]:
         """Method-specific scores added to a dataset's results entry, computed from the (DDP-summed)
-        confusion matrix, e.g. CLIP-S4's known/unknown-class mIoU. Keys must not clash with the schema."""
+        confusion matrix, e.g. CLIP-S4's known/unknown-class mIoU. ``class_names`` are the dataset's own names
+        (row/column order of ``confmat``), whatever spelling the protocol's class-name file uses. Keys must not
+        clash with the schema."""
         return {}
 
     @property
@@ -140,7 +142,8 @@ class OVSegMethod(L.LightningModule):
                 protocol.name, entry.settings.as_dict(), entry.vocabulary.class_names, entry.class_names_source,
                 confmat.numpy(), scores, num_images,
             )
-            datasets[name].update(self.extra_metrics(name, confmat.numpy(), entry.vocabulary.class_names))
+            own_names = entry.dataset_class_names or entry.vocabulary.class_names
+            datasets[name].update(self.extra_metrics(name, confmat.numpy(), own_names))
         self._log_scores(stage, datasets)
         return build_results(
             method=type(self).__name__,

@@ -17,13 +17,14 @@ import inspect
 import types
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ovseg.parity.common import stub_module
 
 __all__ = ["CfgNode", "Registry", "configurable", "get_cfg", "ImageList", "sem_seg_postprocess", "Unused",
-           "detectron2_modules"]
+           "ResizeShortestEdge", "ResizeTransform", "detectron2_modules"]
 
 
 class Unused:
@@ -257,6 +258,74 @@ def sem_seg_postprocess(result: torch.Tensor, img_size: tuple[int, int], output_
     return F.interpolate(result, size=(output_height, output_width), mode="bilinear", align_corners=False)[0]
 
 
+# -- detectron2/data/transforms/augmentation_impl.py and transform.py (the test-time resize) -------------------
+class ResizeTransform:
+    """detectron2/data/transforms/transform.py ``ResizeTransform``: uint8 images go through
+    ``PIL.Image.resize((new_w, new_h), interp)`` (a single-channel image as mode ``L``)."""
+
+    def __init__(self, h: int, w: int, new_h: int, new_w: int, interp: int | None = None):
+        from PIL import Image
+
+        self.h, self.w, self.new_h, self.new_w = h, w, new_h, new_w
+        self.interp = Image.BILINEAR if interp is None else interp
+
+    def apply_image(self, img, interp: int | None = None):
+        from PIL import Image
+
+        assert img.shape[:2] == (self.h, self.w)
+        if img.dtype != np.uint8:
+            raise NotImplementedError("the stand-in ResizeTransform covers uint8 images (what DatasetMapper reads)")
+        single = img.ndim > 2 and img.shape[2] == 1
+        pil_image = Image.fromarray(img[:, :, 0], mode="L") if single else Image.fromarray(img)
+        ret = np.asarray(pil_image.resize((self.new_w, self.new_h), interp if interp is not None else self.interp))
+        return np.expand_dims(ret, -1) if single else ret
+
+
+class ResizeShortestEdge:
+    """detectron2/data/transforms/augmentation_impl.py ``ResizeShortestEdge`` (``sample_style="choice"``; the
+    test mapper builds it from ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, detectron2/data/detection_utils.py
+    ``build_augmentation``)."""
+
+    def __init__(self, short_edge_length, max_size: int = 2**31 - 1, sample_style: str = "range",
+                 interp: int | None = None):
+        from PIL import Image
+
+        assert sample_style in ("range", "choice"), sample_style
+        self.is_range = sample_style == "range"
+        if isinstance(short_edge_length, int):
+            short_edge_length = (short_edge_length, short_edge_length)
+        self.short_edge_length, self.max_size = short_edge_length, max_size
+        self.interp = Image.BILINEAR if interp is None else interp
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        if self.is_range:
+            size = np.random.randint(self.short_edge_length[0], self.short_edge_length[1] + 1)
+        else:
+            size = np.random.choice(self.short_edge_length)
+        if size == 0:
+            raise NotImplementedError("NoOpTransform is not part of the stand-ins")
+        newh, neww = ResizeShortestEdge.get_output_shape(h, w, size, self.max_size)
+        return ResizeTransform(h, w, newh, neww, self.interp)
+
+    @staticmethod
+    def get_output_shape(oldh: int, oldw: int, short_edge_length: int, max_size: int) -> tuple[int, int]:
+        h, w = oldh, oldw
+        size = short_edge_length * 1.0
+        scale = size / min(h, w)
+        if h < w:
+            newh, neww = size, scale * w
+        else:
+            newh, neww = scale * h, size
+        if max(newh, neww) > max_size:
+            scale = max_size * 1.0 / max(newh, neww)
+            newh = newh * scale
+            neww = neww * scale
+        neww = int(neww + 0.5)
+        newh = int(newh + 0.5)
+        return (newh, neww)
+
+
 # -- catalogs (detectron2/data/catalog.py): a dict of attribute bags, enough for ``.get(name).set(...)`` ------
 class _Metadata(types.SimpleNamespace):
     def set(self, **kwargs: Any) -> _Metadata:
@@ -300,6 +369,8 @@ def detectron2_modules() -> dict[str, types.ModuleType]:
         "detectron2.data": stub_module("detectron2.data", MetadataCatalog=metadata, DatasetCatalog=datasets,
                                        build_detection_train_loader=U("build_detection_train_loader"),
                                        build_detection_test_loader=U("build_detection_test_loader")),
+        "detectron2.data.transforms": stub_module("detectron2.data.transforms", ResizeShortestEdge=ResizeShortestEdge,
+                                                  ResizeTransform=ResizeTransform),
         "detectron2.data.datasets": stub_module("detectron2.data.datasets", load_sem_seg=U("load_sem_seg")),
         "detectron2.modeling": stub_module("detectron2.modeling", META_ARCH_REGISTRY=meta,
                                            SEM_SEG_HEADS_REGISTRY=heads, build_model=_build_model,

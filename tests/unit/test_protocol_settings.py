@@ -61,7 +61,8 @@ def test_dense_options_hold_for_one_prediction_only():
     assert {m.eps for m in clip.model.visual.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
 
     # and through the evaluator: a corner-padded prediction leaves the model as loaded
-    evaluator = Evaluator(load_protocol("maskclip"), {"patch_padding": "corner", "short_side": 40})
+    evaluator = Evaluator(load_protocol("maskclip"), {"patch_padding": "corner", "short_side": 40,
+                                                      "class_names": "{dataset}"})
     entry = evaluator.add_dataset(method, "voc21", [["background"], ["cat"]], 0, torch.device("cpu"))
     image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 37, 45))).float() / 255
     pred = evaluator.predict(method, entry, image, (37, 45))

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ovseg.parity.common import (
+    FEATURE_TOLERANCE,
     IMAGE_SIZES,
     OVSegScorer,
     ParityRecord,
@@ -331,6 +332,15 @@ class Reference:
 
 
 # -- comparisons ----------------------------------------------------------------------------------------------
+def _tensor_record(quantity: str, ours: torch.Tensor, theirs: torch.Tensor, **kwargs) -> ParityRecord:
+    """:func:`tensor_record`, or a failed record when the shapes differ (e.g. another token grid)."""
+    try:
+        return tensor_record(REFERENCE, quantity, ours, theirs, **kwargs)
+    except ValueError as err:
+        return ParityRecord(REFERENCE, quantity, kwargs.get("protocol"), max_rel_diff=float("inf"),
+                            tolerance=kwargs.get("tolerance", FEATURE_TOLERANCE), passed=False, detail=str(err))
+
+
 def _ovseg_method(weights: Path, device: str, model_name: str):
     from ovseg.methods import MaskCLIP
     from ovseg.models.clip import CLIPConfig
@@ -342,10 +352,12 @@ def _ovseg_method(weights: Path, device: str, model_name: str):
 def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parity"), *,
         model_name: str = "ViT-B-16", datasets: tuple[str, ...] | None = None,
         image_sizes: dict[str, tuple[int, int]] | None = None, feature_sizes: dict[str, tuple[int, int]] | None = None,
-        label_templates: str = LABEL_TEMPLATES, text_names: tuple[str, ...] = TEXT_NAMES) -> list[ParityRecord]:
+        label_templates: str = LABEL_TEMPLATES, text_names: tuple[str, ...] = TEXT_NAMES,
+        overrides: dict[str, Any] | None = None) -> list[ParityRecord]:
     """Compare ovseg's ``maskclip`` protocol with MaskCLIP's code; returns the records (see module docstring).
 
     ``model_name`` / ``datasets`` / sizes allow a small, fast variant (tests); the defaults are the full check.
+    ``overrides``: protocol settings changed on ovseg's side only (to see that a setting matters).
     """
     from ovseg.eval.evaluator import dense_options
     from ovseg.eval.inference import protocol_resize
@@ -372,7 +384,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
 
     torch.manual_seed(0)
     method = _ovseg_method(weights, device, model_name)
-    scorer = OVSegScorer(method, protocol, {"templates": label_templates}, device=device)
+    scorer = OVSegScorer(method, protocol, {"templates": label_templates, **(overrides or {})}, device=device)
     settings = load_protocol(protocol)
 
     with _mmcv1(), reference_imports(ref_dir, _stubs(ref_dir)):
@@ -401,7 +413,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
         # text embeddings: MaskCLIP's 85-template ensemble (their clip package) vs ovseg's TextBank
         theirs = reference.text_embeddings(list(text_names), list(ovseg85))
         ours = method.encode_text([n.strip() for n in text_names], ovseg85)
-        rec(tensor_record(REFERENCE, "text embeddings, maskclip85 (" + ", ".join(map(repr, text_names)) + ")",
+        rec(_tensor_record("text embeddings, maskclip85 (" + ", ".join(map(repr, text_names)) + ")",
                           ours, theirs, protocol=protocol,
                           detail="prompt_engineering.zeroshot_classifier (OpenAI clip, fp32) vs TextBank"))
 
@@ -416,9 +428,9 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
                 logits = cosine_logits(features, text_ours)
             their_features, their_logits = reference.dense(datasets[0], templates, normalised)
             grid = f"{features.shape[-2]}x{features.shape[-1]} tokens"
-            rec(tensor_record(REFERENCE, f"dense features {label}", features, their_features, protocol=protocol,
+            rec(_tensor_record(f"dense features {label}", features, their_features, protocol=protocol,
                               detail=f"value path after ln_post, projected; {grid}"))
-            rec(tensor_record(REFERENCE, f"head logits {label} ({datasets[0]})", logits, their_logits,
+            rec(_tensor_record(f"head logits {label} ({datasets[0]})", logits, their_logits,
                               protocol=protocol, detail=f"cosine vs MaskClipHead.cls_seg; {grid}"))
 
         # the test pipeline's input tensor (cv2 resize on uint8 + ImageNet normalisation)
@@ -436,7 +448,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
 
             cv2.imwrite(str(path), image[..., ::-1])
             theirs = pipeline(dict(img_info=dict(filename=str(path)), img_prefix=None))["img"][0][None]
-            rec(tensor_record(REFERENCE, f"test-pipeline image {height}x{width} -> "
+            rec(_tensor_record(f"test-pipeline image {height}x{width} -> "
                               f"{theirs.shape[-2]}x{theirs.shape[-1]} ({dataset})", ours, theirs,
                               protocol=protocol, detail="mmcv imrescale (cv2) + Normalize vs protocol_resize"))
 

@@ -57,6 +57,8 @@ PARITY_REFS := $(foreach r,PixelCLIP MaskCLIP SCLIP NACLIP,$(if $(wildcard $(REF
 parity: $(VENV)/.installed  ## parity with the authors' code (REFS=dir of their checkouts): benchmarks/PARITY.md, then RESULTS.md
 	@test -n "$(PARITY_REFS)" || { echo "no reference checkouts under REFS=$(REFS) (see the Makefile comment above this target)"; exit 1; }
 	$(PY) -m pip install -q -e '.[parity]' -c requirements/constraints.txt
+	test -f $(VENV)/mmcv1/mmcv/__init__.py || PIP_CONSTRAINT=$(CURDIR)/requirements/setuptools-lt70.txt MMCV_WITH_OPS=0 \
+		$(PY) -m pip install -q --no-deps --target $(VENV)/mmcv1 mmcv==1.7.2
 	$(VENV)/bin/ovseg parity $(PARITY_REFS) --out benchmarks
 	$(VENV)/bin/ovseg bench report --out benchmarks
 

@@ -46,7 +46,7 @@ def run(ns: argparse.Namespace) -> int:
         if not ref_dir.is_dir():
             raise FileNotFoundError(f"--ref {name}={ref_dir}: no such folder (git clone {REPOSITORIES[name]})")
         module = importlib.import_module(REFERENCES[name])
-        records = module.run(ref_dir, device=ns.device, work_dir=Path(ns.work_dir))
+        records = module.run(ref_dir.resolve(), device=ns.device, work_dir=Path(ns.work_dir).resolve())
         environment = {"torch": torch.__version__, "device": ns.device, "machine": platform.machine()}
         update_parity(ns.out, name, git_commit(ref_dir), list(module.PROTOCOLS), records, environment)
         for r in records:

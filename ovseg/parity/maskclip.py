@@ -368,7 +368,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
 
     started = time.time()
     ref_dir = Path(ref_dir).resolve()
-    work_dir = Path(work_dir) / "maskclip"
+    work_dir = Path(work_dir).resolve() / "maskclip"  # the reference runs with this as its working folder
     work_dir.mkdir(parents=True, exist_ok=True)
     datasets = tuple(datasets or DATASETS)
     image_sizes = image_sizes or IMAGE_SIZES

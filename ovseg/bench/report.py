@@ -341,8 +341,8 @@ class Report:
             "",
             "Reproduce: `ovseg bench run baselines --data-root /data/ovseg` (or `paper`), then `ovseg bench report`.",
             "",
-            "*parity*: whether the row's protocol has passed `ovseg parity` against the authors' code (reference@commit; "
-            "`PARITY.md` has the figures), or was not checked.",
+            "*parity*: whether the row's protocol has passed `ovseg parity` against the authors' code "
+            "(reference@commit; `PARITY.md` has the figures), or was not checked.",
             "",
             "## Rows",
             "",

@@ -110,7 +110,8 @@ class Evaluator:
     ) -> DatasetEvaluation:
         settings = settings or self.settings_for(name)
         vocabulary, source = dataset_vocabulary(settings, name, class_names, background_index)
-        text = method.encode_text(vocabulary.queries, get_templates(settings.templates))
+        with dense_options(method, settings):
+            text = method.encode_text(vocabulary.queries, get_templates(settings.templates))
         entry = DatasetEvaluation(
             name=name,
             settings=settings,
@@ -175,13 +176,15 @@ class Evaluator:
 @contextmanager
 def dense_options(method: torch.nn.Module, settings: ProtocolSettings) -> Iterator[None]:
     """Every :class:`DenseCLIP` inside ``method`` reads images as the protocol says (normalisation, patch
-    padding, positional-embedding resize, image-tower quirks) for the duration of the block."""
+    padding, positional-embedding resize, image-tower quirks) and encodes text in the protocol's precision for
+    the duration of the block."""
     options = DenseOptions(
         normalization=settings.normalization,
         patch_padding=settings.patch_padding,
         pos_embed_interpolation=settings.pos_embed_interpolation,
         vision_activation=settings.vision_activation,
         vision_ln_eps=settings.vision_ln_eps,
+        text_precision=settings.text_precision,
     )
     with ExitStack() as stack:
         for module in method.modules():

@@ -24,12 +24,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "pos_embed_interpolation": ("grid", "sclip"),
     "logits_upsample": ("label", "image_then_label"),
     "vision_activation": ("model", "gelu"),
+    "text_precision": ("model", "fp16"),
 }
 
 
 #: the settings that describe how a model reads images rather than the benchmark pipeline, at the values that
 #: read a CLIP as it was trained (what methods trained in ovseg pin, see ``OVSegMethod.NATIVE_SETTINGS``)
-MODEL_NATIVE_SETTINGS: dict[str, Any] = {"normalization": "model", "vision_activation": "model", "vision_ln_eps": None}
+MODEL_NATIVE_SETTINGS: dict[str, Any] = {"normalization": "model", "vision_activation": "model", "vision_ln_eps": None,
+                                         "text_precision": "model"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,10 @@ class ProtocolSettings:
     vision_activation: str = "model"
     #: ViT image tower LayerNorm epsilon; None keeps the model's (1e-5).
     vision_ln_eps: float | None = None
+    #: class-name embeddings: ``model`` (the text tower as loaded) or ``fp16`` (OpenAI ``clip``'s
+    #: ``convert_weights``: linear, attention and projection weights in fp16, LayerNorm computed in fp32, each
+    #: prompt's embedding normalised in fp16; what PixelCLIP's predictor does).
+    text_precision: str = "model"
 
     def __post_init__(self):
         if self.mode not in ("whole", "slide"):

@@ -12,6 +12,7 @@ registered with open_clip on import of this module.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import inspect
@@ -236,6 +237,7 @@ class DenseOptions:
     pos_embed_interpolation: str = "grid"  # "grid" | "sclip"
     vision_activation: str = "model"  # "model" | "gelu"
     vision_ln_eps: float | None = None
+    text_precision: str = "model"  # "model" | "fp16"
 
 
 def mlp_activation_name(mlp: nn.Module) -> str:
@@ -504,6 +506,10 @@ class DenseCLIP(nn.Module):
         image tower's activation / LayerNorm epsilon, swapped in place and put back by the defaults)."""
         if options.vision_activation not in ("model", "gelu"):
             raise ValueError(f"vision_activation must be 'model' or 'gelu', got {options.vision_activation!r}")
+        if options.text_precision not in ("model", "fp16"):
+            raise ValueError(f"text_precision must be 'model' or 'fp16', got {options.text_precision!r}")
+        if options.text_precision == "fp16" and self.kind == "hf_vit":
+            raise NotImplementedError("text_precision='fp16' needs an open_clip model, this one is from transformers")
         if options.vision_activation == "gelu" and not self._activations:
             raise NotImplementedError(f"vision_activation='gelu' needs a ViT image tower, this model is {self.kind!r}")
         for mlp, name, original in self._activations:
@@ -562,16 +568,32 @@ class DenseCLIP(nn.Module):
         tokenizer = self._get_tokenizer()
         device = next(self.model.parameters()).device
         chunks = []
+        fp16_text = self._fp16_text_model() if self.options.text_precision == "fp16" and texts else None
         for start in range(0, len(texts), TEXT_BATCH):
             tokens = tokenizer(list(texts[start:start + TEXT_BATCH])).to(device)
             if self.kind == "hf_vit":
                 out = self.model.get_text_features(input_ids=tokens)
                 chunks.append(out if isinstance(out, Tensor) else out.pooler_output)
+            elif fp16_text is not None:
+                chunks.append(fp16_text.encode_text(tokens))
             else:
                 chunks.append(self.model.encode_text(tokens))
         if not chunks:
             return torch.empty(0, self.embed_dim, device=device)
         return torch.cat(chunks)
+
+    def _fp16_text_model(self) -> nn.Module:
+        """A copy of the text tower as OpenAI's ``clip`` package runs it after ``convert_weights`` (linear,
+        attention and projection weights in fp16, LayerNorms computed in fp32 and cast back). Built per call
+        (once per dataset's vocabulary), so it always holds the current weights."""
+        from open_clip.transformer import LayerNorm, LayerNormFp32
+
+        text = copy.deepcopy(self.model, memo={id(self.model.visual): None})  # the image tower is not copied
+        open_clip.model.convert_weights_to_lp(text, torch.float16)
+        for module in text.modules():
+            if type(module) is LayerNorm:
+                module.__class__ = LayerNormFp32
+        return text.eval()
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         """The patch grid of a ``height``×``width`` input: floor division, or ceiling under corner padding."""

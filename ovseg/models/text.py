@@ -78,8 +78,9 @@ class TextBank:
             prompts = [template.format(name) for name in missing for template in templates]
             with torch.no_grad():
                 features = self.encode_text(prompts)
-            # the ensemble is computed in fp32 even for half-precision encoders
-            features = F.normalize(features.float(), dim=-1).view(len(missing), len(templates), -1)
+            # each prompt is normalised in the encoder's precision (as CLIP's zero-shot code and the references
+            # do), the ensemble in fp32 even for half-precision encoders
+            features = (features / features.norm(dim=-1, keepdim=True)).float().view(len(missing), len(templates), -1)
             ensembled = F.normalize(features.mean(dim=1), dim=-1)
             for name, embedding in zip(missing, ensembled):
                 self._cache[(name, templates)] = embedding

@@ -379,7 +379,8 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     protocol = "maskclip"
     rec = lambda record: (records.append(record), print(  # noqa: E731
         f"  [{time.time() - started:6.1f}s] {record.quantity}: "
-        + (f"{record.max_rel_diff:.2e}" if record.max_rel_diff is not None else f"{100 * record.identical_share:.4f} %"),
+        + (f"{record.max_rel_diff:.2e}" if record.max_rel_diff is not None
+           else f"{100 * record.identical_share:.4f} %"),
         flush=True))
 
     torch.manual_seed(0)

@@ -6,8 +6,10 @@ Each JSON is ``{"image": {...}, "annotations": [{"segmentation": {"size": [h, w]
 
 A sample (``SA1B`` source, ``PixelCLIPViews`` transform):
 
-- shared geometry: shortest edge resized to ``resize_short`` (1024), a random ``crop_size`` (640) square, SSD
-  colour augmentation, random horizontal flip -> ``image`` (the weak view, teacher side);
+- shared geometry: shortest edge resized to ``resize_short`` (1024) with the long side capped at
+  ``resize_long_max`` (1333; detectron2's ``ResizeShortestEdge`` size rule, PIL bilinear / nearest as the authors'
+  mapper), a random ``crop_size`` (640) square, SSD colour augmentation, random horizontal flip -> ``image``
+  (the weak view, teacher side);
 - ``image_strong``: colour jitter, grayscale, Gaussian blur, and a cutout box filled with 0 (student side); the
   cutout is also removed from every mask, so it is unsupervised;
 - ``masks``: bool [N, R, R] at ``mask_resolution`` (nearest), largest first, crowd masks dropped, masks emptied by
@@ -34,10 +36,11 @@ from torch.utils.data import Dataset
 
 from ovseg.data.seg_dataset import DataError, read_image
 from ovseg.data.sources import TrainSource
+from ovseg.utils.geometry import keep_ratio_size
 from ovseg.utils.io import atomic_open
 
 __all__ = ["SA1B", "SA1BDataset", "PixelCLIPViews", "find_pairs", "load_masks", "ssd_color_augment",
-           "write_synthetic_sa1b", "encode_mask", "decode_masks"]
+           "write_synthetic_sa1b", "encode_mask", "decode_masks", "pil_nearest_index"]
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -154,6 +157,20 @@ def ssd_color_augment(image: np.ndarray, rng: np.random.Generator, brightness_de
     return do_contrast(do_saturation_hue(image))
 
 
+#: ``resize_library`` of the shared geometry: ``pil`` = detectron2's ``ResizeTransform`` on uint8 images (PIL bilinear,
+#: masks PIL nearest) then the crop, as the authors' mapper; ``cv2`` = crop in original coordinates, cv2 bilinear
+RESIZE_LIBRARIES = ("pil", "cv2")
+
+
+def pil_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output pixel of PIL's ``resize(..., NEAREST)`` along one axis (Pillow's
+    ``ImagingScaleAffine``: ``xo = scale/2``, ``int(xo)``, ``xo += scale``, in double precision)."""
+    scale = n_in / n_out
+    steps = np.full(n_out, scale, dtype=np.float64)
+    steps[0] = scale * 0.5
+    return np.minimum(np.cumsum(steps).astype(np.int64), n_in - 1)
+
+
 class PixelCLIPViews:
     """Weak and strong views of an image and its masks (see the module docstring). All numbers are settings
     with PixelCLIP's defaults."""
@@ -174,10 +191,15 @@ class PixelCLIPViews:
         cutout_prob: float = 1.0,
         cutout_removes_masks: bool = True,
         mask_resolution: int | None = 256,
+        resize_long_max: int | None = 1333,
+        resize_library: str = "pil",
     ):
         if resize_short < crop_size:
             raise ValueError(f"resize_short ({resize_short}) must be at least crop_size ({crop_size})")
+        if resize_library not in RESIZE_LIBRARIES:
+            raise ValueError(f"resize_library must be one of {RESIZE_LIBRARIES}, got {resize_library!r}")
         self.resize_short, self.crop_size = resize_short, crop_size
+        self.resize_long_max, self.resize_library = resize_long_max, resize_library
         self.ssd_color, self.flip_prob, self.strong = ssd_color, flip_prob, strong
         self.cutout_scale, self.cutout_prob = tuple(cutout_scale), cutout_prob
         self.cutout_removes_masks, self.mask_resolution = cutout_removes_masks, mask_resolution
@@ -190,9 +212,25 @@ class PixelCLIPViews:
             A.GaussianBlur(blur_limit=0, sigma_limit=tuple(blur_sigma), p=blur_prob),
         ])
 
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) after the shortest-edge resize with the long-side cap (detectron2's size rule)."""
+        return keep_ratio_size(height, width, self.resize_short, self.resize_long_max, rule="detectron2")
+
+    def crop_offset(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(y0, x0, crop h, crop w) of the random crop in the resized image: detectron2's ``RandomCrop("absolute")``
+        (crop = min(size, side); offsets ``randint(side - crop + 1)``, rows first)."""
+        rh, rw = self.resized_shape(height, width)
+        ch, cw = min(self.crop_size, rh), min(self.crop_size, rw)
+        y0 = int(rng.integers(0, rh - ch + 1))
+        x0 = int(rng.integers(0, rw - cw + 1))
+        return y0, x0, ch, cw
+
     def crop_window(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-        """The crop of the resized image, in original pixel coordinates (x0, y0, x1, y1)."""
+        """The crop of the resized image, in original pixel coordinates (x0, y0, x1, y1) (``resize_library="cv2"``:
+        one scale for both sides, the long-side cap folded into it, sides rounded)."""
         scale = self.resize_short / min(height, width)
+        if self.resize_long_max is not None:
+            scale = min(scale, self.resize_long_max / max(height, width))
         rh, rw = round(height * scale), round(width * scale)
         y0 = int(rng.integers(0, rh - self.crop_size + 1))
         x0 = int(rng.integers(0, rw - self.crop_size + 1))
@@ -212,11 +250,45 @@ class PixelCLIPViews:
         x0 = int(rng.integers(0, size - bw + 1))
         return x0, y0, x0 + bw, y0 + bh
 
-    def __call__(self, image: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator) -> dict[str, Any]:
+    def _pil_geometry(self, image: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator):
+        """detectron2's ResizeShortestEdge (PIL bilinear on the uint8 image, PIL nearest on the masks) then the random
+        crop, as the authors' SA-1B mapper applies them; masks are gathered by PIL's nearest rule, crop only."""
+        from PIL import Image
+
+        height, width = image.shape[:2]
+        rh, rw = self.resized_shape(height, width)
+        y0, x0, ch, cw = self.crop_offset(height, width, rng)
+        resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BILINEAR))
+        weak = np.ascontiguousarray(resized[y0:y0 + ch, x0:x0 + cw])
+        size = (self.crop_size, self.crop_size)
+        if (ch, cw) != size:  # resized side below the crop (aspect > ~2): theirs keeps it and pads the batch
+            weak = cv2.resize(weak, size, interpolation=cv2.INTER_LINEAR)
+        crop = None
+        if masks is not None:
+            rows = pil_nearest_index(height, rh)[y0:y0 + ch]
+            cols = pil_nearest_index(width, rw)[x0:x0 + cw]
+            crop = torch.from_numpy(np.ascontiguousarray(masks[:, rows[:, None], cols[None, :]])).to(torch.uint8)
+            if (ch, cw) != size and len(crop):
+                crop = F.interpolate(crop[None], size=size, mode="nearest")[0]
+        return weak, crop
+
+    def _cv2_geometry(self, image: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator):
+        """The crop cut from the original image (original coordinates, rounded) and cv2-resized; masks torch-nearest."""
         height, width = image.shape[:2]
         x0, y0, x1, y1 = self.crop_window(height, width, rng)
         size = (self.crop_size, self.crop_size)
         weak = cv2.resize(np.ascontiguousarray(image[y0:y1, x0:x1]), size, interpolation=cv2.INTER_LINEAR)
+        crop = None
+        if masks is not None:
+            crop = masks[:, y0:y1, x0:x1]
+            crop = torch.from_numpy(np.ascontiguousarray(crop)).to(torch.uint8)
+            # nearest resize of the crop (only the crop: SA-1B images are 1500×2250 with ~100 masks)
+            crop = F.interpolate(crop[None], size=size, mode="nearest")[0] if len(crop) else crop.new_zeros(0, *size)
+        return weak, crop
+
+    def __call__(self, image: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator) -> dict[str, Any]:
+        geometry = self._pil_geometry if self.resize_library == "pil" else self._cv2_geometry
+        weak, crop = geometry(image, masks, rng)
         if self.ssd_color:
             weak = ssd_color_augment(weak, rng)
         flip = rng.random() < self.flip_prob
@@ -232,11 +304,7 @@ class PixelCLIPViews:
             out["image_strong"] = torch.from_numpy(np.ascontiguousarray(strong.transpose(2, 0, 1)))
         out["image"] = torch.from_numpy(np.ascontiguousarray(weak.transpose(2, 0, 1)))
         out["cutout"] = torch.tensor(cut, dtype=torch.int64)
-        if masks is not None:
-            crop = masks[:, y0:y1, x0:x1]
-            crop = torch.from_numpy(np.ascontiguousarray(crop)).to(torch.uint8)
-            # nearest resize of the crop (only the crop: SA-1B images are 1500×2250 with ~100 masks)
-            crop = F.interpolate(crop[None], size=size, mode="nearest")[0] if len(crop) else crop.new_zeros(0, *size)
+        if crop is not None:
             if flip:
                 crop = crop.flip(-1)
             if self.strong and self.cutout_removes_masks:
@@ -327,6 +395,11 @@ class SA1B(TrainSource):
         cache_dir: keep decoded masks (bit-packed ``.npz``) here, relative to the root or absolute.
         skip_bad: skip, count and log broken samples (False: raise naming the file).
         resize_short, crop_size, ...: see :class:`PixelCLIPViews` (PixelCLIP defaults).
+        resize_long_max: long-side cap of the shortest-edge resize (1333: detectron2's ``INPUT.MAX_SIZE_TRAIN``
+            default, which the authors' SA-1B mapper passes to ``ResizeShortestEdge``,
+            pixelclip/data/dataset_mappers/sa1b_dataset_mapper.py ``build_transform_gen``); None: no cap.
+        resize_library: ``pil`` (the authors' mapper: detectron2 resizes the uint8 image with PIL bilinear and
+            the masks with PIL nearest, then crops) or ``cv2`` (crop first, cv2 bilinear, torch nearest masks).
     """
 
     def __init__(
@@ -350,12 +423,15 @@ class SA1B(TrainSource):
         cutout_prob: float = 1.0,
         cutout_removes_masks: bool = True,
         mask_resolution: int | None = 256,
+        resize_long_max: int | None = 1333,
+        resize_library: str = "pil",
     ):
         self.folder, self.annotations, self.limit = folder, annotations, limit
         self.cache_dir, self.skip_bad = cache_dir, skip_bad
         self.views = PixelCLIPViews(resize_short, crop_size, ssd_color, flip_prob, strong, color_jitter,
                                     color_jitter_prob, grayscale_prob, blur_prob, blur_sigma, cutout_scale,
-                                    cutout_prob, cutout_removes_masks, mask_resolution)
+                                    cutout_prob, cutout_removes_masks, mask_resolution, resize_long_max,
+                                    resize_library)
 
     @staticmethod
     def _resolve(path: str, root: str | Path) -> Path:

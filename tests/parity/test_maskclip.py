@@ -1,7 +1,7 @@
 """MaskCLIP's released code vs ovseg's ``maskclip`` protocol: set OVSEG_PARITY_MASKCLIP to a checkout (and install
 mmcv 1.x as `make parity` does)."""
 
-from parity_support import assert_all_passed, reference_checkout
+from tests.parity.parity_support import assert_all_passed, reference_checkout
 
 from ovseg.parity import maskclip
 

@@ -1,6 +1,6 @@
 """NACLIP's released code vs ovseg's ``naclip`` protocol: set OVSEG_PARITY_NACLIP to a checkout."""
 
-from parity_support import assert_all_passed, reference_checkout
+from tests.parity.parity_support import assert_all_passed, reference_checkout
 
 from ovseg.parity import naclip
 

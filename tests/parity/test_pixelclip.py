@@ -1,6 +1,6 @@
 """PixelCLIP's released code vs ovseg (small ViT, two image sizes): set OVSEG_PARITY_PIXELCLIP to a checkout."""
 
-from parity_support import assert_all_passed, reference_checkout
+from tests.parity.parity_support import assert_all_passed, reference_checkout
 
 from ovseg.parity import pixelclip, pixelclip_train
 

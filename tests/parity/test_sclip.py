@@ -1,6 +1,6 @@
 """SCLIP's released code vs ovseg's ``sclip`` protocol: set OVSEG_PARITY_SCLIP to a checkout."""
 
-from parity_support import assert_all_passed, reference_checkout
+from tests.parity.parity_support import assert_all_passed, reference_checkout
 
 from ovseg.parity import sclip
 

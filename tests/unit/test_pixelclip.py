@@ -294,9 +294,9 @@ def test_parameter_groups_and_cosine_schedule():
     groups = {g["name"]: g for g in model.parameter_groups()}
     assert groups["clip"]["lr"] == pytest.approx(2e-6) and groups["prompts"]["lr"] == pytest.approx(2e-3)
     assert groups["decoder"]["lr"] == pytest.approx(2e-4) and groups["decoder"]["weight_decay"] == 1e-4
-    assert groups["prompts"]["weight_decay"] == 0.0 and groups["clip_no_decay"]["weight_decay"] == 0.0
-    no_decay = {id(p) for p in groups["clip_no_decay"]["params"]}
-    assert id(model.encoder.model.visual.positional_embedding) in no_decay
+    # default weight_decay_rule=detectron2 (the authors' build_optimizer): prompts and positional embedding decay
+    assert groups["prompts"]["weight_decay"] == 1e-4 and groups["decoder_no_decay"]["weight_decay"] == 0.0
+    assert id(model.encoder.model.visual.positional_embedding) in {id(p) for p in groups["clip"]["params"]}
     assert all(p.ndim == 1 for p in groups["decoder_no_decay"]["params"])  # GroupNorm weights and biases
     optimizer = model.configure_optimizers()
     opt, sched = optimizer["optimizer"], optimizer["lr_scheduler"]["scheduler"]

@@ -57,7 +57,26 @@ def trainable_visual_names(visual: nn.Module, kind: str, trainable: str) -> set[
     raise ValueError(f"trainable must be auto|attention|full|none, got {trainable!r}")
 
 
-def _is_no_decay(module: nn.Module, name: str) -> bool:
+#: the norm layers of the authors' optimizer (train_net.py ``build_optimizer``: ``norm_module_types``)
+_D2_NORM_TYPES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+                                    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm,
+                                    nn.LocalResponseNorm)
+WeightDecayRule = Literal["detectron2", "norm_embed"]
+
+
+def _is_no_decay(module: nn.Module, name: str, rule: str = "norm_embed") -> bool:
+    """Whether ``module``'s parameter ``name`` gets ``weight_decay_norm_embed`` instead of ``weight_decay``.
+
+    ``detectron2`` (the authors' train_net.py ``build_optimizer``): norm layers (``norm_module_types``),
+    ``nn.Embedding`` and parameters named ``relative_position_bias_table`` / ``absolute_pos_embed``; everything
+    else decays, the ViT's ``positional_embedding`` and the prompt tokens included. ``norm_embed`` (ovseg's old
+    rule): norm layers, embeddings and every parameter whose name contains ``embedding``.
+    """
+    if rule == "detectron2":
+        return isinstance(module, (*_D2_NORM_TYPES, nn.Embedding)) or "relative_position_bias_table" in name \
+            or "absolute_pos_embed" in name
+    if rule != "norm_embed":
+        raise ValueError(f"weight_decay_rule must be 'detectron2' or 'norm_embed', got {rule!r}")
     return isinstance(module, (*_NORM_TYPES, nn.Embedding)) or type(module).__name__.startswith("LayerNorm") \
         or "embedding" in name.rsplit(".", 1)[-1]
 
@@ -131,6 +150,9 @@ class PixelCLIP(OVSegMethod):
         lr: base learning rate (decoder); ``clip_lr_multiplier`` (0.01) and ``prompt_lr_multiplier`` (10) for
             the visual encoder and the prompts.
         weight_decay: AdamW weight decay (1e-4); ``weight_decay_norm_embed`` (0) for norm layers and embeddings.
+        weight_decay_rule: which parameters decay: ``detectron2`` (the authors' train_net.py ``build_optimizer``:
+            all but norm layers and ``nn.Embedding``, so the ViT positional embedding and the prompt tokens decay)
+            or ``norm_embed`` (ovseg's old rule: neither of those two decays).
         betas: AdamW betas.
         lr_end_factor: cosine decay from 1× to this × each group's LR (0.5), no warm-up.
         max_steps: schedule length; None: the trainer's ``max_steps`` (10,000 in the paper).
@@ -165,6 +187,7 @@ class PixelCLIP(OVSegMethod):
         prompt_lr_multiplier: float = 10.0,
         weight_decay: float = 1e-4,
         weight_decay_norm_embed: float = 0.0,
+        weight_decay_rule: WeightDecayRule = "detectron2",
         betas: tuple[float, float] = (0.9, 0.999),
         lr_end_factor: float = 0.5,
         max_steps: int | None = None,
@@ -192,6 +215,8 @@ class PixelCLIP(OVSegMethod):
         self.masks_from = masks
         self.lr, self.clip_lr_multiplier, self.prompt_lr_multiplier = lr, clip_lr_multiplier, prompt_lr_multiplier
         self.weight_decay, self.weight_decay_norm_embed, self.betas = weight_decay, weight_decay_norm_embed, betas
+        _is_no_decay(nn.Identity(), "", weight_decay_rule)  # validates the rule
+        self.weight_decay_rule = weight_decay_rule
         self.lr_end_factor, self.max_steps = lr_end_factor, max_steps
         self.inference_feature_size = inference_feature_size
 
@@ -328,7 +353,7 @@ class PixelCLIP(OVSegMethod):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: visual (lr × clip_lr_multiplier), prompts (× prompt_lr_multiplier), decoder (× 1),
-        each split into decayed and not decayed (norm layers, embeddings) parameters."""
+        each split into decayed and not decayed parameters by ``weight_decay_rule``."""
         groups: list[dict[str, Any]] = []
 
         def add(role: str, module: nn.Module, multiplier: float, prefix: str = "") -> None:
@@ -337,7 +362,7 @@ class PixelCLIP(OVSegMethod):
                 for name, param in sub.named_parameters(recurse=False):
                     if not param.requires_grad:
                         continue
-                    (no_decay if _is_no_decay(sub, name) else decay).append(param)
+                    (no_decay if _is_no_decay(sub, name, self.weight_decay_rule) else decay).append(param)
             lr = self.lr * multiplier
             for params, wd, suffix in ((decay, self.weight_decay, ""), (no_decay, self.weight_decay_norm_embed,
                                                                          "_no_decay")):
@@ -345,8 +370,10 @@ class PixelCLIP(OVSegMethod):
                     groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": role + suffix})
 
         add("clip", self.encoder.model.visual, self.clip_lr_multiplier)
+        # the prompt tokens are a plain parameter of the authors' predictor (not an nn.Embedding): they decay there
+        prompt_decay = self.weight_decay if self.weight_decay_rule == "detectron2" else self.weight_decay_norm_embed
         groups.append({"params": [self.prompts.tokens], "lr": self.lr * self.prompt_lr_multiplier,
-                       "weight_decay": self.weight_decay_norm_embed, "name": "prompts"})
+                       "weight_decay": prompt_decay, "name": "prompts"})
         add("decoder", self.head, 1.0)
         return groups
 

@@ -95,7 +95,8 @@ def bench_evaluator(method, overrides, image, names, repeats, sync, device) -> t
 
 
 def evaluator_windows(entry, image):
-    from ovseg.eval.inference import keep_ratio_size, slide_windows
+    from ovseg.eval.inference import slide_windows
+    from ovseg.utils.geometry import keep_ratio_size
 
     s = entry.settings
     h, w = keep_ratio_size(*image.shape[-2:], s.short_side, s.long_side_max)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovseg.utils.geometry import keep_ratio_size  # noqa: F401  (the protocol resize's size rule, re-exported)
+from ovseg.utils.geometry import keep_ratio_size
+
 
 DenseFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -27,7 +28,8 @@ def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
 
 
 def from_uint8_hwc(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).to(like.device, like.dtype) / 255.0
+    array = np.require(array, requirements=("C", "W"))  # PIL's arrays are read-only: torch warns on those
+    return torch.from_numpy(array).permute(2, 0, 1).to(like.device, like.dtype) / 255.0
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int], library: str = "torch") -> torch.Tensor:

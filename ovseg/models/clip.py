@@ -483,6 +483,11 @@ class DenseCLIP(nn.Module):
         self.input_size = self.input_hw[0]
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # the same constants on the 0-255 scale, rounded once from float64 (detectron2 configs state them so)
+        self.register_buffer("mean_255", (torch.tensor(mean, dtype=torch.float64) * 255).float().view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std_255", (torch.tensor(std, dtype=torch.float64) * 255).float().view(1, 3, 1, 1),
+                             persistent=False)
         self.options = DenseOptions()
         # what the protocol options replace, kept to put back (plain lists of the modules themselves, so a deepcopy
         # of this model, e.g. an EMA teacher, keeps consistent references): (mlp, attribute, activation), (LN, eps)
@@ -500,6 +505,12 @@ class DenseCLIP(nn.Module):
             std = torch.tensor(IMAGENET_STD, dtype=self.std.dtype, device=self.std.device).view(1, 3, 1, 1)
             return (images01 - mean) / std
         return (images01 - self.mean) / self.std
+
+    def normalize_255(self, images255: Tensor) -> Tensor:
+        """0-255 images -> normalised as ``(x - 255·mean) / (255·std)``: equal to :meth:`normalize` of ``x / 255`` up to
+        float rounding, and bitwise the arithmetic of detectron2 pipelines (PixelCLIP's ``CLIP_PIXEL_MEAN/STD``),
+        which the training step's gradients are sensitive enough to see (ovseg parity, ``pixelclip-train``)."""
+        return (images255.float() - self.mean_255) / self.std_255
 
     def set_options(self, options: DenseOptions) -> None:
         """Apply a protocol's :class:`DenseOptions` (normalisation, padding, positional-embedding resize, and the

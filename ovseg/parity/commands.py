@@ -51,7 +51,8 @@ def run(ns: argparse.Namespace) -> int:
         update_parity(ns.out, name, git_commit(ref_dir), list(module.PROTOCOLS), records, environment)
         for r in records:
             value = (f"max rel diff {r.max_rel_diff:.2e}" if r.max_rel_diff is not None
-                     else f"identical {100 * r.identical_share:.4f} %")
+                     else f"identical {100 * r.identical_share:.4f} %" if r.identical_share is not None
+                     else r.detail)
             print(f"[{name}] {'ok  ' if r.passed else 'FAIL'} {r.quantity} ({r.protocol or '-'}): {value}")
         if not all(r.passed for r in records):
             failed.append(name)

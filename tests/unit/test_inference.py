@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.eval import inference
-from ovseg.eval.inference import keep_ratio_size, labels_from_logits, slide_logits, slide_windows, whole_logits
+from ovseg.eval.inference import labels_from_logits, slide_logits, slide_windows, whole_logits
+from ovseg.utils.geometry import keep_ratio_size
 
 
 def conv_dense_fn(num_queries=5, stride=4, seed=0):

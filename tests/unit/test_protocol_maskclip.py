@@ -11,7 +11,8 @@ from torch import nn
 
 from ovseg.data.classnames import read_class_names
 from ovseg.data.specs import get_spec
-from ovseg.eval.inference import keep_ratio_size, protocol_resize
+from ovseg.eval.inference import protocol_resize
+from ovseg.utils.geometry import keep_ratio_size
 from ovseg.eval.protocols import load_protocol
 from ovseg.models.clip import CLIPConfig, DenseCLIP, DenseOptions
 

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from ovseg.data.classnames import read_class_names
-from ovseg.eval.inference import keep_ratio_size, protocol_resize
+from ovseg.eval.inference import protocol_resize
+from ovseg.utils.geometry import keep_ratio_size
 from ovseg.eval.protocols import load_protocol
 from ovseg.models.clip import CLIPConfig, DenseCLIP, DenseOptions
 

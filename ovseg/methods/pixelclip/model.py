@@ -306,10 +306,15 @@ class PixelCLIP(OVSegMethod):
             return images
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
+    def _clip_input(self, encoder: DenseCLIP, images: Tensor) -> Tensor:
+        """Normalise, then resize to ``clip_resolution``, in the authors' order and arithmetic (pixelclip/pixelclip.py
+        ``forward``: ``(x - CLIP_PIXEL_MEAN) / CLIP_PIXEL_STD`` on 0-255 values, then ``F.interpolate``)."""
+        normalised = encoder.normalize_255(images) if images.dtype == torch.uint8 else encoder.normalize(images.float())
+        return self._resize(normalised)
+
     def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """The PixelCLIP loss of one (per-process) batch; returns (loss, diagnostics)."""
         weak = _unit(batch["image"])
-        strong = _unit(batch["image_strong"]) if batch.get("image_strong") is not None else weak
         if self.masks_from == "dino":
             if self.dino is None:
                 raise RuntimeError("masks='dino' needs a DINO model")
@@ -321,12 +326,13 @@ class PixelCLIP(OVSegMethod):
 
         self.update_teacher()
         with torch.no_grad():
-            teacher_features = self.teacher.encode_dense(self.teacher.normalize(self._resize(weak)))
+            teacher_features = self.teacher.encode_dense(self._clip_input(self.teacher, batch["image"]))
         prototypes = self.prototypes()  # [K, D], gradient to the prompts
         targets, info = cluster_targets(teacher_features, masks, prototypes, self.eps, self.mask_resolution,
                                         self.sinkhorn_iterations, self.min_mask_pixels)
 
-        student = self.encoder.encode_dense(self.encoder.normalize(self._resize(strong)))  # [B, D, h, w]
+        strong_raw = batch["image_strong"] if batch.get("image_strong") is not None else batch["image"]
+        student = self.encoder.encode_dense(self._clip_input(self.encoder, strong_raw))  # [B, D, h, w]
         cost = torch.einsum("bdhw,kd->bkhw", F.normalize(student, dim=1), F.normalize(prototypes, dim=-1))
         batch_size, num_clusters, h, w = cost.shape
         logits = self.head(cost.reshape(batch_size * num_clusters, 1, h, w))

@@ -2,8 +2,11 @@
 with the CLI, so configs can say ``class_path: MaskCLIP``."""
 
 from ovseg.methods.base import OVSegMethod
+from ovseg.methods.clearclip import ClearCLIP
 from ovseg.methods.clips4 import CLIPS4
+from ovseg.methods.naclip import NACLIP
 from ovseg.methods.pixelclip import PixelCLIP
+from ovseg.methods.sclip import SCLIP
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
-__all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "PixelCLIP", "CLIPS4"]
+__all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "PixelCLIP", "CLIPS4"]

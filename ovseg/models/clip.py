@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
+from ovseg.models.attention import AttentionTokens, get_attention
+
 __all__ = [
     "CLIPConfig",
     "DenseCLIP",
@@ -38,7 +41,6 @@ __all__ = [
     "TransformerBlockView",
     "dense_last_block",
     "resize_positional_embedding",
-    "LAST_BLOCKS",
     "RESIDUALS",
 ]
 
@@ -51,10 +53,9 @@ SHIPPED_WEIGHTS: dict[tuple[str, str], Path] = {
     ("toyworld-vit", "toyworld"): WEIGHTS_DIR / "toyworld-vit.safetensors",
 }
 
-# Literal types let LightningCLI/jsonargparse validate the choice at parse time and list it in --help
-LastBlock = Literal["vanilla", "value", "qq_kk"]
+# a Literal lets LightningCLI/jsonargparse validate the choice at parse time and list it in --help; the last-block
+# attention is an open registry instead (ovseg.models.attention), validated when the config is built
 Residual = Literal["token", "cls", "none"]
-LAST_BLOCKS: tuple[str, ...] = get_args(LastBlock)
 RESIDUALS: tuple[str, ...] = get_args(Residual)
 HF_PREFIX = "hf:"
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -75,8 +76,9 @@ class CLIPConfig:
         saved with ``save_pretrained``).
     pretrained: an open_clip tag (``openai``, ``laion2b_s34b_b79k`` …), a local weights file, or None for random
         init. Ignored for the folder/hub schemas.
-    last_block: ``vanilla`` (unchanged attention), ``value`` (MaskCLIP/PixelCLIP: v -> out_proj, q·k skipped) or
-        ``qq_kk`` (SCLIP: softmax(q qᵀ s) + softmax(k kᵀ s) applied to v).
+    last_block: the last block's attention, a name registered in :mod:`ovseg.models.attention` (``vanilla``:
+        unchanged; ``value``: MaskCLIP/PixelCLIP, v -> out_proj, q·k skipped; ``qq_kk``: SCLIP; ``qq``: ClearCLIP;
+        ``kk``; ``naclip`` once :mod:`ovseg.methods.naclip` is imported) or ``"module:function"``.
     residual: the last block's attention residual: ``token`` (each token's own input), ``cls`` (the class token's
         input, broadcast; PixelCLIP) or ``none`` (SCLIP/ClearCLIP).
     ffn: keep the last block's MLP (``x + mlp(ln_2(x))``).
@@ -88,15 +90,14 @@ class CLIPConfig:
     name: str = "ViT-B-16"
     pretrained: str | None = "openai"
     cache_dir: str | None = None
-    last_block: LastBlock = "vanilla"
+    last_block: str = "vanilla"
     residual: Residual = "token"
     ffn: bool = True
     precision: str = "fp32"
     quick_gelu: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.last_block not in LAST_BLOCKS:
-            raise ValueError(f"last_block must be one of {LAST_BLOCKS}, got {self.last_block!r}")
+        get_attention(self.last_block)  # raises, listing the registered names
         if self.residual not in RESIDUALS:
             raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
 
@@ -144,41 +145,28 @@ class TransformerBlockView:
                    nn.Identity(), layer.layer_norm2, layer.mlp, nn.Identity())
 
 
-def _split_heads(x: Tensor, num_heads: int) -> Tensor:
-    batch, length, width = x.shape
-    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
-
-
 def _merge_heads(x: Tensor) -> Tensor:
     batch, heads, length, head_dim = x.shape
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
 def dense_last_block(
-    x: Tensor, block: TransformerBlockView, last_block: str = "vanilla", residual: str = "token", ffn: bool = True
+    x: Tensor, block: TransformerBlockView, last_block: str = "vanilla", residual: str = "token", ffn: bool = True,
+    grid: tuple[int, int] | None = None,
 ) -> Tensor:
     """Run the last ViT block on tokens ``x`` [B, 1+N, C] (class token first) in one of the dense variants.
 
+    ``last_block`` names a registered attention (:mod:`ovseg.models.attention`); ``grid`` is the patch grid
+    (rows, cols), needed by attentions that look at token positions (a square grid is assumed when omitted).
     ``vanilla`` + ``token`` + ``ffn`` is exactly the block's normal forward.
     """
-    if last_block not in LAST_BLOCKS:
-        raise ValueError(f"last_block must be one of {LAST_BLOCKS}, got {last_block!r}")
-    y = block.ln_1(x)
-    if last_block == "value":
-        # Attention replaced by the identity map: each token keeps its own value (MaskCLIP). Heads are
-        # irrelevant because nothing mixes across tokens.
-        attended = F.linear(y, block.v_weight, block.v_bias)
-    else:
-        q = _split_heads(F.linear(y, block.q_weight, block.q_bias), block.num_heads)
-        k = _split_heads(F.linear(y, block.k_weight, block.k_bias), block.num_heads)
-        v = _split_heads(F.linear(y, block.v_weight, block.v_bias), block.num_heads)
-        if last_block == "vanilla":
-            attended = F.scaled_dot_product_attention(q, k, v)
-        else:
-            # qq_kk: softmax(q qᵀ s) v + softmax(k kᵀ s) v == (softmax(q qᵀ s) + softmax(k kᵀ s)) v, with
-            # SDPA's default scale s = head_dim^-0.5 as in SCLIP.
-            attended = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
-        attended = _merge_heads(attended)
+    attention = get_attention(last_block)
+    if grid is None:
+        side = math.isqrt(x.shape[1] - 1)
+        grid = (side, side)
+    tokens = AttentionTokens(block.ln_1(x), block.q_weight, block.q_bias, block.k_weight, block.k_bias,
+                             block.v_weight, block.v_bias, block.num_heads, grid)
+    attended = _merge_heads(attention(tokens))
     attn_out = block.ls_1(block.out_proj(attended))
 
     if residual == "token":
@@ -695,7 +683,7 @@ class DenseCLIP(nn.Module):
         for block in blocks:
             x = block(x)
         cfg = self.config
-        x = dense_last_block(x, last, cfg.last_block, cfg.residual, cfg.ffn)
+        x = dense_last_block(x, last, cfg.last_block, cfg.residual, cfg.ffn, grid)
         return project(ln_post(x))
 
     def _open_clip_vit_tokens(self, images: Tensor) -> Tensor:

@@ -1,14 +1,15 @@
-"""NACLIP (sinahmr/NACLIP) beside ovseg's ``naclip`` protocol: ``naclip.py`` ``NACLIP`` with its
-``configs/cfg_*.py`` and PAMR off (``eval.py --pamr off``; ovseg has no PAMR). ovseg has no NACLIP attention
-yet, so the NACLIP pipeline is compared with the attention variants ovseg has, chosen through NACLIP's own
-``visual.set_params(arch, attn_strategy, gaussian_std)``: ``vanilla``/``vanilla`` = CLIP, ``vanilla``/``csa`` =
-SCLIP's CSA (ovseg ``qq_kk``), ``reduced``/``vanilla`` = the last block without residual and FFN (ovseg
-``residual="none", ffn=False``)."""
+"""NACLIP (sinahmr/NACLIP) beside ovseg's ``naclip`` protocol and :class:`ovseg.methods.NACLIP`: ``naclip.py``
+``NACLIP`` with its ``configs/cfg_*.py`` and PAMR off (``eval.py --pamr off``; ovseg has no PAMR). Variants are
+chosen through NACLIP's own ``visual.set_params(arch, attn_strategy, gaussian_std)``: ``reduced``/``naclip`` = the
+method (ovseg ``last_block="naclip", residual="none", ffn=False``), ``reduced``/``kk``, ``reduced``/``vanilla`` (the
+last block without residual and FFN), ``vanilla``/``vanilla`` = CLIP, ``vanilla``/``csa`` = SCLIP's CSA (ovseg
+``qq_kk``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import ovseg.methods.naclip  # noqa: F401  (registers last_block "naclip")
 from ovseg.parity.common import ParityRecord
 from ovseg.parity.mmseg_clip import Harness, Variant, run_harness
 
@@ -22,6 +23,10 @@ HARNESS = Harness(
              "coco_object": "coco_object", "coco_stuff171": "coco_stuff164k", "cityscapes": "city_scapes",
              "ade150": "ade20k"},
     variants=(
+        Variant("reduced/naclip", set_params=("reduced", "naclip", 5.0),
+                clip={"last_block": "naclip", "residual": "none", "ffn": False}),
+        Variant("reduced/kk", set_params=("reduced", "kk", 5.0),
+                clip={"last_block": "kk", "residual": "none", "ffn": False}),
         Variant("reduced/vanilla", set_params=("reduced", "vanilla", 5.0),
                 clip={"last_block": "vanilla", "residual": "none", "ffn": False}),
         Variant("vanilla/vanilla", set_params=("vanilla", "vanilla", 5.0),
@@ -29,7 +34,7 @@ HARNESS = Harness(
         Variant("vanilla/csa", set_params=("vanilla", "csa", 5.0),
                 clip={"last_block": "qq_kk", "residual": "token", "ffn": True}),
     ),
-    label_variant="reduced/vanilla",
+    label_variant="reduced/naclip",
     label_datasets=("voc21", "voc20", "coco_stuff171"),
     full_text_dataset="coco_stuff171",
     # eval.py --pamr off (the default pamr_steps=10 is NACLIP's post-processed setting; ovseg has no PAMR)

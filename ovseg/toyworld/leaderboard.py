@@ -53,6 +53,9 @@ class Method:
 METHODS = (
     Method("clip", "CLIP (zero-shot, vanilla last block)", "clip.yaml", False),
     Method("maskclip", "MaskCLIP (zero-shot, value path)", "maskclip.yaml", False),
+    Method("sclip", "SCLIP (zero-shot, correlative self-attention)", "sclip.yaml", False),
+    Method("clearclip", "ClearCLIP (zero-shot, q-q attention, no residual/FFN)", "clearclip.yaml", False),
+    Method("naclip", "NACLIP (zero-shot, neighbourhood attention, no residual/FFN)", "naclip.yaml", False),
     Method("pixelclip", "PixelCLIP", "pixelclip.yaml", True, "pixelclip_steps"),
     Method("clips4", "CLIP-S4", "clips4.yaml", True, "clips4_steps"),
 )

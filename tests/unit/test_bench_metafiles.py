@@ -14,7 +14,7 @@ META_DIR = REPO / "benchmarks" / "metafiles"
 SHARED_BASE = REPO.parent  # the folder holding shared/ (the cited documents)
 HAVE_SHARED = (SHARED_BASE / "shared" / "spec" / "pixelclip.md").is_file()
 VARIANTS = {"pixelclip_vitb16_sa1b", "pixelclip_vitb16_dino", "pixelclip_convnextb_sa1b", "pixelclip_convnextb_dino",
-            "clips4_vitb16", "maskclip_vitb16", "clip_vitb16", "clip_convnextb"}
+            "clips4_vitb16", "maskclip_vitb16", "clip_vitb16", "clip_convnextb", "sclip_vitb16"}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def metas():
 
 def test_one_metafile_per_method_variant(metas):
     assert set(metas) == VARIANTS
-    assert {m.method for m in metas.values()} == {"PixelCLIP", "CLIPS4", "MaskCLIP", "CLIP"}
+    assert {m.method for m in metas.values()} == {"PixelCLIP", "CLIPS4", "MaskCLIP", "CLIP", "SCLIP"}
     for m in metas.values():
         assert m.model.get("hardware") and m.paper["title"]
         assert all(e.sources for e in m.evaluations)

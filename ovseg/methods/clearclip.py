@@ -1,0 +1,29 @@
+"""ClearCLIP (Lan et al., "ClearCLIP: Decomposing CLIP Representations for Dense Vision-Language Inference",
+ECCV 2024, arXiv 2407.12442): the last block with self-self (query-query) attention, its residual connection and
+its feed-forward network removed (Sec. 3.3-3.4). The attention is ``qq`` in :mod:`ovseg.models.attention`; the
+paper evaluates under the SCLIP harness (``sclip`` protocol)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ovseg.methods.zeroshot import ZeroShotCLIP
+from ovseg.models.clip import CLIPConfig
+
+
+class ClearCLIP(ZeroShotCLIP):
+    """ClearCLIP: q-q attention in the last block, no residual, no MLP."""
+
+    default_protocol = "sclip"
+
+    def __init__(
+        self,
+        clip: CLIPConfig = CLIPConfig(last_block="qq", residual="none", ffn=False),
+        protocol: str | None = None,
+        protocol_overrides: dict[str, Any] | None = None,
+        window_batch_size: int = 8,
+        results_dir: str | None = None,
+        predict_dir: str | None = None,
+        gallery_size: int = 4,
+    ):
+        super().__init__(clip, protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)

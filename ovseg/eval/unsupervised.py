@@ -182,7 +182,8 @@ def fit_linear_probe(embed: Embed, dataset, num_classes: int, dim: int, iteratio
 
 
 class _Probe(OVSegMethod):
-    """Shared parts: the wrapped embedder, its checkpoint, the labelled training split, class mapping."""
+    """Shared parts: the wrapped embedder, its checkpoint, the labelled training split, class mapping; ``**evaluation``
+    are :class:`~ovseg.methods.base.OVSegMethod`'s evaluation settings."""
 
     HPARAMS_IGNORE = ("embedder",)
     default_protocol = "maskclip"
@@ -190,10 +191,8 @@ class _Probe(OVSegMethod):
 
     def __init__(self, embedder: OVSegMethod, checkpoint: str | None = None, train_dataset: str = "voc21",
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,
-                 protocol: str | None = None, protocol_overrides: dict[str, Any] | None = None,
-                 window_batch_size: int = 8, results_dir: str | None = None, predict_dir: str | None = None,
-                 gallery_size: int = 4):
-        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
+                 **evaluation: Any):
+        super().__init__(**evaluation)
         self.embedder = embedder
         self.embedder.requires_grad_(False)
         self.checkpoint = checkpoint
@@ -269,12 +268,9 @@ class KNNProbe(_Probe):
 
     def __init__(self, embedder: OVSegMethod, checkpoint: str | None = None, train_dataset: str = "voc21",
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,
-                 num_segments: int = 36, kmeans_iterations: int = 20, neighbours: int = 20,
-                 protocol: str | None = None, protocol_overrides: dict[str, Any] | None = None,
-                 window_batch_size: int = 8, results_dir: str | None = None, predict_dir: str | None = None,
-                 gallery_size: int = 4):
-        super().__init__(embedder, checkpoint, train_dataset, train_split, train_limit, train_short_side, protocol,
-                         protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
+                 num_segments: int = 36, kmeans_iterations: int = 20, neighbours: int = 20, **evaluation: Any):
+        super().__init__(embedder, checkpoint, train_dataset, train_split, train_limit, train_short_side,
+                         **evaluation)
         self.num_segments, self.kmeans_iterations, self.neighbours = num_segments, kmeans_iterations, neighbours
         self.bank: Tensor | None = None
         self.bank_labels: Tensor | None = None
@@ -305,12 +301,9 @@ class LinearProbe(_Probe):
     def __init__(self, embedder: OVSegMethod, checkpoint: str | None = None, train_dataset: str = "voc21",
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,
                  iterations: int = 60000, lr: float = 0.1, crop_size: int = 512, probe_batch_size: int = 16,
-                 momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
-                 protocol: str | None = None, protocol_overrides: dict[str, Any] | None = None,
-                 window_batch_size: int = 8, results_dir: str | None = None, predict_dir: str | None = None,
-                 gallery_size: int = 4):
-        super().__init__(embedder, checkpoint, train_dataset, train_split, train_limit, train_short_side, protocol,
-                         protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
+                 momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0, **evaluation: Any):
+        super().__init__(embedder, checkpoint, train_dataset, train_split, train_limit, train_short_side,
+                         **evaluation)
         self.probe_settings = dict(iterations=iterations, lr=lr, crop=crop_size, batch_size=probe_batch_size,
                                    momentum=momentum, weight_decay=weight_decay, seed=seed)
         self.weight: Tensor | None = None

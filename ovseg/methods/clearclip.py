@@ -19,11 +19,7 @@ class ClearCLIP(ZeroShotCLIP):
     def __init__(
         self,
         clip: CLIPConfig = CLIPConfig(last_block="qq", residual="none", ffn=False),
-        protocol: str | None = None,
-        protocol_overrides: dict[str, Any] | None = None,
-        window_batch_size: int = 8,
-        results_dir: str | None = None,
-        predict_dir: str | None = None,
-        gallery_size: int = 4,
+        **evaluation: Any,
     ):
-        super().__init__(clip, protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
+        """``evaluation``: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …)."""
+        super().__init__(clip, **evaluation)

@@ -20,11 +20,7 @@ class SCLIP(ZeroShotCLIP):
     def __init__(
         self,
         clip: CLIPConfig = CLIPConfig(last_block="qq_kk", residual="token", ffn=True),
-        protocol: str | None = None,
-        protocol_overrides: dict[str, Any] | None = None,
-        window_batch_size: int = 8,
-        results_dir: str | None = None,
-        predict_dir: str | None = None,
-        gallery_size: int = 4,
+        **evaluation: Any,
     ):
-        super().__init__(clip, protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
+        """``evaluation``: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …)."""
+        super().__init__(clip, **evaluation)

@@ -22,14 +22,11 @@ class ZeroShotCLIP(OVSegMethod):
     def __init__(
         self,
         clip: CLIPConfig,
-        protocol: str | None = None,
-        protocol_overrides: dict[str, Any] | None = None,
-        window_batch_size: int = 8,
-        results_dir: str | None = None,
-        predict_dir: str | None = None,
-        gallery_size: int = 4,
+        **evaluation: Any,
     ):
-        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
+        """``clip``: the CLIP and its last block; ``evaluation``: the evaluation settings of
+        :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, ``protocol_overrides``, …), never re-typed here."""
+        super().__init__(**evaluation)
         self.encoder = DenseCLIP(clip)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
@@ -69,14 +66,10 @@ class CLIP(ZeroShotCLIP):
     def __init__(
         self,
         clip: CLIPConfig = CLIPConfig(last_block="vanilla", residual="token", ffn=True),
-        protocol: str | None = None,
-        protocol_overrides: dict[str, Any] | None = None,
-        window_batch_size: int = 8,
-        results_dir: str | None = None,
-        predict_dir: str | None = None,
-        gallery_size: int = 4,
+        **evaluation: Any,
     ):
-        super().__init__(clip, protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
+        """``evaluation``: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …)."""
+        super().__init__(clip, **evaluation)
 
 
 class MaskCLIP(ZeroShotCLIP):
@@ -87,11 +80,7 @@ class MaskCLIP(ZeroShotCLIP):
     def __init__(
         self,
         clip: CLIPConfig = CLIPConfig(last_block="value", residual="token", ffn=True),
-        protocol: str | None = None,
-        protocol_overrides: dict[str, Any] | None = None,
-        window_batch_size: int = 8,
-        results_dir: str | None = None,
-        predict_dir: str | None = None,
-        gallery_size: int = 4,
+        **evaluation: Any,
     ):
-        super().__init__(clip, protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
+        """``evaluation``: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …)."""
+        super().__init__(clip, **evaluation)

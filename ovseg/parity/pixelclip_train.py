@@ -435,7 +435,8 @@ def training_records(ref_dir: Path, device: str = "cpu", work_dir: Path | None =
     add(ParityRecord(REFERENCE, "optimizer step on identical gradients", PROTOCOL, max_rel_diff=worst,
                      tolerance=TRAINING_TOLERANCE, passed=worst <= TRAINING_TOLERANCE,
                      detail="θ₁−θ₀ of every trained tensor, all elements, in float64: their build_optimizer "
-                            "(+ full-model clipping in step) vs ovseg configure_optimizers + Lightning's clip_gradients"))
+                            "(+ full-model clipping in step) vs ovseg configure_optimizers + Lightning's "
+                            "clip_gradients"))
     our_teacher = dict(ours.teacher.model.visual.named_parameters())
     teacher_theirs = dict(theirs.teacher_encoder.visual.named_parameters())
     moved = [n for n in teacher_before if student_visual[n].requires_grad]

@@ -145,7 +145,8 @@ def test_ovseg_test_runs_a_variant_from_a_test_module(synthetic_root, tmp_path):
     main(["test", "--config", str(REPO / "configs/tiny/clip.yaml"), "--data.root", str(synthetic_root),
           "--data.datasets", "[voc21]", "--model.init_args.clip.last_block", f"{__name__}:mean_attention",
           "--model.init_args.clip.residual", "none", "--model.init_args.clip.ffn", "false",
-          "--model.init_args.protocol_overrides", "{short_side: 64, long_side_max: 256, mode: whole, templates: single}",
+          "--model.init_args.protocol_overrides",
+          "{short_side: 64, long_side_max: 256, mode: whole, templates: single}",
           "--model.init_args.results_dir", str(out), "--trainer.default_root_dir", str(out),
           "--trainer.logger.init_args.save_dir", str(out)])
     results = json.loads((out / "results.json").read_text())

@@ -74,6 +74,7 @@ class CLIPS4(OVSegMethod):
         strict_vocabulary: while fitting, refuse to encode names outside the training vocabulary (turn on
             for held-out protocols, where validation must not run during fit).
         unknown_seed: seed of the unknown-prototype k-means initialisation (same on every process).
+        **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
     """
 
     HPARAMS_IGNORE = ("backbone",)
@@ -109,14 +110,9 @@ class CLIPS4(OVSegMethod):
         weight_decay: float = 1e-3,
         poly_power: float = 0.9,
         strict_vocabulary: bool = False,
-        protocol: str | None = None,
-        protocol_overrides: dict[str, Any] | None = None,
-        window_batch_size: int = 8,
-        results_dir: str | None = None,
-        predict_dir: str | None = None,
-        gallery_size: int = 4,
+        **evaluation: Any,
     ):
-        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
+        super().__init__(**evaluation)
         if own_segment not in ("exclude", "negative"):
             raise ValueError(f"own_segment must be 'exclude' or 'negative', got {own_segment!r}")
         if embedding_loss not in ("infonce", "cosine"):

@@ -158,6 +158,7 @@ class PixelCLIP(OVSegMethod):
         max_steps: schedule length; None: the trainer's ``max_steps`` (10,000 in the paper).
         inference_feature_size: dense features are bilinearly upsampled to this square before the cosine (64).
         eval_templates: default template set for ``encode_text`` when the protocol gives none.
+        **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
     """
 
     default_protocol = "pixelclip"
@@ -192,14 +193,9 @@ class PixelCLIP(OVSegMethod):
         lr_end_factor: float = 0.5,
         max_steps: int | None = None,
         inference_feature_size: int = 64,
-        protocol: str | None = None,
-        protocol_overrides: dict[str, Any] | None = None,
-        window_batch_size: int = 8,
-        results_dir: str | None = None,
-        predict_dir: str | None = None,
-        gallery_size: int = 4,
+        **evaluation: Any,
     ):
-        super().__init__(protocol, protocol_overrides, window_batch_size, results_dir, predict_dir, gallery_size)
+        super().__init__(**evaluation)
         if not 0.0 <= ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1], got {ema_momentum}")
         self.encoder = DenseCLIP(clip)

@@ -132,6 +132,15 @@ def stub_module(name: str, **attributes: Any) -> types.ModuleType:
     return module
 
 
+def pkg_resources_stand_in() -> types.ModuleType:
+    """OpenAI's ``clip/clip.py`` (and the copies in SCLIP, NACLIP) runs ``from pkg_resources import packaging``;
+    setuptools >= 81 has no ``pkg_resources``."""
+    import packaging.version
+
+    assert packaging.version  # loaded, so clip's ``packaging.version.parse`` resolves
+    return stub_module("pkg_resources", packaging=sys.modules["packaging"])
+
+
 @contextlib.contextmanager
 def reference_imports(ref_dir: Path, stubs: dict[str, types.ModuleType] | None = None) -> Iterator[None]:
     """Import from a reference checkout (``ref_dir`` first on ``sys.path``) with ``stubs`` standing in for the

@@ -49,6 +49,7 @@ from ovseg.parity.common import (
     ParityRecord,
     generated_image,
     label_record,
+    pkg_resources_stand_in,
     random_openai_clip,
     reference_imports,
     tensor_record,
@@ -183,7 +184,13 @@ def _openai_clip(weights: Path, device: str) -> Iterator[types.ModuleType]:
     """The ``clip`` module MaskCLIP's tools import: OpenAI's package, loading ``weights`` in fp32 on ``device``
     whatever name is asked for; on a CPU run ``Tensor.cuda`` returns the tensor itself."""
     before = {name for name in sys.modules if name == "clip" or name.startswith("clip.")}
-    import clip as openai_clip
+    saved_pkg_resources = sys.modules.get("pkg_resources")
+    sys.modules["pkg_resources"] = saved_pkg_resources or pkg_resources_stand_in()
+    try:
+        import clip as openai_clip  # OpenAI's package (pip install openai-clip: the parity extra)
+    finally:
+        if saved_pkg_resources is None:
+            del sys.modules["pkg_resources"]
 
     def load(name, device_=None, jit=False, download_root=None, **kwargs):
         # clip.load's path for a state-dict file (jit=False): build_model(state_dict).to(device); clip.load itself

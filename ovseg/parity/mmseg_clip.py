@@ -36,6 +36,7 @@ from ovseg.parity.common import (
     ParityRecord,
     generated_image,
     label_record,
+    pkg_resources_stand_in,
     reference_imports,
     stub_module,
     tensor_record,
@@ -117,11 +118,8 @@ class _SegDataPreProcessor(torch.nn.Module):
 
 
 def stand_ins() -> dict:
-    import packaging.version
     from mmengine.registry import Registry
 
-    packaging_pkg = sys.modules["packaging"]
-    assert packaging.version
     return {
         "mmseg": stub_module("mmseg"),
         "mmseg.models": stub_module("mmseg.models"),
@@ -130,7 +128,7 @@ def stand_ins() -> dict:
                                                       SegDataPreProcessor=_SegDataPreProcessor),
         "mmseg.registry": stub_module("mmseg.registry", MODELS=Registry("parity-model")),
         # OpenAI's clip.py: `from pkg_resources import packaging` (setuptools >= 81 has no pkg_resources)
-        "pkg_resources": stub_module("pkg_resources", packaging=packaging_pkg),
+        "pkg_resources": pkg_resources_stand_in(),
     }
 
 

@@ -2,7 +2,7 @@
 
 - :mod:`ovseg.bench.metafile`: ``benchmarks/metafiles/*.yaml`` (one per method variant: paper, config,
   protocol, the paper's numbers with their sources, weights, hardware) — loading and validation.
-- :mod:`ovseg.bench.sources`: checks each cited number against the document it cites.
+- :mod:`ovseg.bench.citations`: checks each cited number against the document it cites.
 - :mod:`ovseg.bench.suite`: ``benchmarks/suites/*.yaml`` — runs every evaluation of a suite, resumable
   per entry and per dataset, one ``results.json`` per entry.
 - :mod:`ovseg.bench.report`: ``RESULTS.md`` and ``results.csv`` from results files + metafiles.

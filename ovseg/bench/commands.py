@@ -123,7 +123,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
 
 def _cmd_validate(ns: argparse.Namespace) -> int:
     from ovseg.bench.metafile import default_metafile_dir, load_metafiles
-    from ovseg.bench.sources import check_metafile_sources
+    from ovseg.bench.citations import check_metafile_sources
     from ovseg.bench.suite import load_suite
 
     meta_dir = Path(ns.metafiles) if ns.metafiles else default_metafile_dir()

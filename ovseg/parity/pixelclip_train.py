@@ -242,7 +242,7 @@ def _ovseg_step(model, trainer_cfg: dict[str, Any], batch: dict[str, Any], devic
     """One ``lightning.Trainer.fit`` step of ovseg's PixelCLIP with the YAML's gradient clipping and precision."""
     import lightning as L
 
-    import ovseg.methods.pixelclip.model as pixelclip_model
+    import ovseg.methods.pixelclip.method as pixelclip_model
 
     record: dict[str, Any] = {}
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ovseg.bench.metafile import MetafileError, PaperValue, load_metafile, load_metafiles
-from ovseg.bench.sources import check_metafile_sources, markdown_table_after, tsv_table_before
+from ovseg.bench.citations import check_metafile_sources, markdown_table_after, tsv_table_before
 from ovseg.bench.suite import load_suite
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 from ovseg.methods.pixelclip.dino import DinoConfig, DinoMasker, kmeans
 from ovseg.methods.pixelclip.head import ConvHead
-from ovseg.methods.pixelclip.model import PixelCLIP, cluster_targets, trainable_visual_names
+from ovseg.methods.pixelclip.method import PixelCLIP, cluster_targets, trainable_visual_names
 from ovseg.methods.pixelclip.prompts import LearnablePrompts, encode_prompted_text
 from ovseg.methods.pixelclip.sinkhorn import distributed_sinkhorn
 

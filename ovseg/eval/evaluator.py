@@ -11,6 +11,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
+import numpy as np
 import torch
 
 from ovseg.data.classnames import read_class_names
@@ -77,6 +78,8 @@ class DatasetEvaluation:
     #: the dataset's own class names (the protocol may spell them otherwise, e.g. MaskCLIP's ``airplane``)
     dataset_class_names: list[list[str]] | None = None
     num_images: int = 0
+    #: (id, image uint8 HWC, label, prediction) of the first images this process scored (the test gallery)
+    gallery: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
 class Evaluator:
@@ -88,10 +91,14 @@ class Evaluator:
         overrides: dict[str, Any] | None = None,
         window_batch_size: int = 8,
         max_chunk_bytes: int = 64 * 2**20,
+        gallery_size: int = 0,
     ):
+        """``gallery_size``: keep this many first predictions per dataset (with their image and label) for the
+        pictures after ``ovseg test``, so nothing is predicted twice."""
         self.protocol = protocol
         self.overrides = dict(overrides or {})
         self.window_batch_size = window_batch_size
+        self.gallery_size = gallery_size
         self.max_chunk_bytes = max_chunk_bytes
         self.datasets: dict[str, DatasetEvaluation] = {}
 
@@ -155,12 +162,17 @@ class Evaluator:
             max_chunk_bytes=self.max_chunk_bytes,
         )
 
-    def update(self, method: OVSegMethod, name: str, images: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
+    def update(self, method: OVSegMethod, name: str, images: list[torch.Tensor], labels: list[torch.Tensor],
+               ids: list[str] | None = None) -> None:
         entry = self.datasets[name]
-        for image, label in zip(images, labels):
+        for index, (image, label) in enumerate(zip(images, labels)):
             pred = self.predict(method, entry, image, tuple(label.shape[-2:]))
             entry.metric.update(pred, label)
             entry.num_images += 1
+            if len(entry.gallery) < self.gallery_size:
+                image_np = (image.float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+                file_id = str(ids[index]) if ids is not None else str(entry.num_images - 1)
+                entry.gallery.append((file_id, image_np, label.cpu().numpy(), pred.cpu().numpy()))
 
     def compute(self) -> dict[str, tuple[torch.Tensor, SegScores, int]]:
         """Confusion matrix (summed over ranks), scores and image count per dataset. Collective:

@@ -129,27 +129,11 @@ def iou_bar_chart(per_class: dict[str, dict], title: str, width: int = 640) -> I
 
 
 def collect_gallery(module, size: int) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]:
-    """Predictions for the first ``size`` images of each evaluation dataset of a finished test run
-    (recomputed: ``size`` extra forward passes per dataset) -> ``{dataset: [(id, image, label, pred)]}``."""
-    from ovseg.data.datamodule import to_unit_float
-
-    out: dict[str, list] = {}
+    """The predictions the evaluator kept while scoring (its ``gallery_size`` first images per dataset on this
+    process; under DDP, rank 0's shard) -> ``{dataset: [(id, image, label, pred)]}``; nothing is predicted again."""
     if size <= 0 or module.evaluator is None:
-        return out
-    for dataset in module.trainer.datamodule.eval_datasets:
-        entry = module.evaluator.datasets.get(dataset.name)
-        if entry is None:
-            continue
-        items = []
-        for i in range(min(size, len(dataset))):
-            sample = dataset[i]
-            image = to_unit_float(sample["image"]).to(module.device)
-            label = sample["label"]
-            pred = module.evaluator.predict(module, entry, image, tuple(label.shape[-2:]))
-            image_np = (image.float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
-            items.append((str(sample["meta"]["id"]), image_np, label.cpu().numpy(), pred.cpu().numpy()))
-        out[dataset.name] = items
-    return out
+        return {}
+    return {name: entry.gallery[:size] for name, entry in module.evaluator.datasets.items() if entry.gallery}
 
 
 def _safe_name(text: str) -> str:

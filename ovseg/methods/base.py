@@ -120,7 +120,8 @@ class OVSegMethod(L.LightningModule):
     def _start_evaluation(self) -> None:
         datamodule = self.trainer.datamodule
         self.evaluator = Evaluator(
-            load_protocol(self.protocol_name), self.protocol_overrides, window_batch_size=self.window_batch_size
+            load_protocol(self.protocol_name), self.protocol_overrides, window_batch_size=self.window_batch_size,
+            gallery_size=self.gallery_size,
         )
         for dataset in datamodule.eval_datasets:
             self.evaluator.add_dataset(
@@ -130,7 +131,7 @@ class OVSegMethod(L.LightningModule):
 
     def _eval_step(self, batch: dict) -> None:
         name = batch["meta"][0]["dataset"]
-        self.evaluator.update(self, name, batch["image"], batch["label"])
+        self.evaluator.update(self, name, batch["image"], batch["label"], [m["id"] for m in batch["meta"]])
 
     def _finish_evaluation(self, stage: str) -> dict[str, Any]:
         computed = self.evaluator.compute()
@@ -222,7 +223,7 @@ class OVSegMethod(L.LightningModule):
             try:
                 from ovseg.eval.visualize import log_test_media
 
-                log_test_media(self, self.results, getattr(self, "gallery_size", 4))
+                log_test_media(self, self.results, self.gallery_size)
             except Exception as err:  # noqa: BLE001
                 rank_zero_warn(f"could not log the result pictures/tables: {type(err).__name__}: {err}")
 

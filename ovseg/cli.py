@@ -72,7 +72,7 @@ def _expand_aliases(argv: list[str]) -> list[str]:
 #: command name -> module with ``register(subparsers)`` adding its argparse parser; each parser sets
 #: ``func`` to a callable taking the parsed Namespace and returning an exit code.
 COMMANDS: dict[str, str] = {
-    "data": "ovseg.data.commands",
+    "data": "ovseg.tools.data_commands",
     "bench": "ovseg.bench.commands",
     "toyworld": "ovseg.toyworld.commands",
     "masks": "ovseg.tools.masks",

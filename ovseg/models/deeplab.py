@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ovseg.methods.clips4.backbones import Backbone
+from ovseg.models.backbone import Backbone
 
 __all__ = ["DeepLabResNet"]
 

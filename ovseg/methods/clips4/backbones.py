@@ -1,4 +1,5 @@
-"""CLIP-S4 backbones: the pixel-embedding model f (spec "Backbone").
+"""CLIP-S4 backbones: the pixel-embedding model f (spec "Backbone"; the interface is
+:class:`ovseg.models.backbone.Backbone`, where other backbones such as ``ovseg.models.deeplab`` also live).
 
 A backbone maps images in [0, 1] ``[B, 3, H, W]`` to embeddings ``[B, D, H/s, W/s]`` in CLIP's joint space
 (not normalised). It is built in two steps so a config can choose it before CLIP is loaded:
@@ -10,33 +11,14 @@ into ``backbone`` (lr × ``backbone_lr_mult``) and ``head``.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovseg.models.backbone import Backbone
 from ovseg.models.clip import DenseCLIP
 
 __all__ = ["Backbone", "CLIPDenseEncoder", "UpsampleHead"]
-
-
-class Backbone(nn.Module):
-    """Base class (config: ``backbone: {class_path: ovseg.methods.clips4.CLIPDenseEncoder, init_args: ...}``)."""
-
-    output_stride: int = 8
-
-    def build(self, teacher: DenseCLIP) -> None:
-        raise NotImplementedError
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        raise NotImplementedError
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        """Constructor settings as a config entry (recorded in the method's hyper-parameters, which
-        LightningCLI re-parses from checkpoints, and in results files)."""
-        return {"class_path": f"{type(self).__module__}.{type(self).__name__}",
-                "init_args": dict(getattr(self, "_settings", {}))}
 
 
 class UpsampleHead(nn.Module):

@@ -42,7 +42,7 @@ def test_gallery_keeps_the_scored_predictions_without_predicting_again():
     gallery = collect_gallery(SimpleNamespace(evaluator=evaluator), 4)
     assert method.calls == 3  # nothing predicted again
     assert [item[0] for item in gallery["voc21"]] == ["a", "b"]
-    for (file_id, image, label, pred), source, source_label in zip(gallery["voc21"], images, labels):
+    for (_file_id, image, label, pred), source, source_label in zip(gallery["voc21"], images, labels):
         np.testing.assert_array_equal(pred, evaluator.predict(method, entry, source, (40, 56)).numpy())
         np.testing.assert_array_equal(label, source_label.numpy())
         np.testing.assert_array_equal(image, (source.numpy().transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8))

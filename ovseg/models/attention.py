@@ -23,10 +23,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:  # clip.py imports this module
+    from ovseg.models.clip import TransformerBlockView
 
 
 @dataclass
@@ -35,36 +38,30 @@ class AttentionTokens:
     computes ``q`` or ``k``)."""
 
     normed: Tensor  #: ``ln_1(x)``, ``[B, 1+N, C]``
-    q_weight: Tensor
-    q_bias: Tensor | None
-    k_weight: Tensor
-    k_bias: Tensor | None
-    v_weight: Tensor
-    v_bias: Tensor | None
-    num_heads: int
+    block: TransformerBlockView  #: the block's projection weights and head count
     grid: tuple[int, int]  #: the patch grid ``(rows, cols)``, ``N = rows * cols``
 
     def _heads(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         batch, length, _ = self.normed.shape
         x = F.linear(self.normed, weight, bias)
-        return x.view(batch, length, self.num_heads, -1).transpose(1, 2)
+        return x.view(batch, length, self.block.num_heads, -1).transpose(1, 2)
 
     @cached_property
     def q(self) -> Tensor:
-        return self._heads(self.q_weight, self.q_bias)
+        return self._heads(self.block.q_weight, self.block.q_bias)
 
     @cached_property
     def k(self) -> Tensor:
-        return self._heads(self.k_weight, self.k_bias)
+        return self._heads(self.block.k_weight, self.block.k_bias)
 
     @cached_property
     def v(self) -> Tensor:
-        return self._heads(self.v_weight, self.v_bias)
+        return self._heads(self.block.v_weight, self.block.v_bias)
 
     @property
     def scale(self) -> float:
         """``head_dim ** -0.5``, the scale of CLIP's own attention (and SDPA's default)."""
-        return (self.q_weight.shape[0] // self.num_heads) ** -0.5
+        return (self.block.q_weight.shape[0] // self.block.num_heads) ** -0.5
 
 
 AttentionFn = Callable[[AttentionTokens], Tensor]

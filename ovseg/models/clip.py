@@ -163,9 +163,10 @@ def dense_last_block(
     attention = get_attention(last_block)
     if grid is None:
         side = math.isqrt(x.shape[1] - 1)
+        if side * side != x.shape[1] - 1:
+            raise ValueError(f"{x.shape[1] - 1} patch tokens are not a square grid: pass grid=(rows, cols)")
         grid = (side, side)
-    tokens = AttentionTokens(block.ln_1(x), block.q_weight, block.q_bias, block.k_weight, block.k_bias,
-                             block.v_weight, block.v_bias, block.num_heads, grid)
+    tokens = AttentionTokens(block.ln_1(x), block, grid)
     attended = _merge_heads(attention(tokens))
     attn_out = block.ls_1(block.out_proj(attended))
 

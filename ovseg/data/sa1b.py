@@ -216,10 +216,9 @@ class PixelCLIPViews:
         """(h, w) after the shortest-edge resize with the long-side cap (detectron2's size rule)."""
         return keep_ratio_size(height, width, self.resize_short, self.resize_long_max, rule="detectron2")
 
-    def crop_offset(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-        """(y0, x0, crop h, crop w) of the random crop in the resized image: detectron2's ``RandomCrop("absolute")``
-        (crop = min(size, side); offsets ``randint(side - crop + 1)``, rows first)."""
-        rh, rw = self.resized_shape(height, width)
+    def crop_offset(self, rh: int, rw: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(y0, x0, crop h, crop w) of the random crop in the resized ``rh``×``rw`` image: detectron2's
+        ``RandomCrop("absolute")`` (crop = min(size, side); offsets ``randint(side - crop + 1)``, rows first)."""
         ch, cw = min(self.crop_size, rh), min(self.crop_size, rw)
         y0 = int(rng.integers(0, rh - ch + 1))
         x0 = int(rng.integers(0, rw - cw + 1))
@@ -257,7 +256,7 @@ class PixelCLIPViews:
 
         height, width = image.shape[:2]
         rh, rw = self.resized_shape(height, width)
-        y0, x0, ch, cw = self.crop_offset(height, width, rng)
+        y0, x0, ch, cw = self.crop_offset(rh, rw, rng)
         resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BILINEAR))
         weak = np.ascontiguousarray(resized[y0:y0 + ch, x0:x0 + cw])
         size = (self.crop_size, self.crop_size)

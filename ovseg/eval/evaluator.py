@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ovseg.data.classnames import read_class_names
-from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, whole_logits
+from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, to_uint8_hwc, whole_logits
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
 from ovseg.eval.protocols import Protocol, ProtocolSettings
 from ovseg.models.clip import DenseCLIP, DenseOptions
@@ -170,9 +170,8 @@ class Evaluator:
             entry.metric.update(pred, label)
             entry.num_images += 1
             if len(entry.gallery) < self.gallery_size:
-                image_np = (image.float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
                 file_id = str(ids[index]) if ids is not None else str(entry.num_images - 1)
-                entry.gallery.append((file_id, image_np, label.cpu().numpy(), pred.cpu().numpy()))
+                entry.gallery.append((file_id, to_uint8_hwc(image), label.cpu().numpy(), pred.cpu().numpy()))
 
     def compute(self) -> dict[str, tuple[torch.Tensor, SegScores, int]]:
         """Confusion matrix (summed over ranks), scores and image count per dataset. Collective:

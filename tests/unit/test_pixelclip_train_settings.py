@@ -69,3 +69,18 @@ def test_norm_embed_rule_keeps_ovsegs_old_groups():
     assert _decay_of(model, visual.transformer.resblocks[-1].attn.in_proj_weight) == 1e-4
     with pytest.raises(ValueError, match="weight_decay_rule"):
         make_model(weight_decay_rule="timm")
+
+
+def test_training_input_is_normalised_on_0_255_then_resized_as_the_authors_forward():
+    import torch.nn.functional as F
+
+    model = make_model()  # tiny CLIP with OpenAI's mean/std, clip_resolution 64
+    images = torch.randint(0, 256, (2, 3, 48, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    # pixelclip/config.py CLIP_PIXEL_MEAN / CLIP_PIXEL_STD, applied as pixelclip/pixelclip.py forward does
+    mean = torch.tensor([122.7709383, 116.7460125, 104.09373615]).view(1, 3, 1, 1)
+    std = torch.tensor([68.5005327, 66.6321579, 70.3231630]).view(1, 3, 1, 1)
+    theirs = F.interpolate((images.float() - mean) / std, size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.equal(model._clip_input(model.encoder, images), theirs)  # bitwise
+    # the float [0, 1] path (normalize, then resize) agrees to rounding
+    ours01 = model._clip_input(model.encoder, images.float() / 255)
+    torch.testing.assert_close(ours01, theirs, atol=1e-5, rtol=0)

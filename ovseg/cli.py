@@ -1,5 +1,5 @@
-"""``ovseg``: LightningCLI for fit / validate / test / predict, plus a small dispatcher for the
-commands that are not Trainer runs (``data``; later ``masks``, ``weights``, ``bench``).
+"""``ovseg``: the Lightning commands fit / validate / test / predict (:mod:`ovseg.runner`), plus a small
+dispatcher for the commands that are not Trainer runs (``data``, ``masks``, ``weights``, ``bench``, ``folds``, …).
 
     ovseg test --config configs/tiny/maskclip.yaml --data.root data/synthetic
     ovseg predict --config configs/eval/maskclip_vitb16.yaml --images photos/ --classes "cat,dog,sky"
@@ -10,62 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-import warnings
+from pathlib import Path
 
-# Importing albumentations otherwise asks PyPI for a newer version on every start.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from ovseg import __version__
 
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+__all__ = ["COMMANDS", "main"]
 
-from ovseg import __version__  # noqa: E402
-
+#: the Lightning commands, run by :func:`ovseg.runner.run_trainer` (imported only then: the other commands start
+#: without Lightning)
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-class OVSegCLI(LightningCLI):
-    """LightningCLI in subclass mode: ``model: {class_path: MaskCLIP, init_args: ...}``."""
-
-    def __init__(self, args: list[str] | None = None, run: bool = True):
-        import ovseg.data.datamodule  # noqa: F401  (short class names resolve once imported)
-        import ovseg.methods  # noqa: F401
-        from ovseg.data.datamodule import OVSegDataModule
-        from ovseg.methods.base import OVSegMethod
-
-        super().__init__(
-            model_class=OVSegMethod,
-            datamodule_class=OVSegDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                # exact distributed evaluation: our loaders shard without repeating samples
-                "use_distributed_sampler": False,
-                "default_root_dir": "outputs",
-                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "outputs"}},
-            },
-            args=args,
-            run=run,
-        )
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"data": {"class_path": "ovseg.data.datamodule.OVSegDataModule"}})
-
-
-# -- argv sugar -----------------------------------------------------------------------------------
-_PREDICT_ALIASES = {"--images": "--data.predict_images", "--classes": "--data.predict_classes"}
-
-
-def _expand_aliases(argv: list[str]) -> list[str]:
-    """``ovseg predict --images DIR --classes "a,b"`` -> the DataModule's predict arguments."""
-    if not argv or argv[0] != "predict":
-        return argv
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        out.append(_PREDICT_ALIASES.get(key, key) + sep + value if key in _PREDICT_ALIASES else arg)
-    return out
 
 
 # -- non-Trainer commands -------------------------------------------------------------------------
@@ -77,7 +32,7 @@ COMMANDS: dict[str, str] = {
     "toyworld": "ovseg.toyworld.commands",
     "masks": "ovseg.tools.masks",
     "weights": "ovseg.tools.weights",
-    "folds": "ovseg.eval.folds_report",
+    "folds": "ovseg.bench.folds",
     "parity": "ovseg.parity.commands",
 }
 
@@ -119,13 +74,34 @@ def _main(argv: list[str]) -> int | None:
         print(f"ovseg: unknown command {argv[0]!r}; use one of {', '.join(TRAINER_SUBCOMMANDS + tuple(COMMANDS))}",
               file=sys.stderr)
         return 2
-    if argv[:1] == ["test"]:  # `ovseg test --config benchmarks/suites/<suite>.yaml`: run the whole suite
-        from ovseg.bench.commands import run_suite_argv
+    if argv[:1] == ["test"] and (suite := _suite_config(argv[1:])) is not None:
+        # `ovseg test --config benchmarks/suites/<suite>.yaml`: every evaluation of the suite
+        from ovseg.bench.commands import run_suite
 
-        rc = run_suite_argv(argv[1:])
-        if rc is not None:
-            return rc
-    # main() passes the (alias-expanded) argv explicitly; Lightning warns when sys.argv is also set
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-    OVSegCLI(args=_expand_aliases(argv))
+        config, rest = suite
+        return run_suite(config, extra=rest)
+    from ovseg.runner import run_trainer
+
+    run_trainer(argv[0], argv[1:])
     return 0
+
+
+#: a suite file's top-level ``suite:`` key; ordinary configs have ``model:``/``data:``/``trainer:`` instead
+_SUITE_KEY = re.compile(r"^suite\s*:", re.MULTILINE)
+
+
+def _suite_config(args: list[str]) -> tuple[str, list[str]] | None:
+    """``(suite file, the other arguments)`` when the first ``--config`` is an evaluation suite, else None. Looks
+    for the top-level key in the text; the config itself is parsed once, by LightningCLI."""
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            value, rest = args[i + 1], args[:i] + args[i + 2:]
+        elif arg.startswith("--config="):
+            value, rest = arg.split("=", 1)[1], args[:i] + args[i + 1:]
+        else:
+            continue
+        path = Path(value)
+        if path.suffix not in (".yaml", ".yml") or not path.is_file():
+            return None
+        return (value, rest) if _SUITE_KEY.search(path.read_text(encoding="utf-8", errors="replace")) else None
+    return None

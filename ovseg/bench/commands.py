@@ -72,24 +72,6 @@ def run_suite(suite: str, extra: list[str] | None = None, variables: dict | None
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
-def run_suite_argv(argv: list[str]) -> int | None:
-    """``ovseg test --config <suite>.yaml [args]`` -> run the suite with ``args`` added to every entry.
-    Returns None when the first ``--config`` is not a suite (an ordinary ``ovseg test``)."""
-    from ovseg.bench.suite import is_suite_file
-
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            value, rest = argv[i + 1], argv[:i] + argv[i + 2:]
-        elif arg.startswith("--config="):
-            value, rest = arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
-        else:
-            continue
-        if not is_suite_file(value):
-            return None
-        return run_suite(value, extra=rest)
-    return None
-
-
 def _cmd_run(ns: argparse.Namespace) -> int:
     variables = _parse_vars(ns.var)
     if ns.data_root:

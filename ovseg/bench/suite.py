@@ -37,11 +37,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import math
 import re
 import shlex
-import subprocess
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -51,6 +48,7 @@ from typing import Any, Callable
 import yaml
 
 from ovseg.bench.metafile import Metafile, default_metafile_dir, load_metafiles
+from ovseg.eval.results import aggregate_folds, fold_markdown, version_sort_key
 from ovseg.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -288,17 +286,6 @@ def resolve_suite_path(name_or_path: str) -> Path:
         f"suite {name_or_path!r} not found: neither a file nor benchmarks/suites/{name_or_path}.yaml")
 
 
-def is_suite_file(path: str | Path) -> bool:
-    path = Path(path)
-    if path.suffix not in (".yaml", ".yml") or not path.is_file():
-        return False
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return False
-    return isinstance(data, dict) and "suite" in data
-
-
 def load_suite(
     path: str | Path,
     variables: dict[str, Any] | None = None,
@@ -456,15 +443,6 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def _version_key(version: str) -> tuple:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return (0, Version(version))
-    except (InvalidVersion, TypeError):
-        return (1, str(version))
-
-
 def merge_parts(parts: list[dict], datasets: list[Any]) -> dict:
     """Per-dataset results files of one run -> one results file (the results.json schema)."""
     first = parts[0]
@@ -474,7 +452,7 @@ def merge_parts(parts: list[dict], datasets: list[Any]) -> dict:
         if (p.get("protocol") or {}).get("name") != (first.get("protocol") or {}).get("name"):
             raise ValueError("parts disagree on the protocol")
     weights = sorted({str(p.get("weights")) for p in parts})
-    versions = sorted({str(p.get("ovseg_version")) for p in parts}, key=_version_key)
+    versions = sorted({str(p.get("ovseg_version")) for p in parts}, key=version_sort_key)
     config = json.loads(json.dumps(first.get("config") or {}))
     if isinstance(config.get("data"), dict):
         config["data"]["datasets"] = datasets
@@ -497,77 +475,15 @@ def merge_parts(parts: list[dict], datasets: list[Any]) -> dict:
     }
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not (isinstance(x, float) and math.isnan(x))
-
-
-def aggregate_folds(folds: dict[str, dict]) -> dict:
-    """Per-fold results files -> one results file whose dataset scores are the mean over the folds,
-    with ``std`` (population standard deviation) and each fold's scores under ``folds``."""
-    names = list(folds)
-    first = folds[names[0]]
-    common = [d for d in first.get("datasets", {}) if all(d in folds[f].get("datasets", {}) for f in names)]
-    datasets = {}
-    for d in common:
-        entries = {f: folds[f]["datasets"][d] for f in names}
-        metrics = [k for k, v in entries[names[0]].items()
-                   if k != "num_images" and _is_number(v) and all(_is_number(entries[f].get(k)) for f in names)]
-        out: dict[str, Any] = {"protocol": entries[names[0]].get("protocol"),
-                               "num_images": entries[names[0]].get("num_images")}
-        std = {}
-        for m in metrics:
-            vals = [float(entries[f][m]) for f in names]
-            mean = sum(vals) / len(vals)
-            out[m] = round(mean, 2)
-            std[m] = round(math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)), 2)
-        out["std"] = std
-        out["folds"] = {f: {m: entries[f][m] for m in metrics} for f in names}
-        out["aggregate"] = f"mean and population std over {len(names)} folds ({', '.join(names)})"
-        datasets[d] = out
-    versions = sorted({str(folds[f].get("ovseg_version")) for f in names}, key=_version_key)
-    return {
-        "method": first.get("method"),
-        "weights": "; ".join(f"{f}: {folds[f].get('weights')}" for f in names),
-        "ovseg_version": versions[0],
-        "world_size": max(int(folds[f].get("world_size") or 1) for f in names),
-        "config": {"folds": {f: folds[f].get("config") for f in names}},
-        "protocol": first.get("protocol"),
-        "datasets": datasets,
-    }
-
-
-def fold_markdown(results: dict) -> str:
-    lines = [f"# {results['method']} — {(results.get('protocol') or {}).get('name')} protocol, mean ± std over folds",
-             "", f"weights: {results['weights']} · ovseg {results['ovseg_version']}", ""]
-    for name, d in results["datasets"].items():
-        metrics = [m for m in d.get("std", {})]
-        lines += [f"## {name}", "", "| fold | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-        for fold, scores in d["folds"].items():
-            lines.append(f"| {fold} | " + " | ".join(f"{scores[m]:.2f}" for m in metrics) + " |")
-        lines.append("| **mean ± std** | " + " | ".join(f"{d[m]:.2f} ± {d['std'][m]:.2f}" for m in metrics) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 # -- running ---------------------------------------------------------------------------------------
 RunFn = Callable[[list[str], bool], None]
 
 
 def run_ovseg_test(args: list[str], isolate: bool) -> None:
-    """One ``ovseg test`` run: in this process (default), or a subprocess (``isolate``; DDP runs)."""
-    if isolate:
-        proc = subprocess.run([sys.executable, "-m", "ovseg", "test", *args], env=None)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ovseg test exited with status {proc.returncode}")
-        return
-    from ovseg.cli import main
+    """One ``ovseg test`` run of a suite part: in this process (default), or a subprocess (``isolate``; DDP)."""
+    from ovseg.runner import run_trainer
 
-    try:
-        main(["test", *args])
-    finally:
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish()  # in-process runs must not share one wandb run
+    run_trainer("test", args, isolate)
 
 
 def _expected_images(dataset: Any, split: str = "val") -> int | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ovseg.data.label_maps import coco_object_lut
 from ovseg.data.specs import IGNORE_INDEX, DatasetSpec, get_spec, voc_palette
 from ovseg.utils.io import atomic_open, atomic_save_png, atomic_write_text
 
@@ -106,11 +107,9 @@ def write_synthetic(
 
 
 def _derive_coco_object(root: str | Path, split: str, num_images: int, size: tuple[int, int], seed: int) -> list[str]:
-    from ovseg.tools.convert.coco_object import make_object_lut
-
     stuff, objects = get_spec("coco_stuff171"), get_spec("coco_object")
     ids = write_synthetic("coco_stuff171", root, split, num_images, size, seed)
-    lut = make_object_lut()
+    lut = coco_object_lut()
     for file_id in ids:
         stuff_label = np.asarray(Image.open(stuff.path(root, stuff.ann_dir, split) / f"{file_id}{stuff.seg_suffix}"))
         atomic_save_png(objects.path(root, objects.ann_dir, split) / f"{file_id}{objects.seg_suffix}", lut[stuff_label])

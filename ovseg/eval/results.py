@@ -70,6 +70,73 @@ def build_results(
     }
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not (isinstance(x, float) and math.isnan(x))
+
+
+def aggregate_folds(folds: dict[str, dict], ddof: int = 0) -> dict:
+    """Per-fold results (fold name -> results dict) -> one results dict whose dataset scores are the mean over the
+    folds, with ``std`` (``ddof`` 0: the population standard deviation, numpy's default; 1: the sample std) and
+    each fold's scores under ``folds``. A score enters only when every fold has a number for it: a mean over some
+    of the folds would be reported as a mean over all of them. The one fold aggregator: ``ovseg bench run``'s
+    k-fold entries and ``ovseg folds`` both use it."""
+    names = list(folds)
+    first = folds[names[0]]
+    common = [d for d in first.get("datasets", {}) if all(d in folds[f].get("datasets", {}) for f in names)]
+    datasets = {}
+    for d in common:
+        entries = {f: folds[f]["datasets"][d] for f in names}
+        metrics = [k for k, v in entries[names[0]].items()
+                   if k != "num_images" and _is_number(v) and all(_is_number(entries[f].get(k)) for f in names)]
+        out: dict[str, Any] = {"protocol": entries[names[0]].get("protocol"),
+                               "num_images": entries[names[0]].get("num_images")}
+        std = {}
+        for m in metrics:
+            vals = [float(entries[f][m]) for f in names]
+            mean = sum(vals) / len(vals)
+            out[m] = round(mean, 2)
+            std[m] = round(math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - ddof)), 2) \
+                if len(vals) > ddof else None
+        out["std"] = std
+        out["folds"] = {f: {m: entries[f][m] for m in metrics} for f in names}
+        kind = "population" if ddof == 0 else f"ddof={ddof}"
+        out["aggregate"] = f"mean and {kind} std over {len(names)} folds ({', '.join(names)})"
+        datasets[d] = out
+    versions = sorted({str(folds[f].get("ovseg_version")) for f in names}, key=version_sort_key)
+    return {
+        "method": first.get("method"),
+        "weights": "; ".join(f"{f}: {folds[f].get('weights')}" for f in names),
+        "ovseg_version": versions[0],
+        "world_size": max(int(folds[f].get("world_size") or 1) for f in names),
+        "config": {"folds": {f: folds[f].get("config") for f in names}},
+        "protocol": first.get("protocol"),
+        "datasets": datasets,
+    }
+
+
+def fold_markdown(results: dict) -> str:
+    lines = [f"# {results['method']} — {(results.get('protocol') or {}).get('name')} protocol, mean ± std over folds",
+             "", f"weights: {results['weights']} · ovseg {results['ovseg_version']}", ""]
+    for name, d in results["datasets"].items():
+        metrics = [m for m in d.get("std", {})]
+        lines += [f"## {name}", "", "| fold | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+        for fold, scores in d["folds"].items():
+            lines.append(f"| {fold} | " + " | ".join(f"{scores[m]:.2f}" for m in metrics) + " |")
+        lines.append("| **mean ± std** | " + " | ".join(f"{d[m]:.2f} ± {d['std'][m]:.2f}" for m in metrics) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def version_sort_key(version: str) -> tuple:
+    """Sort key for ovseg versions (the oldest first; unparsable ones last)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (0, Version(version))
+    except (InvalidVersion, TypeError):
+        return (1, str(version))
+
+
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}"
 

@@ -128,12 +128,13 @@ def iou_bar_chart(per_class: dict[str, dict], title: str, width: int = 640) -> I
     return canvas
 
 
-def collect_gallery(module, size: int) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]:
-    """The predictions the evaluator kept while scoring (its ``gallery_size`` first images per dataset on this
-    process; under DDP, rank 0's shard) -> ``{dataset: [(id, image, label, pred)]}``; nothing is predicted again."""
-    if size <= 0 or module.evaluator is None:
+def collect_gallery(session, size: int) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]:
+    """The predictions the evaluator of ``session`` (anything holding ``.evaluator``) kept while scoring (its
+    ``gallery_size`` first images per dataset on this process; under DDP, rank 0's shard) ->
+    ``{dataset: [(id, image, label, pred)]}``; nothing is predicted again."""
+    if size <= 0 or session.evaluator is None:
         return {}
-    return {name: entry.gallery[:size] for name, entry in module.evaluator.datasets.items() if entry.gallery}
+    return {name: entry.gallery[:size] for name, entry in session.evaluator.datasets.items() if entry.gallery}
 
 
 def _safe_name(text: str) -> str:
@@ -214,17 +215,17 @@ def log_wandb_media(run, results: dict, gallery: dict, prefix: str = "test") -> 
     return payload
 
 
-def log_test_media(module, results: dict, gallery_size: int = 4) -> list[Path]:
+def log_test_media(loggers, session, results: dict, gallery_size: int = 4) -> list[Path]:
     """After ``ovseg test``: with a wandb logger, tables, bar charts and the gallery go to wandb; with the
     CSV (or any file) logger the same pictures are PNG files under ``<log dir>/media``. Returns the files."""
     from lightning.pytorch.loggers import WandbLogger
 
-    loggers = list(module.loggers)
+    loggers = list(loggers)
     wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
     file_dirs = [Path(lg.log_dir) for lg in loggers if not isinstance(lg, WandbLogger) and getattr(lg, "log_dir", None)]
     if not wandb_loggers and not file_dirs:
         return []
-    gallery = collect_gallery(module, gallery_size)
+    gallery = collect_gallery(session, gallery_size)
     written = []
     for directory in file_dirs:
         written += save_test_pictures(directory / "media", results, gallery)

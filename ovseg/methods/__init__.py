@@ -6,7 +6,9 @@ from ovseg.methods.clearclip import ClearCLIP
 from ovseg.methods.clips4 import CLIPS4
 from ovseg.methods.naclip import NACLIP
 from ovseg.methods.pixelclip import PixelCLIP
+from ovseg.methods.probes import KNNProbe, LinearProbe
 from ovseg.methods.sclip import SCLIP
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
-__all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "PixelCLIP", "CLIPS4"]
+__all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "PixelCLIP", "CLIPS4",
+           "KNNProbe", "LinearProbe"]

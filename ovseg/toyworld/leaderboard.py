@@ -155,7 +155,7 @@ def run_leaderboard(s: LeaderboardSettings, log=print) -> dict[str, Any]:
 
 def _run_folds(s: LeaderboardSettings, out: Path, log) -> dict[str, Any]:
     """CLIP-S4 per toy fold: the fold's names held out of training (strict vocabulary), all 18 scored."""
-    from ovseg.eval.folds_report import fold_table
+    from ovseg.bench.folds import fold_table
 
     config = CONFIGS / "clips4.yaml"
     frozen_paths, tuned_paths, seconds = [], [], []

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ovseg.cli import OVSegCLI, main
+from ovseg.cli import main
+from ovseg.runner import OVSegCLI
 from ovseg.data.folds import fold_classes, known_classes
 from ovseg.data.synthetic import write_synthetic
 from ovseg.data.specs import get_spec

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from ovseg.bench.metafile import load_metafiles
-from ovseg.bench.suite import SuiteError, SuiteRunner, aggregate_folds, load_suite, parse_cli_pairs
+from ovseg.bench.suite import SuiteError, SuiteRunner, load_suite, parse_cli_pairs
+from ovseg.eval.results import aggregate_folds
 from ovseg.eval.metrics import scores_from_confusion
 from ovseg.eval.results import build_results, dataset_entry
 

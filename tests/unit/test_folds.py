@@ -68,7 +68,7 @@ def test_fold_report_mean_std_from_results_files(tmp_path):
 
     import numpy as np
 
-    from ovseg.eval.folds_report import METRICS, fold_table, format_table, write_report
+    from ovseg.bench.folds import METRICS, fold_table, format_table, write_report
 
     rng = np.random.default_rng(0)
     values = rng.uniform(10, 60, size=(4, 5)).round(2)

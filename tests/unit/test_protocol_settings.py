@@ -73,7 +73,7 @@ def test_methods_trained_in_ovseg_keep_their_clips_native_reading_under_maskclip
     """CLIP-S4 (and its probes) pin the model-reading settings; the user's overrides still win; MaskCLIP does
     not pin them (the maskclip protocol reproduces its released model)."""
     from ovseg.eval.protocols import MODEL_NATIVE_SETTINGS
-    from ovseg.eval.unsupervised import KNNProbe
+    from ovseg.methods.probes import KNNProbe
     from ovseg.methods import CLIPS4, MaskCLIP
 
     assert CLIPS4.NATIVE_SETTINGS == KNNProbe.NATIVE_SETTINGS == MODEL_NATIVE_SETTINGS

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.eval.metrics import scores_from_confusion
-from ovseg.eval.unsupervised import _segments, fit_linear_probe, knn_votes, segment_bank
+from ovseg.methods.probes import _segments, fit_linear_probe, knn_votes, segment_bank
 
 C = 4  # classes
 

@@ -34,28 +34,18 @@ from ovseg.tools.convert._common import (
     split_todo,
     unexpected_values,
 )
-from ovseg.tools.convert.coco_stuff import EXPECTED, NUM_CLASSES, NUM_THINGS
+from ovseg.data.label_maps import COCO_OBJECT_UNLABELED as UNLABELED
+from ovseg.data.label_maps import coco_object_lut
+from ovseg.tools.convert.coco_stuff import EXPECTED, NUM_CLASSES
 from ovseg.utils.io import atomic_save_png
 
 NAME = "coco_object"
 SPLITS = ("train", "val")
 IN_SUFFIX = "_labelTrainIds.png"
 OUT_SUFFIX = "_instanceTrainIds.png"
-UNLABELED = ("background", "ignore")
 _VALID = np.zeros(256, dtype=bool)
 _VALID[:NUM_CLASSES] = True
 _VALID[IGNORE] = True
-
-
-def make_object_lut(unlabeled: str = "background") -> np.ndarray:
-    """256-entry table from COCO-Stuff train ids to COCO-Object ids (0 = background, 1..80 things)."""
-    if unlabeled not in UNLABELED:
-        raise ValueError(f"unlabeled must be one of {UNLABELED}, got {unlabeled!r}")
-    lut = np.full(256, IGNORE, dtype=np.uint8)
-    lut[:NUM_THINGS] = np.arange(1, NUM_THINGS + 1)
-    lut[NUM_THINGS:NUM_CLASSES] = 0
-    lut[IGNORE] = 0 if unlabeled == "background" else IGNORE
-    return lut
 
 
 def _convert_one(task: tuple[str, str], lut: np.ndarray) -> None:
@@ -79,7 +69,7 @@ def convert_coco_object(
 ) -> dict[str, Any]:
     """Write ``*_instanceTrainIds.png`` next to every ``*_labelTrainIds.png`` under ``ROOT/annotations``."""
     root = Path(root)
-    lut = make_object_lut(unlabeled)
+    lut = coco_object_lut(unlabeled)
     summary: dict[str, Any] = {}
     tasks: list[tuple[str, str]] = []
     for split in splits:

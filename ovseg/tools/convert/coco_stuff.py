@@ -31,6 +31,7 @@ from ovseg.tools.convert._common import (
     warn_unknown_values,
     unexpected_values,
 )
+from ovseg.data.label_maps import COCO_NUM_THINGS
 from ovseg.utils.io import atomic_save_png
 
 NAME = "coco_stuff"
@@ -42,7 +43,7 @@ UNUSED_RAW_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 #: used raw ids in order; ``USED_RAW_IDS[t]`` is the raw id of train id ``t``.
 USED_RAW_IDS = tuple(i for i in range(NUM_RAW) if i not in UNUSED_RAW_IDS)
 NUM_CLASSES = len(USED_RAW_IDS)  # 171
-NUM_THINGS = 80  # train ids 0..79 are things (raw 0..89), 80..170 stuff (raw 91..181)
+NUM_THINGS = COCO_NUM_THINGS
 #: mmseg's ``clsID_to_trID``.
 RAW_TO_TRAIN: dict[int, int] = {**{raw: t for t, raw in enumerate(USED_RAW_IDS)}, IGNORE: IGNORE}
 assert NUM_CLASSES == 171 and USED_RAW_IDS[NUM_THINGS - 1] == 89 and USED_RAW_IDS[NUM_THINGS] == 91

@@ -1,5 +1,6 @@
-"""Unsupervised evaluation of frozen pixel embeddings (CLIP-S4 / SegSort protocol on Pascal VOC 2012):
-k-NN segment retrieval and a linear probe, both scored by the shared evaluator through ``ovseg test``.
+"""Probe methods: unsupervised evaluation of frozen pixel embeddings (CLIP-S4 / SegSort protocol on Pascal VOC
+2012): k-NN segment retrieval and a linear probe, both methods scored by the shared evaluator through
+``ovseg test``.
 
 Design: each probe is an :class:`OVSegMethod` that wraps an embedding method (``embedder``: any method
 with ``embed(images01) -> [B, D, h, w]``, e.g. CLIPS4; training-free CLIP baselines work through their

@@ -3,24 +3,25 @@
 ``results.json`` files that ``ovseg test`` wrote, never from re-typed numbers.
 
     # score four checkpoints (one `ovseg test` per fold, each with its fold's config), then the table
-    python -m ovseg.eval.folds_report run --root /data/ovseg --ckpts f0.ckpt f1.ckpt f2.ckpt f3.ckpt --out folds/
+    ovseg folds run --root /data/ovseg --ckpts f0.ckpt f1.ckpt f2.ckpt f3.ckpt --out folds/
     # or only the table, from existing results files (fold order)
-    python -m ovseg.eval.folds_report table folds/fold0/results.json ... --out folds/report.md
+    ovseg folds table folds/fold0/results.json ... --out folds/
 
-``register(subparsers)`` makes it an ``ovseg folds ...`` command once listed in ``ovseg.cli.COMMANDS``.
-The std is the population std over the folds (numpy's default, ddof=0); ``--ddof 1`` for the sample std.
+Mean and std come from :func:`ovseg.eval.results.aggregate_folds` (the one fold aggregator, also behind
+``ovseg bench run``'s k-fold entries): the population std over the folds (numpy's default, ddof=0); ``--ddof 1``
+for the sample std.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from ovseg.eval.results import aggregate_folds
+from ovseg.utils.io import atomic_write_json, atomic_write_text
 
-__all__ = ["METRICS", "fold_table", "format_table", "run_folds", "register", "main"]
+__all__ = ["METRICS", "fold_table", "format_table", "run_folds", "register"]
 
 #: (results key, column title)
 METRICS = (("mIoU", "mIoU"), ("pAcc", "pAcc"), ("mAcc", "mAcc"), ("unknown_mIoU", "mIoU unknown"),
@@ -30,9 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def fold_table(results: list[dict[str, Any] | str | Path], dataset: str = "context59", ddof: int = 0) -> dict:
     """Results (dicts or results.json paths, fold order) -> ``{"folds": [{metric: value}], "mean": {...},
-    "std": {...}, "dataset": ...}``; the harmonic mean is recomputed per fold from its known/unknown mIoU."""
-    rows = []
-    for r in results:
+    "std": {...}, "dataset": ...}``; a metric without a number in every fold has no mean (None)."""
+    rows, loaded = [], {}
+    for i, r in enumerate(results):
         data = json.loads(Path(r).read_text()) if isinstance(r, (str, Path)) else r
         if dataset not in data["datasets"]:
             raise KeyError(f"results have no {dataset!r} entry (datasets: {sorted(data['datasets'])})")
@@ -43,12 +44,10 @@ def fold_table(results: list[dict[str, Any] | str | Path], dataset: str = "conte
         row = {k: entry[k] for k, _ in METRICS}
         row["unknown_classes"] = entry.get("unknown_classes", [])
         rows.append(row)
-    mean, std = {}, {}
-    for key, _ in METRICS:
-        values = np.array([np.nan if row[key] is None else row[key] for row in rows], dtype=float)
-        ok = values[~np.isnan(values)]
-        mean[key] = round(float(ok.mean()), 2) if len(ok) else None
-        std[key] = round(float(ok.std(ddof=ddof)), 2) if len(ok) > ddof else None
+        loaded[f"fold{i}"] = {"datasets": {dataset: entry}}
+    aggregate = aggregate_folds(loaded, ddof)["datasets"][dataset]
+    mean = {k: aggregate.get(k) for k, _ in METRICS}
+    std = {k: aggregate["std"].get(k) for k, _ in METRICS}
     return {"dataset": dataset, "folds": rows, "mean": mean, "std": std, "ddof": ddof}
 
 
@@ -69,7 +68,7 @@ def run_folds(root: str, ckpts: list[str], out: str | Path, configs: list[str] |
               extra: list[str] | None = None) -> dict:
     """``ovseg test`` each fold's checkpoint with its fold config into ``out/fold{i}``; returns the table
     (also written to ``out/report.md`` and ``out/report.json``)."""
-    from ovseg.cli import main as ovseg_main
+    from ovseg.runner import run_trainer
 
     if len(ckpts) != 4:
         raise ValueError(f"need one checkpoint per fold (4), got {len(ckpts)}")
@@ -78,9 +77,9 @@ def run_folds(root: str, ckpts: list[str], out: str | Path, configs: list[str] |
     paths = []
     for i, (config, ckpt) in enumerate(zip(configs, ckpts)):
         fold_dir = out / f"fold{i}"
-        ovseg_main(["test", "--config", config, "--data.root", root, "--ckpt_path", ckpt,
-                    "--model.init_args.results_dir", str(fold_dir), "--trainer.default_root_dir", str(fold_dir),
-                    *(extra or [])])
+        run_trainer("test", ["--config", config, "--data.root", root, "--ckpt_path", ckpt,
+                             "--model.init_args.results_dir", str(fold_dir),
+                             "--trainer.default_root_dir", str(fold_dir), *(extra or [])])
         paths.append(fold_dir / "results.json")
     return write_report(paths, out)
 
@@ -89,9 +88,8 @@ def write_report(paths: list[str | Path], out: str | Path, dataset: str = "conte
     table = fold_table(paths, dataset, ddof)
     table["results_files"] = [str(p) for p in paths]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(table, indent=2))
-    (out / "report.md").write_text(format_table(table))
+    atomic_write_json(out / "report.json", table)
+    atomic_write_text(out / "report.md", format_table(table))
     print(format_table(table))
     print(f"report: {out / 'report.md'}")
     return table
@@ -114,16 +112,3 @@ def register(subparsers) -> None:
     table.add_argument("--dataset", default="context59")
     table.add_argument("--ddof", type=int, default=0)
     table.set_defaults(func=lambda ns: write_report(ns.results, ns.out, ns.dataset, ns.ddof) and 0)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ovseg.eval.folds_report")
-    register(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(["folds", *(argv or [])] if argv is not None else None)
-    return ns.func(ns) or 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))

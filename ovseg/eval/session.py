@@ -1,0 +1,212 @@
+"""One evaluation pass of a method inside a Lightning run: ``validate``, ``test`` or ``predict``.
+
+:class:`~ovseg.methods.base.OVSegMethod` forwards its Lightning hooks here, so a method says what it computes
+(``encode_text`` / ``dense_logits``) and this module owns the rest of the lifecycle: building the
+:class:`~ovseg.eval.evaluator.Evaluator` for the DataModule's datasets, feeding it batches, the DDP-summed scores,
+logging, ``results.json``/``.md``, the pictures (from the predictions the evaluator kept) and ``ovseg predict``'s
+label images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from ovseg.eval.evaluator import Evaluator, Vocabulary
+from ovseg.eval.protocols import load_protocol
+from ovseg.eval.results import build_results, dataset_entry, summary_table, write_results
+
+if TYPE_CHECKING:
+    from ovseg.methods.base import OVSegMethod
+
+
+@dataclasses.dataclass
+class EvaluationSettings:
+    """How a method is evaluated; given once, as the method's ``protocol`` … ``gallery_size`` arguments.
+
+    Args:
+        protocol: evaluation protocol name or YAML path.
+        protocol_overrides: settings replacing the protocol's for every dataset, e.g.
+            ``{mode: slide, crop: 448, stride: 224}``.
+        window_batch_size: sliding windows per forward pass.
+        results_dir: where ``ovseg test`` writes results.json/.md (default: the logger's folder).
+        predict_dir: where ``ovseg predict`` writes its pictures (default: ``<log dir>/predictions``).
+        gallery_size: after ``ovseg test``, predictions for this many first images of each dataset
+            (image | ground truth | prediction) go to wandb, or as PNGs under ``<log dir>/media`` with the
+            CSV logger, beside per-class IoU charts; 0 turns the gallery off.
+    """
+
+    protocol: str
+    protocol_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    window_batch_size: int = 8
+    results_dir: str | None = None
+    predict_dir: str | None = None
+    gallery_size: int = 4
+
+    def __post_init__(self):
+        load_protocol(self.protocol)  # fail at construction on an unknown protocol
+
+    def evaluator(self, gallery_size: int = 0) -> Evaluator:
+        return Evaluator(load_protocol(self.protocol), self.protocol_overrides,
+                         window_batch_size=self.window_batch_size, gallery_size=gallery_size)
+
+
+class EvaluationSession:
+    """The evaluation state of one method across validate / test / predict passes."""
+
+    def __init__(self, settings: EvaluationSettings):
+        self.settings = settings
+        self.evaluator: Evaluator | None = None
+        #: the last ``ovseg test``'s results (the results.json schema) and where they were written
+        self.results: dict[str, Any] | None = None
+        self.results_paths: tuple[Path, Path] | None = None
+        self._started = 0.0
+        self._predict_out: Path | None = None
+
+    # -- validate / test ----------------------------------------------------------------------------------------
+    def start(self, method: OVSegMethod) -> None:
+        self.evaluator = self.settings.evaluator(self.settings.gallery_size)
+        for dataset in method.trainer.datamodule.eval_datasets:
+            self.evaluator.add_dataset(method, dataset.name, dataset.class_names, dataset.background_index,
+                                       method.device)
+        self._started = time.perf_counter()
+
+    def step(self, method: OVSegMethod, batch: dict) -> None:
+        name = batch["meta"][0]["dataset"]
+        self.evaluator.update(method, name, batch["image"], batch["label"], [m["id"] for m in batch["meta"]])
+
+    def finish(self, method: OVSegMethod, stage: str) -> dict[str, Any]:
+        """Collective (every rank calls it): the DDP-summed scores, logged under ``stage``; on ``test`` rank 0
+        also writes the results files and the pictures."""
+        computed = self.evaluator.compute()
+        protocol = self.evaluator.protocol
+        datasets = {}
+        for name, (confmat, scores, num_images) in computed.items():
+            entry = self.evaluator.datasets[name]
+            datasets[name] = dataset_entry(
+                protocol.name, entry.settings.as_dict(), entry.vocabulary.class_names, entry.class_names_source,
+                confmat.numpy(), scores, num_images,
+            )
+            own_names = entry.dataset_class_names or entry.vocabulary.class_names
+            datasets[name].update(method.extra_metrics(name, confmat.numpy(), own_names))
+        _log_scores(method, stage, datasets)
+        results = build_results(
+            method=type(method).__name__,
+            weights=method.weights_id,
+            world_size=method.trainer.world_size,
+            config=config_record(method),
+            protocol={"name": protocol.name, "version": protocol.version, "source": Path(protocol.source).name},
+            datasets=datasets,
+        )
+        if stage == "test":
+            self.results = results
+            if method.trainer.is_global_zero:
+                self._write_test_outputs(method)
+        return results
+
+    def _write_test_outputs(self, method: OVSegMethod) -> None:
+        self.results_paths = write_results(self.settings.results_dir or run_dir(method), self.results)
+        seconds = time.perf_counter() - self._started
+        rank_zero_info(
+            f"\n{summary_table(self.results)}\n\n{self.results['method']} · protocol {self.settings.protocol} · "
+            f"{seconds:.1f}s\nresults: {self.results_paths[0]}\n         {self.results_paths[1]}"
+        )
+        # wandb: score tables, per-class IoU bar charts, a gallery; file loggers: the same as PNGs.
+        # Pictures must never cost a finished evaluation its results.
+        try:
+            from ovseg.eval.visualize import log_test_media
+
+            log_test_media(method.loggers, self, self.results, self.settings.gallery_size)
+        except Exception as err:  # noqa: BLE001
+            rank_zero_warn(f"could not log the result pictures/tables: {type(err).__name__}: {err}")
+
+    # -- predict: arbitrary images and words ---------------------------------------------------------------------
+    def start_predict(self, method: OVSegMethod) -> None:
+        self.evaluator = self.settings.evaluator()
+        # arbitrary words: the given names only, no dataset-specific background rules
+        settings = dataclasses.replace(
+            self.evaluator.settings_for(None), class_names="{dataset}", prob_threshold=None, area_threshold=None,
+            background_names=[],
+        )
+        self.evaluator.add_dataset(method, "predict", method.trainer.datamodule.predict_class_names, None,
+                                   method.device, settings)
+        log_dir = method.trainer.log_dir or method.trainer.default_root_dir
+        self._predict_out = Path(self.settings.predict_dir or Path(log_dir) / "predictions")
+
+    def predict_step(self, method: OVSegMethod, batch: dict) -> list[str]:
+        from ovseg.eval.visualize import save_prediction
+
+        entry = self.evaluator.datasets["predict"]
+        vocabulary: Vocabulary = entry.vocabulary
+        written = []
+        for image, meta in zip(batch["image"], batch["meta"]):
+            pred = self.evaluator.predict(method, entry, image, tuple(image.shape[-2:]))
+            written.append(str(save_prediction(self._predict_out, meta["id"], image, pred, vocabulary.display_names)))
+        return written
+
+    def finish_predict(self, method: OVSegMethod) -> None:
+        if method.trainer.is_global_zero:
+            rank_zero_info(f"predictions: {self._predict_out}")
+
+
+def run_dir(method: OVSegMethod) -> Path:
+    """This run's own folder: the CSV/TensorBoard version folder, else ``save_dir/name/version`` (wandb), so runs
+    never overwrite each other's results."""
+    logger = method.logger
+    if logger is None:
+        return Path(method.trainer.default_root_dir)
+    if getattr(logger, "log_dir", None):
+        return Path(logger.log_dir)
+    return Path(logger.save_dir or method.trainer.default_root_dir) / str(logger.name) / str(logger.version)
+
+
+def _log_scores(method: OVSegMethod, stage: str, datasets: dict[str, dict[str, Any]]) -> None:
+    scores = {
+        f"{stage}/{name}/{metric}": d[metric]
+        for name, d in datasets.items()
+        for metric in ("mIoU", "pAcc", "mAcc")
+        if d[metric] is not None
+    }
+    if stage == "val":
+        # through LightningModule.log so checkpointing/early stopping can monitor e.g. val/voc20/mIoU
+        for key, value in scores.items():
+            method.log(key, value, add_dataloader_idx=False, rank_zero_only=True)
+    elif method.trainer.is_global_zero:
+        # test: straight to the loggers; our own table replaces Lightning's per-dataloader one
+        per_class = {
+            f"{stage}/{name}/IoU/{cls}": v["IoU"]
+            for name, d in datasets.items()
+            for cls, v in d["per_class"].items()
+            if v["IoU"] is not None
+        }
+        for logger in method.loggers:
+            logger.log_metrics({**scores, **per_class}, step=method.global_step)
+
+
+def config_record(method: OVSegMethod) -> dict[str, Any]:
+    """The settings that produced a results file: the method's class path and hyper-parameters, the DataModule's."""
+    record = {"model": {"class_path": f"{type(method).__module__}.{type(method).__name__}", **_plain(method.hparams)}}
+    datamodule = getattr(method.trainer, "datamodule", None)
+    if datamodule is not None and getattr(datamodule, "hparams", None):
+        record["data"] = _plain(datamodule.hparams)
+    return record
+
+
+def _plain(value: Any) -> Any:
+    """hparams -> JSON-safe plain data (dataclasses and objects become dicts/strings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict) or hasattr(value, "items"):
+        # jsonargparse's bookkeeping keys (``_class_path``) are not settings
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    return str(value)

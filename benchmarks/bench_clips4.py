@@ -59,7 +59,7 @@ def _wrap(module, attr, name, device):
 
 def bench_step(args) -> None:
     import ovseg.methods.clips4.method as m
-    from ovseg.data.views import TwoViews
+    from ovseg.methods.clips4.views import TwoViews
     from ovseg.methods.clips4 import CLIPS4, CLIPDenseEncoder
     from ovseg.models.clip import CLIPConfig
 

@@ -22,7 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ovseg.data.sa1b import SA1B, write_synthetic_sa1b  # noqa: E402
+from ovseg.data.sa1b import write_synthetic_sa1b  # noqa: E402
+from ovseg.methods.pixelclip.data import SA1B  # noqa: E402
 from ovseg.methods.pixelclip import PixelCLIP, cluster_targets  # noqa: E402
 from ovseg.models.clip import CLIPConfig  # noqa: E402
 

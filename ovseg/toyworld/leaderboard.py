@@ -64,16 +64,16 @@ METHODS = (
 def _run(command: str, config: Path, log_dir: Path, s: LeaderboardSettings, *args: str) -> float:
     """One ``ovseg fit|test`` in this process, logging into ``log_dir`` (``<save_dir>/<name>/<version>``);
     its wall time is kept in ``log_dir/wall_time.json`` (read back when a stage is reused)."""
-    from ovseg.cli import main as ovseg_main
+    from ovseg.runner import run_trainer
     from ovseg.utils.io import atomic_write_json
 
     start = time.perf_counter()
-    ovseg_main([command, "--config", str(config), "--data.root", s.root, "--seed_everything", str(s.seed),
-                "--trainer.logger.class_path", "lightning.pytorch.loggers.CSVLogger",
-                "--trainer.logger.init_args.save_dir", str(log_dir.parent.parent),
-                "--trainer.logger.init_args.name", log_dir.parent.name,
-                "--trainer.logger.init_args.version", log_dir.name,
-                "--model.init_args.gallery_size", str(s.gallery), *args, *s.extra])
+    run_trainer(command, ["--config", str(config), "--data.root", s.root, "--seed_everything", str(s.seed),
+                          "--trainer.logger.class_path", "lightning.pytorch.loggers.CSVLogger",
+                          "--trainer.logger.init_args.save_dir", str(log_dir.parent.parent),
+                          "--trainer.logger.init_args.name", log_dir.parent.name,
+                          "--trainer.logger.init_args.version", log_dir.name,
+                          "--model.init_args.gallery_size", str(s.gallery), *args, *s.extra])
     seconds = round(time.perf_counter() - start, 1)
     atomic_write_json(log_dir / "wall_time.json", {"command": command, "seconds": seconds})
     return seconds

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ovseg.cli import main
-from ovseg.data.sa1b import SA1B, decode_masks, load_masks, write_synthetic_sa1b
+from ovseg.data.sa1b import decode_masks, load_masks, write_synthetic_sa1b
+from ovseg.methods.pixelclip.data import SA1B
 from ovseg.data.synthetic import write_synthetic
 from ovseg.methods.pixelclip import PixelCLIP
 from ovseg.models.clip import CLIPConfig

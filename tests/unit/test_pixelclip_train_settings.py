@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ovseg.data.sa1b import PixelCLIPViews, pil_nearest_index
+from ovseg.methods.pixelclip.data import PixelCLIPViews, pil_nearest_index
 from tests.unit.test_pixelclip import make_model
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ovseg.data.sa1b import SA1B, PixelCLIPViews, decode_masks, encode_mask, load_masks, write_synthetic_sa1b
+from ovseg.data.sa1b import decode_masks, encode_mask, load_masks, write_synthetic_sa1b
+from ovseg.methods.pixelclip.data import SA1B, PixelCLIPViews
 from ovseg.data.seg_dataset import DataError
 
 SMALL = dict(resize_short=48, crop_size=40)
@@ -97,7 +98,7 @@ def test_decode_cache_round_trip(tmp_path, monkeypatch):
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr("ovseg.data.sa1b.load_masks", no_decode)
+    monkeypatch.setattr("ovseg.methods.pixelclip.data.load_masks", no_decode)
     again = dataset.masks_for(dataset.pairs[0][1], *image.shape[:2])
     assert np.array_equal(first, again) and first.dtype == again.dtype == bool
 
@@ -130,7 +131,7 @@ def test_broken_json_raises_naming_the_file(tmp_path, kind, message):
 def test_broken_json_is_skipped_counted_and_logged(tmp_path, caplog, kind):
     bad = _break(tmp_path, kind)
     dataset = SA1B(folder=str(tmp_path), skip_bad=True, **SMALL).build(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="ovseg.data.sa1b"):
+    with caplog.at_level(logging.WARNING, logger="ovseg.methods.pixelclip.data"):
         sample = dataset[1]
     assert sample["meta"]["index"] == 2 and dataset.skipped == 1
     assert str(bad.with_suffix(".jpg")) in caplog.text and "1 skipped" in caplog.text
@@ -139,7 +140,7 @@ def test_broken_json_is_skipped_counted_and_logged(tmp_path, caplog, kind):
 def test_missing_json_is_counted_and_logged(tmp_path, caplog):
     paths = write_synthetic_sa1b(tmp_path, num_images=3)
     paths[0].with_suffix(".json").unlink()
-    with caplog.at_level(logging.WARNING, logger="ovseg.data.sa1b"):
+    with caplog.at_level(logging.WARNING, logger="ovseg.methods.pixelclip.data"):
         dataset = SA1B(folder=str(tmp_path), **SMALL).build(tmp_path)
     assert len(dataset) == 2 and dataset.missing_json == 1
     assert "1 image(s) without a mask JSON" in caplog.text and str(paths[0]) in caplog.text

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ovseg.data.views import TwoViewImages, TwoViews, correspondence, view_grid, warp_to_view
+from ovseg.methods.clips4.views import TwoViewImages, TwoViews, correspondence, view_grid, warp_to_view
 
 
 def _coords(height, width):
@@ -16,7 +16,7 @@ def _coords(height, width):
 
 def _view_with_coords(views, image):
     out = views.geometric(image=image, coords=_coords(*image.shape[:2]))
-    from ovseg.data.views import geometry_from_params
+    from ovseg.methods.clips4.views import geometry_from_params
 
     return out["image"], out["coords"], geometry_from_params(out["applied_transforms"], *image.shape[:2])
 
@@ -102,3 +102,30 @@ def test_two_view_source_batches(tmp_path):
         assert t.shape[0] == 3 and t.shape[1] % 16 == 0 and t.shape[2] % 16 == 0 and min(t.shape[1:]) == 48
     # the two views of an image differ (fresh parameters per view), and a re-draw differs again
     assert not torch.equal(g[0, 0], g[0, 1]) and not torch.equal(dataset[0]["geometry"], samples[0]["geometry"])
+
+
+def test_every_view_setting_is_reachable_from_a_config():
+    """The training sources forward their views' settings (``**views``), so a config reaches each of them, e.g.
+    ``color_jitter_p``, and a misspelt one is refused at parse time."""
+    import jsonargparse
+    import pytest
+
+    from ovseg.data.sources import TrainSource
+
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(TrainSource, "train")
+    config = parser.parse_object({"train": {"class_path": "ovseg.methods.clips4.views.TwoViewImages",
+                                            "init_args": {"crop_size": 32, "color_jitter_p": 0.3}}})
+    source = parser.instantiate_classes(config).train
+    jitter = [t for t in source.views.photometric.transforms if type(t).__name__ == "ColorJitter"]
+    assert source.views.crop_size == 32 and [t.p for t in jitter] == [0.3]
+    with pytest.raises(Exception, match="color_jiter_p"):
+        parser.parse_object({"train": {"class_path": "ovseg.methods.clips4.views.TwoViewImages",
+                                       "init_args": {"color_jiter_p": 0.3}}})
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(TrainSource, "train")
+    config = parser.parse_object({"train": {"class_path": "ovseg.methods.pixelclip.data.SA1B",
+                                            "init_args": {"crop_size": 64, "resize_short": 96, "blur_prob": 0.1}}})
+    views = parser.instantiate_classes(config).train.views
+    assert (views.crop_size, views.resize_short) == (64, 96)
+    assert [t.p for t in views.photometric.transforms if type(t).__name__ == "GaussianBlur"] == [0.1]

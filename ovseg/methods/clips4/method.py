@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovseg.data.folds import resolve_vocabulary
-from ovseg.data.views import correspondence, warp_to_view
+from ovseg.methods.clips4.views import correspondence, warp_to_view
 from ovseg.eval.metrics import scores_from_confusion
 from ovseg.eval.protocols import MODEL_NATIVE_SETTINGS
 from ovseg.methods.base import OVSegMethod, cosine_logits
@@ -59,7 +59,7 @@ class CLIPS4(OVSegMethod):
     ``num_unknown=32``, ``unknown_threshold=0.5``, ``unknown_momentum=0.99``, ``unknown_init_segments=None``
     (4 × M), ``lambda_embedding=1``, ``lambda_semantic=1``, ``lr=0.01``, ``backbone_lr_mult=0.1``,
     ``poly_power=0.9``; the backbone's (:class:`CLIPDenseEncoder`: last 4 blocks + an upsampling head to
-    stride 8) and the views' (:class:`ovseg.data.views.TwoViewImages`: crop scale (0.25, 1), colour jitter
+    stride 8) and the views' (:class:`ovseg.methods.clips4.views.TwoViewImages`: crop scale (0.25, 1), colour jitter
     0.4, grey 0.2, teacher short side = crop size).
 
     Args:

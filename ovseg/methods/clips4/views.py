@@ -194,7 +194,7 @@ class TwoViewImages(TrainSource):
             ``folder`` is given.
         folder: any image folder (relative to the data root or absolute) instead.
         limit: first N images only.
-        the rest: :class:`TwoViews` settings.
+        views: the :class:`TwoViews` settings (``crop_size``, ``crop_scale``, ``color_jitter``, …).
     """
 
     def __init__(
@@ -203,18 +203,9 @@ class TwoViewImages(TrainSource):
         split: str = "trainaug",
         folder: str | None = None,
         limit: int | None = None,
-        crop_size: int = 336,
-        crop_scale: tuple[float, float] = (0.25, 1.0),
-        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip: bool = True,
-        color_jitter: float = 0.4,
-        grayscale: float = 0.2,
-        teacher_short_side: int = 336,
-        teacher_long_side_max: int = 1344,
-        teacher_multiple: int = 16,
+        **views: Any,
     ):
-        self.views = TwoViews(crop_size, crop_scale, crop_ratio, flip, color_jitter, 0.8, grayscale,
-                              teacher_short_side, teacher_long_side_max, teacher_multiple)
+        self.views = TwoViews(**views)
         if folder is not None:
             self.source: TrainSource = ImageFolder(folder, limit=limit, transform=self.views)
         else:

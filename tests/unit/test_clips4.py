@@ -27,7 +27,7 @@ def test_only_the_training_vocabulary_is_encoded(fold):
     assert model.encoded_prompts == [f"a photo of a {n}." for n in known_classes(fold)]
     held_out_prompts = {f"a photo of a {n}." for n in fold_classes(fold)}
     assert not held_out_prompts & set(model.encoded_prompts)
-    assert model.known_text.shape == (len(known_classes(fold)), model.teacher.embed_dim)
+    assert model.known_text.shape == (len(known_classes(fold)), model.encoder.embed_dim)
     # while fitting, a held-out name is refused; known names are fine
     model._fitting = lambda: True
     with pytest.raises(ValueError, match="strict_vocabulary"):
@@ -39,7 +39,7 @@ def test_only_the_training_vocabulary_is_encoded(fold):
 def test_student_starts_as_the_teacher_and_only_it_gets_gradients():
     model = make(known_classes=["cat", "dog", "sky"])
     images = torch.rand(2, 3, 64, 64)
-    teacher = model.teacher.encode_dense(model.teacher.normalize(images))
+    teacher = model.encoder.encode_dense(model.encoder.normalize(images))
     expected = F.interpolate(teacher, scale_factor=2, mode="bilinear", align_corners=False)
     torch.testing.assert_close(model.backbone(images), expected, atol=1e-5, rtol=1e-4)  # zero-init head
     assert model.backbone.clip.model.transformer is None  # the student carries no text tower
@@ -55,7 +55,7 @@ def test_student_starts_as_the_teacher_and_only_it_gets_gradients():
     assert groups["backbone"] and groups["head"]
     assert all(p.grad is not None for p in groups["head"])
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["backbone"])
-    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is None for p in model.encoder.parameters())
     assert model.unknown.prototypes.grad is None
     frozen = [p for n, p in model.backbone.clip.named_parameters() if "resblocks.0." in n]
     assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
@@ -76,7 +76,7 @@ def test_deeplab_backbone_option():
 
     model = make(known_classes=["cat", "dog"], backbone=DeepLabResNet(depth=50, output_stride=8, weights=None))
     images = torch.rand(2, 3, 64, 64)
-    assert model.embed(images).shape == (2, model.teacher.embed_dim, 8, 8)
+    assert model.embed(images).shape == (2, model.encoder.embed_dim, 8, 8)
     views = torch.rand(1, 2, 3, 64, 64)
     geometry = torch.tensor([[[0.0, 0.0, 1.0, 1.0, 0.0], [0.1, 0.1, 0.9, 0.9, 1.0]]])
     out = model.compute_losses(views, geometry, [torch.rand(3, 64, 64)])
@@ -99,3 +99,14 @@ def test_known_unknown_scores_from_the_confusion_matrix():
     k, u = out["known_mIoU"], out["unknown_mIoU"]
     assert out["hIoU"] == pytest.approx(round(2 * k * u / (k + u), 2))
     assert vocabulary_split_scores(cm, names, {"cat", "dog", "sky", "tree"})["hIoU"] is None
+
+
+def test_checkpoints_that_call_the_frozen_clip_teacher_still_load():
+    model = make(known_classes=["cat", "dog"])
+    state = {("teacher." + k[len("encoder."):] if k.startswith("encoder.") else k): (v.clone() + 1 if v.is_floating_point() else v.clone())
+             for k, v in model.state_dict().items()}
+    fresh = make(known_classes=["cat", "dog"])
+    fresh.load_state_dict(state)
+    for key, value in fresh.state_dict().items():
+        source = "teacher." + key[len("encoder."):] if key.startswith("encoder.") else key
+        assert torch.equal(value, state[source])

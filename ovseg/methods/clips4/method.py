@@ -117,11 +117,13 @@ class CLIPS4(OVSegMethod):
             raise ValueError(f"own_segment must be 'exclude' or 'negative', got {own_segment!r}")
         if embedding_loss not in ("infonce", "cosine"):
             raise ValueError(f"embedding_loss must be 'infonce' or 'cosine', got {embedding_loss!r}")
-        self.teacher = DenseCLIP(clip)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        # ``encoder``: the method's CLIP, as in every method (frozen here: CLIP-S4's teacher)
+        self.encoder = DenseCLIP(clip)
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        self._register_load_state_dict_pre_hook(_rename_teacher_keys)
         self.backbone = backbone if backbone is not None else CLIPDenseEncoder()
-        self.backbone.build(self.teacher)
+        self.backbone.build(self.encoder)
         self.hparams["backbone"] = self.backbone.settings
 
         self.known_names: list[str] = resolve_vocabulary(known_classes)
@@ -131,14 +133,14 @@ class CLIPS4(OVSegMethod):
         self.encoded_prompts: list[str] = []
         self._text_banks: dict[tuple[str, ...], TextBank] = {}
         self.register_buffer("known_text", self._bank(train_templates).embed(self.known_names).float())
-        self.unknown = UnknownPrototypes(num_unknown, self.teacher.embed_dim, unknown_momentum, unknown_threshold,
+        self.unknown = UnknownPrototypes(num_unknown, self.encoder.embed_dim, unknown_momentum, unknown_threshold,
                                          semantic_temperature, unknown_init_segments, kmeans_iterations)
         self._unknown_generator = torch.Generator().manual_seed(unknown_seed)
 
     # -- text --------------------------------------------------------------------------------------
     def _encode_prompts(self, prompts: list[str]) -> Tensor:
         self.encoded_prompts.extend(prompts)
-        return self.teacher.encode_text(prompts)
+        return self.encoder.encode_text(prompts)
 
     def _bank(self, templates: str | list[str]) -> TextBank:
         key = (templates,) if isinstance(templates, str) else tuple(templates)
@@ -161,11 +163,11 @@ class CLIPS4(OVSegMethod):
     # -- inference ---------------------------------------------------------------------------------
     @property
     def input_size(self) -> int:
-        return self.teacher.input_size
+        return self.encoder.input_size
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()
+        self.encoder.eval()
         return self
 
     def embed(self, images01: Tensor) -> Tensor:
@@ -188,7 +190,7 @@ class CLIPS4(OVSegMethod):
         for indices in groups.values():
             batch = torch.stack([teacher_images[i] for i in indices]).to(self.device)
             batch = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
-            features = F.normalize(self.teacher.encode_dense(self.teacher.normalize(batch)).float(), dim=1)
+            features = F.normalize(self.encoder.encode_dense(self.encoder.normalize(batch)).float(), dim=1)
             for i, f in zip(indices, features):
                 out[i] = f
         return out  # type: ignore[return-value]
@@ -300,3 +302,9 @@ def vocabulary_split_scores(confmat: Any, class_names: list[list[str]], known: s
         "known_classes": [c[0] for c, k in zip(class_names, is_known) if k],
         "unknown_classes": [c[0] for c, u in zip(class_names, is_unknown) if u],
     }
+
+
+def _rename_teacher_keys(state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written before the frozen CLIP was named ``encoder`` (as in every method) call it ``teacher``."""
+    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        state_dict[prefix + "encoder." + key[len(prefix) + len("teacher."):]] = state_dict.pop(key)

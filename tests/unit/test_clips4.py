@@ -103,10 +103,9 @@ def test_known_unknown_scores_from_the_confusion_matrix():
 
 def test_checkpoints_that_call_the_frozen_clip_teacher_still_load():
     model = make(known_classes=["cat", "dog"])
-    state = {("teacher." + k[len("encoder."):] if k.startswith("encoder.") else k): (v.clone() + 1 if v.is_floating_point() else v.clone())
-             for k, v in model.state_dict().items()}
+    old_key = lambda k: "teacher." + k[len("encoder."):] if k.startswith("encoder.") else k  # noqa: E731
+    state = {old_key(k): v.clone() + 1 if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
     fresh = make(known_classes=["cat", "dog"])
     fresh.load_state_dict(state)
     for key, value in fresh.state_dict().items():
-        source = "teacher." + key[len("encoder."):] if key.startswith("encoder.") else key
-        assert torch.equal(value, state[source])
+        assert torch.equal(value, state[old_key(key)])

@@ -116,10 +116,11 @@ def check_source(source: Source, values: dict[tuple[str, str], PaperValue], text
     return problems
 
 
-def check_metafile_sources(meta: Metafile, base: str | Path) -> list[str]:
-    """Check every number of a metafile against its cited documents, resolved under ``base`` (the folder
-    holding ``shared/``). Returns problems, each naming the metafile and evaluation."""
-    base = Path(base)
+def check_metafile_sources(meta: Metafile, base: str | Path | None = None) -> list[str]:
+    """Check every number of a metafile against its cited documents, resolved under ``base`` (default: the folder
+    above the metafile's, i.e. ``benchmarks/``, whose ``sources/`` holds the cited tables). Returns problems, each
+    naming the metafile and evaluation."""
+    base = Path(base) if base is not None else Path(meta.path).resolve().parent.parent
     problems = []
     texts: dict[str, str] = {}
     for ev in meta.evaluations:

@@ -4,7 +4,7 @@
     ovseg bench run paper --var weights_dir=/ckpt --only 'pixelclip*' --set trainer.devices=1
     ovseg test --config benchmarks/suites/baselines.yaml --data.root /data/ovseg   # the same, as `ovseg test`
     ovseg bench report --results outputs/bench --out benchmarks/
-    ovseg bench validate                                       # metafiles + suites (+ --sources DIR)
+    ovseg bench validate                                       # metafiles, their cited numbers, suites
 """
 
 from __future__ import annotations
@@ -113,11 +113,10 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     n_values = sum(1 for m in metas.values() for e in m.evaluations for _ in e.values())
     print(f"{meta_dir}: {len(metas)} metafiles, {n_values} paper numbers — schema ok")
     problems = []
-    if ns.sources:
-        for m in metas.values():
-            problems += check_metafile_sources(m, ns.sources)
-        verdict = "every number matches" if not problems else f"{len(problems)} problems"
-        print(f"sources under {ns.sources}: {verdict}")
+    for m in metas.values():
+        problems += check_metafile_sources(m, ns.sources)
+    verdict = "every number matches" if not problems else f"{len(problems)} problems"
+    print(f"cited tables under {ns.sources or meta_dir.parent}: {verdict}")
     suites_dir = Path(ns.suites) if ns.suites else meta_dir.parent / "suites"
     for path in sorted(suites_dir.glob("*.yaml")) if suites_dir.is_dir() else []:
         suite = load_suite(path, metafiles=metas)
@@ -163,6 +162,7 @@ def register(commands) -> None:
     validate.add_argument("--metafiles", default=None)
     validate.add_argument("--suites", default=None)
     validate.add_argument("--sources", default=None, metavar="DIR",
-                          help="folder holding shared/ (the cited documents): check every number against them")
+                          help="resolve the metafiles' cited documents under DIR (default: the folder above the metafiles, "
+                               "whose sources/ holds the cited tables)")
     validate.add_argument("--verbose", "-v", action="store_true")
     validate.set_defaults(func=_cmd_validate)

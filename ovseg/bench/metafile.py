@@ -26,8 +26,8 @@ can check every number against the document it cites. Schema (version 1)::
           context59: {pAcc: {value: 54.4, std: 1.0}}
           voc21: {per_class_IoU: {background: 92.4, aeroplane: 83.5}}
         sources:                         # every number above is covered by one source
-          - {document: shared/spec/x.md, table: <heading>, row: {column: cell}, columns: {voc20.mIoU: VOC 20}}
-          - {document: shared/spec/y.md, quote: "verbatim text", covers: [context59.pAcc, context59.mAcc]}
+          - {document: sources/x.md, table: <heading>, row: {column: cell}, columns: {voc20.mIoU: VOC 20}}
+          - {document: sources/y.md, quote: "verbatim text", covers: [context59.pAcc, context59.mAcc]}
 
 A number's *reference* is ``<dataset>.<metric>`` or ``<dataset>.per_class_IoU.<class>``; internally a
 per-class value is the metric ``IoU/<class>`` (the results files' ``per_class.<class>.IoU``).

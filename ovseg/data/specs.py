@@ -1,7 +1,7 @@
 """Benchmark datasets as data: one table of on-disk layouts and label conventions.
 
-Layouts and label conventions follow mmsegmentation 1.x (users already have these folders); see
-``shared/spec/evaluation.md``. A dataset is a :class:`DatasetSpec`, never a subclass: the one
+Layouts and label conventions follow mmsegmentation 1.x (users already have these folders; the README's
+section "Datasets" lists them). A dataset is a :class:`DatasetSpec`, never a subclass: the one
 file-list dataset in :mod:`ovseg.data.seg_dataset` reads every spec.
 """
 

@@ -36,7 +36,8 @@ MODEL_NATIVE_SETTINGS: dict[str, Any] = {"normalization": "model", "vision_activ
 
 @dataclass(frozen=True)
 class ProtocolSettings:
-    """Everything that decides a number besides the model. See ``shared/spec/evaluation.md``."""
+    """Everything that decides a number besides the model (the protocol YAML files in ``eval/protocols/`` cite
+    the reference code each setting reproduces)."""
 
     #: resize so the short side is ``short_side`` unless the long side would exceed ``long_side_max``
     #: (mmseg ``Resize(scale=(long_side_max, short_side), keep_ratio=True)``); None: keep the size.

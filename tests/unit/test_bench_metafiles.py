@@ -1,5 +1,7 @@
-"""benchmarks/metafiles: schema, and every number against the document it cites."""
+"""benchmarks/metafiles: schema, every number against the table it cites (benchmarks/sources/), and those tables
+against the project's source documents where they are checked out (../shared)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,11 @@ from ovseg.bench.suite import load_suite
 
 REPO = Path(__file__).resolve().parents[2]
 META_DIR = REPO / "benchmarks" / "metafiles"
-SHARED_BASE = REPO.parent  # the folder holding shared/ (the cited documents)
+SOURCES = REPO / "benchmarks" / "sources"
+SHARED_BASE = REPO.parent  # the folder holding shared/ (the project's source documents, beside the repository)
 HAVE_SHARED = (SHARED_BASE / "shared" / "spec" / "pixelclip.md").is_file()
 VARIANTS = {"pixelclip_vitb16_sa1b", "pixelclip_vitb16_dino", "pixelclip_convnextb_sa1b", "pixelclip_convnextb_dino",
-            "clips4_vitb16", "maskclip_vitb16", "clip_vitb16", "clip_convnextb", "sclip_vitb16"}
+            "clips4_vitb16", "maskclip_vitb16", "clip_vitb16", "clip_convnextb", "sclip_vitb16", "naclip_vitb16"}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def metas():
 
 def test_one_metafile_per_method_variant(metas):
     assert set(metas) == VARIANTS
-    assert {m.method for m in metas.values()} == {"PixelCLIP", "CLIPS4", "MaskCLIP", "CLIP", "SCLIP"}
+    assert {m.method for m in metas.values()} == {"PixelCLIP", "CLIPS4", "MaskCLIP", "CLIP", "SCLIP", "NACLIP"}
     for m in metas.values():
         assert m.model.get("hardware") and m.paper["title"]
         assert all(e.sources for e in m.evaluations)
@@ -35,41 +38,85 @@ def test_one_metafile_per_method_variant(metas):
     assert metas["clips4_vitb16"].weights["url"] is None and "V100" in metas["clips4_vitb16"].model["hardware"]
 
 
-@pytest.mark.skipif(not HAVE_SHARED, reason="the cited documents (../shared) are not checked out here")
 def test_every_number_matches_the_document_it_cites(metas):
-    problems = [p for m in metas.values() for p in check_metafile_sources(m, SHARED_BASE)]
+    assert all(s.document.startswith("sources/") for m in metas.values() for e in m.evaluations for s in e.sources)
+    problems = [p for m in metas.values() for p in check_metafile_sources(m)]
     assert not problems, "\n".join(problems)
 
 
 # A sample typed in from the sources themselves, so the check above cannot pass by parsing wrongly.
-# shared/spec/pixelclip.md, "Headline numbers (mIoU, the paper's protocol)", row PixelCLIP | ViT-B/16 | SA-1B:
+# PixelCLIP (arXiv:2409.19846) Table 1, row PixelCLIP | ViT-B/16 | SA-1B:
 PIXELCLIP_VITB16_SA1B = {"coco_stuff171": 23.6, "ade150": 18.7, "context59": 37.9, "cityscapes": 27.2, "voc20": 85.9}
 
 
 def test_hardcoded_sample_matches_the_metafiles(metas):
     paper = metas["pixelclip_vitb16_sa1b"].evaluation("paper").results
     assert {d: v["mIoU"].value for d, v in paper.items()} == PIXELCLIP_VITB16_SA1B
-    # shared/spec/clips4.md: "Pascal Context with unknown classes (4-fold mean) ... CLIP-S4 54.4±1.0/52.3±0.5"
+    # CLIP-S4 supplementary Table 2 (Pascal Context with unknown classes, 4-fold mean): CLIP-S4 54.4±1.0/52.3±0.5
     fold = metas["clips4_vitb16"].evaluation("context59_unknown_4fold")
     assert fold.results["context59"] == {"pAcc": PaperValue(54.4, 1.0), "mAcc": PaperValue(52.3, 0.5)}
     assert [f.config for f in fold.folds] == [f"configs/clips4_context_fold{i}.yaml" for i in range(4)]
-    # shared/spec/evaluation.md, training-free table, MaskCLIP row: VOC21 43.4, City 24.9
+    # the SCLIP-family training-free table, MaskCLIP row: VOC21 43.4, City 24.9
     sclip = metas["maskclip_vitb16"].evaluation("sclip").results
     assert sclip["voc21"]["mIoU"].value == 43.4 and sclip["cityscapes"]["mIoU"].value == 24.9
-    # shared/seeds/001_… (CLIP-S4 supplementary) Table 4, CLIP-S4 row: Aero 83.5, Table 57.5, TV 63.2
+    # CLIP-S4 supplementary Table 4, CLIP-S4 row: Aero 83.5, Table 57.5, TV 63.2
     knn = metas["clips4_vitb16"].evaluation("voc_knn").results["voc21"]
     assert [knn[f"IoU/{c}"].value for c in ("aeroplane", "dining table", "tv monitor")] == [83.5, 57.5, 63.2]
     per_class = [v.value for k, v in knn.items() if k.startswith("IoU/")]
     assert len(per_class) == 21 and round(sum(per_class) / 21, 1) == knn["mIoU"].value == 72.0
 
 
-@pytest.mark.skipif(not HAVE_SHARED, reason="the cited documents (../shared) are not checked out here")
-def test_spec_table_parsed_at_test_time_gives_the_sample():
-    rows = markdown_table_after((SHARED_BASE / "shared/spec/pixelclip.md").read_text(), "Headline numbers")
+def test_cited_table_parsed_at_test_time_gives_the_sample():
+    rows = markdown_table_after((SOURCES / "pixelclip.md").read_text(), "Table 1:")
     row = next(r for r in rows if r["method"] == "PixelCLIP" and r["backbone"] == "ViT-B/16" and r["masks"] == "SA-1B")
     columns = {"coco_stuff171": "COCO-Stuff 171", "ade150": "ADE-150", "context59": "Context 59",
                "cityscapes": "Cityscapes 19", "voc20": "VOC 20"}
     assert {d: float(row[c]) for d, c in columns.items()} == PIXELCLIP_VITB16_SA1B
+
+
+def _numeric_rows(rows: list[dict[str, str]], key_columns: int) -> dict[tuple, list[float]]:
+    out = {}
+    for row in rows:
+        values = list(row.values())
+        out[tuple(values[:key_columns])] = [float(x) for v in values[key_columns:] for x in re.findall(r"\d+\.\d+", v)]
+    return out
+
+
+@pytest.mark.skipif(not HAVE_SHARED, reason="the project's source documents (../shared) are not checked out here")
+@pytest.mark.parametrize("ours, theirs, marker_ours, marker_theirs, keys", [
+    ("pixelclip.md", "shared/spec/pixelclip.md", "Table 1:", "Headline numbers", 3),
+    ("training_free.md", "shared/spec/evaluation.md", "Table: CLIP ViT-B/16", "Reference numbers for the training-free", 1),
+])
+def test_cited_tables_equal_the_project_documents(ours, theirs, marker_ours, marker_theirs, keys):
+    mine = _numeric_rows(markdown_table_after((SOURCES / ours).read_text(), marker_ours), keys)
+    spec = _numeric_rows(markdown_table_after((SHARED_BASE / theirs).read_text(), marker_theirs), keys)
+    assert mine == spec
+
+
+@pytest.mark.skipif(not HAVE_SHARED, reason="the project's source documents (../shared) are not checked out here")
+def test_clips4_tables_equal_the_supplementary_and_the_spec():
+    text = (SOURCES / "clips4.md").read_text()
+    per_class = markdown_table_after(text, "Supplementary Tables 3 and 4")
+    seed = tsv_table_before((SHARED_BASE / "shared/seeds/001_74091a68a91efbb4.txt").read_text(), "Table 4. Per-class")
+    assert len(per_class) == len(seed) == 7
+    for ours, theirs in zip(per_class, seed):
+        classes = [c for c in theirs if c != "Method"]
+        assert [ours[c].replace("–", "-") for c in classes] == [theirs[c] for c in classes]
+    # pAcc / mAcc (Tables 1-3) and MaskCLIP's own numbers: the spec's reference lines, in order, row by row
+    spec = " ".join((SHARED_BASE / "shared/spec/clips4.md").read_text().split("## Reference numbers")[1].split())
+    spec_numbers = [float(x) for x in re.findall(r"\d+\.\d+", spec)]
+
+    def appears_in_order(numbers: list[float]) -> bool:
+        n = len(numbers)
+        return any(spec_numbers[i:i + n] == numbers for i in range(len(spec_numbers) - n + 1))
+
+    for marker in ("Supplementary Table 1:", "Supplementary Table 2:", "MaskCLIP's own numbers"):
+        for row in markdown_table_after(text, marker):
+            numbers = [float(x) for v in row.values() for x in re.findall(r"\d+\.\d+", v)]
+            assert appears_in_order(numbers), (marker, row)
+    for row in per_class:
+        numbers = [float(x) for x in re.findall(r"\d+\.\d+", " ".join([row["mIoU"], row["pAcc"], row["mAcc"]]))]
+        assert not numbers or all(x in spec_numbers for x in numbers), row
 
 
 # -- the checker itself, on documents written here --------------------------------------------------

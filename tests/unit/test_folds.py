@@ -6,7 +6,7 @@ from ovseg.data.classnames import read_class_names
 from ovseg.data.folds import (ALIASES, CONTEXT_FOLDS, alphabetical_folds, fold_classes, known_classes,
                               resolve_vocabulary)
 
-SPEC = [  # copied from shared/spec/clips4.md
+SPEC = [  # CLIP-S4's four Pascal Context folds, typed in from the project's CLIP-S4 spec
     "airplane, bag, bed, bedclothes, bench, bicycle, bird, boat, book, bottle, building, bus, cabinet, car, cat",
     "ceiling, chair, cloth, computer, cow, cup, curtain, dog, door, fence, floor, flower, food, grass, ground",
     "horse, keyboard, light, motorbike, mountain, mouse, person, plate, platform, potted plant, road, rock, sheep, "

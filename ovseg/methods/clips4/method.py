@@ -1,9 +1,9 @@
 """CLIP-S4 (He et al., CVPR 2023): language-guided self-supervised semantic segmentation.
 
-No public code exists and the paper body was unavailable; ``shared/spec/clips4.md`` reconstructs the
-method from the abstract, the supplementary and the authors' earlier work. Every reconstructed choice
-(marked **(R)** below) is a named constructor setting whose default is the spec's, so a user holding the
-paper can change it from a config.
+No public code exists; this implementation reconstructs the method from the paper's abstract and supplementary
+(its numbers: ``benchmarks/sources/clips4.md``) and the authors' earlier work (SegSort / HSG). Every reconstructed
+choice (marked **(R)** below) is a named constructor setting, so a user holding the paper can change it from a
+config.
 """
 
 from __future__ import annotations

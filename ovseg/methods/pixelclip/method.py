@@ -1,6 +1,7 @@
 """PixelCLIP (Shin et al., NeurIPS 2024): CLIP's image encoder fine-tuned from unlabeled images and masks.
 
-A training step (spec: ``shared/spec/pixelclip.md``):
+A training step (arXiv:2409.19846, Sec. 3, as the authors' code runs it; ``ovseg parity`` checks it against
+cvlab-kaist/PixelCLIP):
 
 1. teacher ← EMA of the student's visual encoder; teacher dense features of the weak view;
 2. masks (SA-1B / SAM from the batch, or DINO k-means computed here) pooled over the teacher features,

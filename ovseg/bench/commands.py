@@ -162,7 +162,7 @@ def register(commands) -> None:
     validate.add_argument("--metafiles", default=None)
     validate.add_argument("--suites", default=None)
     validate.add_argument("--sources", default=None, metavar="DIR",
-                          help="resolve the metafiles' cited documents under DIR (default: the folder above the metafiles, "
-                               "whose sources/ holds the cited tables)")
+                          help="resolve the metafiles' cited documents under DIR (default: the folder above the "
+                               "metafiles, whose sources/ holds the cited tables)")
     validate.add_argument("--verbose", "-v", action="store_true")
     validate.set_defaults(func=_cmd_validate)

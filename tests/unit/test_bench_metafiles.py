@@ -85,7 +85,7 @@ def _numeric_rows(rows: list[dict[str, str]], key_columns: int) -> dict[tuple, l
 @pytest.mark.skipif(not HAVE_SHARED, reason="the project's source documents (../shared) are not checked out here")
 @pytest.mark.parametrize("ours, theirs, marker_ours, marker_theirs, keys", [
     ("pixelclip.md", "shared/spec/pixelclip.md", "Table 1:", "Headline numbers", 3),
-    ("training_free.md", "shared/spec/evaluation.md", "Table: CLIP ViT-B/16", "Reference numbers for the training-free", 1),
+    ("training_free.md", "shared/spec/evaluation.md", "Table: CLIP ViT-B/16", "Reference numbers for the", 1),
 ])
 def test_cited_tables_equal_the_project_documents(ours, theirs, marker_ours, marker_theirs, keys):
     mine = _numeric_rows(markdown_table_after((SOURCES / ours).read_text(), marker_ours), keys)

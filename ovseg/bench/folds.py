@@ -66,18 +66,19 @@ def format_table(table: dict) -> str:
 
 def run_folds(root: str, ckpts: list[str], out: str | Path, configs: list[str] | None = None,
               extra: list[str] | None = None) -> dict:
-    """``ovseg test`` each fold's checkpoint with its fold config into ``out/fold{i}``; returns the table
-    (also written to ``out/report.md`` and ``out/report.json``)."""
+    """``ovseg test`` fold ``i``'s checkpoint with its config and ``known_classes: context59-fold{i}`` into
+    ``out/fold{i}``; returns the table (also written to ``out/report.md`` and ``out/report.json``)."""
     from ovseg.runner import run_trainer
 
     if len(ckpts) != 4:
         raise ValueError(f"need one checkpoint per fold (4), got {len(ckpts)}")
-    configs = configs or [str(REPO / f"configs/clips4_context_fold{i}.yaml") for i in range(4)]
+    configs = configs or [str(REPO / "configs/clips4_context.yaml")] * 4
     out = Path(out)
     paths = []
     for i, (config, ckpt) in enumerate(zip(configs, ckpts)):
         fold_dir = out / f"fold{i}"
-        run_trainer("test", ["--config", config, "--data.root", root, "--ckpt_path", ckpt,
+        run_trainer("test", ["--config", config, "--model.init_args.known_classes", f"context59-fold{i}",
+                             "--data.root", root, "--ckpt_path", ckpt,
                              "--model.init_args.results_dir", str(fold_dir),
                              "--trainer.default_root_dir", str(fold_dir), *(extra or [])])
         paths.append(fold_dir / "results.json")
@@ -102,7 +103,8 @@ def register(subparsers) -> None:
     run = sub.add_parser("run", help="ovseg test the four fold checkpoints, then the table")
     run.add_argument("--root", required=True, help="data root")
     run.add_argument("--ckpts", nargs=4, required=True, metavar="CKPT", help="fold 0..3 checkpoints")
-    run.add_argument("--configs", nargs=4, metavar="YAML", help="fold configs (default configs/clips4_context_fold*)")
+    run.add_argument("--configs", nargs=4, metavar="YAML", help="per-fold configs (default: configs/clips4_context.yaml; "
+                     "fold i always gets known_classes context59-fold<i>)")
     run.add_argument("--out", default="outputs/clips4_folds")
     run.add_argument("extra", nargs="*", help="more `ovseg test` arguments (after --)")
     run.set_defaults(func=lambda ns: run_folds(ns.root, ns.ckpts, ns.out, ns.configs, ns.extra) and 0)

@@ -55,7 +55,9 @@ def test_hardcoded_sample_matches_the_metafiles(metas):
     # CLIP-S4 supplementary Table 2 (Pascal Context with unknown classes, 4-fold mean): CLIP-S4 54.4±1.0/52.3±0.5
     fold = metas["clips4_vitb16"].evaluation("context59_unknown_4fold")
     assert fold.results["context59"] == {"pAcc": PaperValue(54.4, 1.0), "mAcc": PaperValue(52.3, 0.5)}
-    assert [f.config for f in fold.folds] == [f"configs/clips4_context_fold{i}.yaml" for i in range(4)]
+    assert [f.config for f in fold.folds] == ["configs/clips4_context.yaml"] * 4  # one config, the fold a setting
+    assert [f.overrides for f in fold.folds] == [{"model.init_args.known_classes": f"context59-fold{i}"}
+                                                 for i in range(4)]
     # the SCLIP-family training-free table, MaskCLIP row: VOC21 43.4, City 24.9
     sclip = metas["maskclip_vitb16"].evaluation("sclip").results
     assert sclip["voc21"]["mIoU"].value == 43.4 and sclip["cityscapes"]["mIoU"].value == 24.9

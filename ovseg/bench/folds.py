@@ -103,8 +103,9 @@ def register(subparsers) -> None:
     run = sub.add_parser("run", help="ovseg test the four fold checkpoints, then the table")
     run.add_argument("--root", required=True, help="data root")
     run.add_argument("--ckpts", nargs=4, required=True, metavar="CKPT", help="fold 0..3 checkpoints")
-    run.add_argument("--configs", nargs=4, metavar="YAML", help="per-fold configs (default: configs/clips4_context.yaml; "
-                     "fold i always gets known_classes context59-fold<i>)")
+    run.add_argument("--configs", nargs=4, metavar="YAML",
+                     help="per-fold configs (default: configs/clips4_context.yaml; fold i always gets known_classes "
+                          "context59-fold<i>)")
     run.add_argument("--out", default="outputs/clips4_folds")
     run.add_argument("extra", nargs="*", help="more `ovseg test` arguments (after --)")
     run.set_defaults(func=lambda ns: run_folds(ns.root, ns.ckpts, ns.out, ns.configs, ns.extra) and 0)

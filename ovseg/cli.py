@@ -37,14 +37,17 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def build_command_parser() -> argparse.ArgumentParser:
+def build_command_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of the non-Trainer commands; ``only``: import and register just that command (a command's module
+    may import torch or more, which the others need not pay for at start-up)."""
     import importlib
 
     parser = argparse.ArgumentParser(prog="ovseg", description="ovseg commands that are not Trainer runs")
     parser.add_argument("--version", action="version", version=f"ovseg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in COMMANDS.values():
-        importlib.import_module(module).register(commands)
+    for name, module in COMMANDS.items():
+        if only is None or name == only:
+            importlib.import_module(module).register(commands)
     return parser
 
 
@@ -54,11 +57,9 @@ def main(args: list[str] | None = None) -> int | None:
     Called from Python with ``args``, exceptions propagate."""
     if args is not None or os.environ.get("OVSEG_DEBUG"):
         return _main(list(sys.argv[1:] if args is None else args))
-    from ovseg.data.seg_dataset import DataError
-
     try:
         return _main(sys.argv[1:])
-    except (DataError, FileNotFoundError, IsADirectoryError, ValueError, KeyError) as e:
+    except (FileNotFoundError, IsADirectoryError, ValueError, KeyError) as e:  # ValueError: also DataError
         print(f"ovseg: error: {e}\n(set OVSEG_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 
@@ -68,7 +69,7 @@ def _main(argv: list[str]) -> int | None:
         print(f"ovseg {__version__}")
         return 0
     if argv and argv[0] in COMMANDS:
-        ns = build_command_parser().parse_args(argv)
+        ns = build_command_parser(only=argv[0]).parse_args(argv)
         return ns.func(ns) or 0
     if argv and argv[0] not in TRAINER_SUBCOMMANDS and not argv[0].startswith("-"):
         print(f"ovseg: unknown command {argv[0]!r}; use one of {', '.join(TRAINER_SUBCOMMANDS + tuple(COMMANDS))}",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ovseg.data.seg_dataset import DataError
+from ovseg.data.files import DataError
 from ovseg.utils.io import atomic_open
 
 __all__ = ["IMAGE_SUFFIXES", "find_pairs", "encode_mask", "decode_masks", "load_masks", "write_synthetic_sa1b"]

@@ -11,40 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ovseg.data.files import DataError, read_image, read_label_png
 from ovseg.data.specs import IGNORE_INDEX, DatasetSpec, get_spec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """A dataset file is missing or malformed; the message names the file and the problem."""
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 ``[H,W,3]``; a corrupt or unreadable file raises :class:`DataError` naming it."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from None
-
-
-def read_label_png(path: str | Path) -> np.ndarray:
-    """Raw label values ``[H,W]``: palette indices for palette PNGs, values for grey PNGs."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L", "I", "I;16"):
-                raise DataError(f"{path}: label PNG has mode {im.mode}; expected a palette or single-channel image")
-            return np.asarray(im)
-    except FileNotFoundError:
-        raise DataError(f"{path}: label file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot decode label ({e})") from None
 
 
 def values_outside_classes(label: np.ndarray, num_classes: int) -> list[int]:

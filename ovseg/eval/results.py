@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ovseg import __version__
-from ovseg.eval.metrics import SegScores
 from ovseg.utils.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # results files are read and aggregated by commands that never compute a score
+    from ovseg.eval.metrics import SegScores
 
 
 def _pct(x: float) -> float | None:

@@ -7,8 +7,6 @@ import importlib
 import platform
 from pathlib import Path
 
-import torch
-
 from ovseg.parity import REFERENCES, REPOSITORIES
 
 
@@ -39,6 +37,8 @@ def register(subparsers) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     from ovseg.parity.common import git_commit
+    import torch
+
     from ovseg.parity.report import update_parity
 
     failed = []

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ovseg.data.sa1b import IMAGE_SUFFIXES, decode_masks, encode_mask, find_pairs
-from ovseg.data.seg_dataset import DataError, read_image
+from ovseg.data.files import DataError, read_image
 from ovseg.utils.io import atomic_open
 
 __all__ = ["register", "generate_masks", "sam_generator", "dino_generator", "downscale_folder", "mask_record"]
@@ -208,7 +208,7 @@ def _sam(ns: argparse.Namespace) -> int:
     amg = dict(points_per_side=ns.points_per_side, points_per_batch=ns.points_per_batch,
                pred_iou_thresh=ns.pred_iou_thresh, stability_score_thresh=ns.stability_score_thresh,
                min_mask_region_area=ns.min_mask_region_area)
-    generator = sam_generator(ns.checkpoint, ns.model_type, ns.device, **amg)
+    generator = sam_generator(ns.checkpoint, ns.model_type, _device(ns.device), **amg)
     return _report(generate_masks(ns.images, ns.out, generator, not ns.no_progress, ns.limit), ns.out)
 
 
@@ -217,7 +217,7 @@ def _dino(ns: argparse.Namespace) -> int:
 
     weights = ns.weights if ns.weights else "hub"
     masker = DinoMasker(DinoConfig(name=ns.model, weights=weights, clusters=ns.clusters, iterations=ns.iterations))
-    generator = dino_generator(masker, ns.short_side, ns.device)
+    generator = dino_generator(masker, ns.short_side, _device(ns.device))
     return _report(generate_masks(ns.images, ns.out, generator, not ns.no_progress, ns.limit), ns.out)
 
 
@@ -234,7 +234,7 @@ def register(commands) -> None:
     sam.add_argument("--out", required=True)
     sam.add_argument("--checkpoint", required=True, help="SAM weights, e.g. sam_vit_h_4b8939.pth")
     sam.add_argument("--model-type", default="vit_h", choices=["vit_h", "vit_l", "vit_b", "default"])
-    sam.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    sam.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     sam.add_argument("--points-per-side", type=int, default=32)
     sam.add_argument("--points-per-batch", type=int, default=64)
     sam.add_argument("--pred-iou-thresh", type=float, default=0.88)
@@ -252,7 +252,7 @@ def register(commands) -> None:
     dino.add_argument("--clusters", type=int, default=16)
     dino.add_argument("--iterations", type=int, default=100)
     dino.add_argument("--short-side", type=int, default=448, help="feature resolution (short side, pixels)")
-    dino.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    dino.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     dino.add_argument("--limit", type=int, default=None)
     dino.add_argument("--no-progress", action="store_true")
     dino.set_defaults(func=_dino)
@@ -265,10 +265,10 @@ def register(commands) -> None:
     down.set_defaults(func=_downscale)
 
 
-def _cuda() -> bool:
-    try:
-        import torch
+def _device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu`` (resolved when a command runs: `--help` needs no torch)."""
+    if name != "auto":
+        return name
+    import torch
 
-        return torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        return False
+    return "cuda" if torch.cuda.is_available() else "cpu"

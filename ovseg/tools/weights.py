@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where a checkpoint is read or written: `ovseg weights --help` starts without torch
+    import torch
 
 __all__ = ["convert_pixelclip", "map_official_key", "ARCHS", "register"]
 
@@ -62,6 +63,8 @@ def _load_official(path: str | Path) -> tuple[dict[str, torch.Tensor], int]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"PixelCLIP checkpoint not found: {path}")
+    import torch
+
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     state = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state:
@@ -116,6 +119,8 @@ def convert_pixelclip(official: str | Path, out: str | Path, arch: str | None = 
     checkpoint = {"state_dict": model.state_dict(), "pytorch-lightning_version": lightning_version,
                   "hyper_parameters": hparams, "epoch": 0, "global_step": iteration,
                   "ovseg_converted_from": str(Path(official).resolve())}
+    import torch
+
     with atomic_open(out, "wb") as f:
         torch.save(checkpoint, f)
     return report

@@ -1,0 +1,37 @@
+"""Reading image and label files, with errors that name the file (no torch: commands that only read files start
+fast)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(ValueError):
+    """A dataset file is missing or malformed; the message names the file and the problem."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 ``[H,W,3]``; a corrupt or unreadable file raises :class:`DataError` naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from None
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """Raw label values ``[H,W]``: palette indices for palette PNGs, values for grey PNGs."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(f"{path}: label PNG has mode {im.mode}; expected a palette or single-channel image")
+            return np.asarray(im)
+    except FileNotFoundError:
+        raise DataError(f"{path}: label file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot decode label ({e})") from None

@@ -7,18 +7,15 @@ block's own modules and weights so MaskCLIP / PixelCLIP / SCLIP-style variants c
 (``last_block``, ``residual``, ``ffn``) without vendoring open_clip.
 
 Tiny random configs (``tiny-vit``, ``tiny-convnext``) for tests and CI live in ``ovseg/models/configs`` and are
-registered with open_clip on import of this module.
+registered with open_clip on import of this module; loading weights (tags, files, shipped weights, transformers
+folders, tokenizers) is :mod:`ovseg.models.clip_loading`.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
-import hashlib
 import inspect
-import json
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +24,20 @@ from typing import Callable, Iterator, Literal, get_args
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from ovseg.models.attention import AttentionTokens, get_attention
+from ovseg.models.clip_loading import (
+    HF_PREFIX,
+    check_open_clip_vit,
+    check_timm,
+    hf_tokenizer,
+    load_hf,
+    load_open_clip,
+)
 
 __all__ = [
     "CLIPConfig",
@@ -46,27 +51,11 @@ __all__ = [
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-#: weights shipped inside the package, (open_clip model name, pretrained tag) -> file; looked up before open_clip's
-#: own tags, so e.g. ``CLIPConfig(name="toyworld-vit", pretrained="toyworld")`` loads offline like any tag.
-SHIPPED_WEIGHTS: dict[tuple[str, str], Path] = {
-    ("toyworld-vit", "toyworld"): WEIGHTS_DIR / "toyworld-vit.safetensors",
-}
-
 # a Literal lets LightningCLI/jsonargparse validate the choice at parse time and list it in --help; the last-block
 # attention is an open registry instead (ovseg.models.attention), validated when the config is built
 Residual = Literal["token", "cls", "none"]
 RESIDUALS: tuple[str, ...] = get_args(Residual)
-HF_PREFIX = "hf:"
-LOCAL_DIR_PREFIX = "local-dir:"
-HF_HUB_PREFIX = "hf-hub:"
 TEXT_BATCH = 256
-# Hashing the full weights file identifies it in results files; 12 hex digits are plenty to tell files apart.
-SHA_PREFIX_LEN = 12
-_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-
-
 @dataclass
 class CLIPConfig:
     """Which CLIP to load and how its last ViT block produces dense features.
@@ -238,186 +227,6 @@ def mlp_activation_name(mlp: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _sha256_prefix(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:SHA_PREFIX_LEN]
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-
-
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or "/" in value or value.startswith((".", "~")) or value.endswith(_WEIGHT_SUFFIXES)
-
-
-def _load_open_clip(config: CLIPConfig) -> tuple[nn.Module, str]:
-    """Create the open_clip model; returns (model, weights_id)."""
-    name = config.name
-    kwargs: dict = dict(precision=config.precision, cache_dir=config.cache_dir)
-    if config.quick_gelu is not None:
-        kwargs["force_quick_gelu"] = config.quick_gelu
-
-    if name.startswith(LOCAL_DIR_PREFIX):
-        folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"open_clip model folder not found: {folder} (from name={name!r})")
-        model = open_clip.create_model(name, **kwargs)
-        files = _weight_files(folder)
-        # open_clip picks one of the folder's weight files; hashing all of them identifies the folder either way
-        weights_id = f"{name}#sha256:{_sha256_prefix(files)}" if files else f"{name}#random"
-        return model, weights_id
-    if name.startswith(HF_HUB_PREFIX):
-        return open_clip.create_model(name, **kwargs), name
-
-    if name not in open_clip.list_models():
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=8, cutoff=0.5)
-        raise ValueError(f"unknown open_clip model {name!r}; close matches: {close}. "
-                         f"Use 'hf:/folder' for a transformers checkpoint or 'local-dir:/folder'.")
-
-    pretrained = config.pretrained
-    if not pretrained:
-        return open_clip.create_model(name, pretrained=None, **kwargs), f"{name}/random"
-
-    shipped = SHIPPED_WEIGHTS.get((name, pretrained))
-    if shipped is not None:
-        if not shipped.is_file():
-            raise FileNotFoundError(f"weights {name}/{pretrained} should ship with ovseg but are missing: {shipped}")
-        model = open_clip.create_model(name, pretrained=str(shipped), **kwargs)
-        return model, f"{name}/{pretrained}#sha256:{_sha256_prefix([shipped])}"
-
-    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
-    if tag_cfg:
-        # open_clip only warns when a QuickGELU-trained tag (e.g. openai) meets a GELU config; the features would
-        # be silently wrong, so follow the tag unless the user chose explicitly.
-        kwargs.setdefault("force_quick_gelu", bool(tag_cfg.get("quick_gelu", False)))
-        try:
-            model = open_clip.create_model(name, pretrained=pretrained, **kwargs)
-        except RuntimeError as err:
-            raise RuntimeError(
-                f"could not load weights {name}/{pretrained}: {err}. Offline? Pre-fill the Hugging Face cache "
-                f"(cache_dir / HF_HOME) or pass pretrained=/path/to/open_clip_pytorch_model.bin"
-            ) from err
-        return model, f"{name}/{pretrained}"
-
-    weights_path = Path(pretrained).expanduser()
-    if weights_path.is_dir():
-        raise IsADirectoryError(f"pretrained={pretrained!r} is a folder: pass the weights file inside it, or use "
-                                f"name='local-dir:{weights_path}' for a folder with open_clip_config.json")
-    if weights_path.is_file():
-        model = open_clip.create_model(name, pretrained=str(weights_path), **kwargs)
-        return model, f"{name}/file:{weights_path.resolve()}#sha256:{_sha256_prefix([weights_path])}"
-    if _looks_like_path(pretrained):
-        raise FileNotFoundError(f"CLIP weights file not found: {weights_path}")
-    raise ValueError(f"unknown pretrained tag {pretrained!r} for open_clip model {name!r}; known tags: "
-                     f"{open_clip.list_pretrained_tags_by_model(name)} (or give a path to a weights file)")
-
-
-def _load_hf(folder_str: str, precision: str) -> tuple[nn.Module, str, tuple, tuple]:
-    """Load a transformers CLIPModel folder; returns (model, weights_id, mean, std)."""
-    try:
-        from transformers import CLIPModel
-    except ImportError as err:  # transformers is an optional dependency (extra "hf")
-        raise ImportError("the 'hf:' CLIP loader needs transformers: pip install 'ovseg[hf]'") from err
-    folder = Path(folder_str).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"Hugging Face CLIP folder not found or without config.json: {folder}")
-    if precision not in _PRECISION_DTYPES:
-        raise ValueError(f"precision {precision!r} is not supported for 'hf:' models; use one of "
-                         f"{list(_PRECISION_DTYPES)}")
-    model = CLIPModel.from_pretrained(folder, local_files_only=True).to(_PRECISION_DTYPES[precision])
-
-    mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    preprocessor = folder / "preprocessor_config.json"
-    if preprocessor.is_file():
-        cfg = json.loads(preprocessor.read_text())
-        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
-    files = _weight_files(folder)
-    weights_id = f"hf:{folder}#sha256:{_sha256_prefix(files)}" if files else f"hf:{folder}#random"
-    return model, weights_id, mean, std
-
-
-class _HFTokenize:
-    """Texts -> input ids [N, context_length] with a transformers tokenizer (padded and truncated)."""
-
-    def __init__(self, tokenizer, context_length: int):
-        self.tokenizer = tokenizer
-        self.context_length = context_length
-
-    def __call__(self, texts: list[str]) -> Tensor:
-        return self.tokenizer(texts, padding="max_length", max_length=self.context_length, truncation=True,
-                              return_tensors="pt")["input_ids"]
-
-
-def _hf_tokenizer(folder: Path, text_config) -> Callable[[list[str]], Tensor]:
-    """A tokenizer for a transformers CLIP folder, never the silent 2-token offline fallback."""
-    context_length = text_config.max_position_embeddings
-    has_bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
-    # transformers 4 saves vocab.json + merges.txt, transformers 5 saves tokenizer.json only
-    if has_bpe_files or (folder / "tokenizer.json").is_file():
-        # CLIPTokenizer rather than AutoTokenizer: the latter needs tokenizer_config.json to pick a class, and
-        # in transformers 5 it cannot build a tokenizer from vocab.json + merges.txt alone.
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-        if len(tokenizer) < 1000:
-            raise RuntimeError(f"tokenizer in {folder} has a suspiciously small vocabulary ({len(tokenizer)})")
-        return _HFTokenize(tokenizer, context_length)
-    if text_config.vocab_size == 49408:
-        # OpenAI's BPE: open_clip's SimpleTokenizer ships the same vocabulary and gives the same ids.
-        return open_clip.SimpleTokenizer(context_length=context_length)
-    raise FileNotFoundError(
-        f"{folder} has no tokenizer files (vocab.json + merges.txt, or tokenizer.json) and its text vocabulary "
-        f"({text_config.vocab_size}) is not OpenAI's 49408-token BPE; save the tokenizer into that folder"
-    )
-
-
-def _check_open_clip_vit(visual: nn.Module) -> None:
-    """Refuse ViT variants whose forward the dense path does not reproduce."""
-    if getattr(visual, "attn_pool", None) is not None:
-        raise NotImplementedError("dense features for attentional-pooling ViTs (CoCa) are not supported")
-    if getattr(visual, "final_ln_after_pool", False):
-        raise NotImplementedError("dense features for final_ln_after_pool=True ViTs are not supported")
-    if visual.pool_type not in ("tok", "avg"):
-        raise NotImplementedError(f"dense features for ViT pool_type={visual.pool_type!r} are not supported")
-    if visual.patch_size[0] != visual.patch_size[1]:
-        raise NotImplementedError(f"dense features need square patches, got {tuple(visual.patch_size)}")
-    if visual.proj is None:
-        raise NotImplementedError("dense features need the ViT's output projection (visual.proj is None)")
-    if not visual.transformer.batch_first:
-        raise NotImplementedError("dense features need a batch_first open_clip transformer")
-    for block in visual.transformer.resblocks:
-        if type(block) is not ResidualAttentionBlock:
-            raise NotImplementedError(
-                f"dense features support open_clip's ResidualAttentionBlock only, got {type(block).__name__} "
-                "(qk_norm / scaled-cosine / scale_* block options)")
-
-
-def _check_timm(visual: nn.Module) -> None:
-    from timm.layers import ClassifierHead, NormMlpClassifierHead
-
-    if "pool" in dict(visual.head.named_children()):
-        raise NotImplementedError("dense features for attention-pooled timm towers (abs_attn/rot_attn) are not "
-                                  "supported")
-    trunk = visual.trunk
-    head = getattr(trunk, "head", None)
-    if not hasattr(trunk, "forward_features") or not isinstance(head, (NormMlpClassifierHead, ClassifierHead)):
-        raise NotImplementedError(
-            f"dense features for timm trunk {type(trunk).__name__} are not supported (ConvNeXt-style trunks with "
-            "a NormMlpClassifierHead or ClassifierHead are)")
-    if head.use_conv or any(isinstance(m, nn.Conv2d) for m in head.modules()):
-        raise NotImplementedError("dense features need a pooled timm head with linear layers")
-
-
-# --------------------------------------------------------------------------------------------------------------
 # DenseCLIP
 # --------------------------------------------------------------------------------------------------------------
 
@@ -441,26 +250,26 @@ class DenseCLIP(nn.Module):
 
         if config.name.startswith(HF_PREFIX):
             self._hf_folder = Path(config.name[len(HF_PREFIX):]).expanduser()
-            self.model, self.weights_id, mean, std = _load_hf(str(self._hf_folder), config.precision)
+            self.model, self.weights_id, mean, std = load_hf(str(self._hf_folder), config.precision)
             vision = self.model.config.vision_config
             self.kind = "hf_vit"
             self.patch_size = int(vision.patch_size)
             self.input_hw = (int(vision.image_size), int(vision.image_size))
             self.embed_dim = int(self.model.config.projection_dim)
         else:
-            self.model, self.weights_id = _load_open_clip(config)
+            self.model, self.weights_id = load_open_clip(config)
             visual = self.model.visual
             preprocess = open_clip.get_model_preprocess_cfg(self.model)
             mean, std = preprocess["mean"], preprocess["std"]
             image_size = visual.image_size
             self.input_hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
             if isinstance(visual, VisionTransformer):
-                _check_open_clip_vit(visual)
+                check_open_clip_vit(visual)
                 self.kind = "vit"
                 self.patch_size = int(visual.patch_size[0])
                 self.embed_dim = int(visual.proj.shape[1])
             elif isinstance(visual, TimmModel):
-                _check_timm(visual)
+                check_timm(visual)
                 self.kind = "timm"
                 self.patch_size = int(visual.trunk.feature_info[-1]["reduction"])
                 # the last linear layer of the projection head (open_clip's, else timm's own fc) sets the width
@@ -625,7 +434,7 @@ class DenseCLIP(nn.Module):
     def _get_tokenizer(self) -> Callable[[list[str]], Tensor]:
         if self._tokenizer is None:
             if self.kind == "hf_vit":
-                self._tokenizer = _hf_tokenizer(self._hf_folder, self.model.config.text_config)
+                self._tokenizer = hf_tokenizer(self._hf_folder, self.model.config.text_config)
             else:
                 self._tokenizer = open_clip.get_tokenizer(self.config.name, cache_dir=self.config.cache_dir)
         return self._tokenizer

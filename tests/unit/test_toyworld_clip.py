@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ovseg.models.clip import SHIPPED_WEIGHTS, CLIPConfig, DenseCLIP
+from ovseg.models.clip import CLIPConfig, DenseCLIP
+from ovseg.models.clip_loading import SHIPPED_WEIGHTS
 from ovseg.toyworld.generate import CLASSES, generate
 from ovseg.toyworld.pretrain import PretrainConfig, pretrain
 from ovseg.toyworld.zeroshot import evaluate_recognition
@@ -60,7 +61,7 @@ def test_shipped_toy_clip_recognises_the_toy_classes(tmp_path):
 
 
 def test_unknown_shipped_file_is_named(monkeypatch, tmp_path):
-    import ovseg.models.clip as clip_module
+    import ovseg.models.clip_loading as clip_module
 
     monkeypatch.setitem(clip_module.SHIPPED_WEIGHTS, ("toyworld-vit", "missing"), tmp_path / "nope.safetensors")
     with pytest.raises(FileNotFoundError, match="should ship with ovseg"):

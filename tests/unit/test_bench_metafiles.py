@@ -28,7 +28,8 @@ def metas():
 
 def test_one_metafile_per_method_variant(metas):
     assert set(metas) == VARIANTS
-    assert {m.method for m in metas.values()} == {"PixelCLIP", "CLIPS4", "MaskCLIP", "CLIP", "SCLIP", "NACLIP", "ClearCLIP"}
+    assert {m.method for m in metas.values()} == {"PixelCLIP", "CLIPS4", "MaskCLIP", "CLIP", "SCLIP", "NACLIP",
+                                                  "ClearCLIP"}
     for m in metas.values():
         assert m.model.get("hardware") and m.paper["title"]
         assert all(e.sources for e in m.evaluations)

@@ -51,6 +51,29 @@ def build_command_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: what the Lightning commands do (their options: ``ovseg fit --help`` …)
+TRAINER_HELP = {
+    "fit": "train a method (a config from configs/; checkpoints, logs and results under --trainer.default_root_dir)",
+    "validate": "score a method on the validation datasets",
+    "test": "score a method and write results.json/.md (a suite file runs every evaluation of the suite)",
+    "predict": "label your own images with your own words: --images DIR --classes 'cat,dog;puppy,sky'",
+}
+
+
+def overview() -> str:
+    """``ovseg --help``: every command, the Lightning ones and the others."""
+    parser = build_command_parser()
+    others = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in others._choices_actions}
+    width = max(map(len, [*TRAINER_HELP, *helps])) + 2
+    lines = [f"usage: ovseg COMMAND [options]   (ovseg {__version__}; ovseg COMMAND --help for a command's options)",
+             "", "Lightning commands (LightningCLI: --config FILE, --key value):"]
+    lines += [f"  {name:<{width}}{text}" for name, text in TRAINER_HELP.items()]
+    lines += ["", "other commands:"]
+    lines += [f"  {name:<{width}}{helps.get(name) or ''}" for name in COMMANDS]
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None) -> int | None:
     """Entry point. From the shell (``args`` None), user errors — a missing file, a malformed
     dataset, a bad setting — print one line naming the problem; ``OVSEG_DEBUG=1`` shows the traceback.
@@ -67,6 +90,9 @@ def main(args: list[str] | None = None) -> int | None:
 def _main(argv: list[str]) -> int | None:
     if argv and argv[0] in ("--version", "-V"):
         print(f"ovseg {__version__}")
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
         return 0
     if argv and argv[0] in COMMANDS:
         ns = build_command_parser(only=argv[0]).parse_args(argv)

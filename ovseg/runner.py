@@ -12,12 +12,18 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 # Importing albumentations otherwise asks PyPI for a newer version on every start.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+
+
+#: the default logger's ``save_dir``: replaced by ``trainer.default_root_dir`` before the Trainer is built, so
+#: ``--trainer.default_root_dir DIR`` moves logs, checkpoints, results and pictures (an explicit ``save_dir`` wins)
+DEFAULT_ROOT_DIR = "<trainer.default_root_dir>"
 
 
 class OVSegCLI(LightningCLI):
@@ -40,7 +46,8 @@ class OVSegCLI(LightningCLI):
                 # exact distributed evaluation: our loaders shard without repeating samples
                 "use_distributed_sampler": False,
                 "default_root_dir": "outputs",
-                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "outputs"}},
+                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                           "init_args": {"save_dir": DEFAULT_ROOT_DIR}},
             },
             args=args,
             run=run,
@@ -48,6 +55,63 @@ class OVSegCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"data": {"class_path": "ovseg.data.datamodule.OVSegDataModule"}})
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning re-applies a checkpoint's hyper-parameters, its model class included, over the config: a
+        # checkpoint of another method would silently be what gets scored. Refuse that, and name unreadable files.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            check_checkpoint_method(ckpt_path, self.config[subcommand].model.class_path)
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.trainer
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and getattr(init_args, "save_dir", None) == DEFAULT_ROOT_DIR:
+                init_args.save_dir = trainer.default_root_dir or "outputs"
+
+
+def read_checkpoint_hparams(path: str | Path) -> dict:
+    """A Lightning checkpoint's ``hyper_parameters`` (memory-mapped: the weights are not read). A missing, truncated
+    or foreign file raises an error naming it."""
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001  (zip/pickle errors of every kind)
+        raise ValueError(f"{path}: cannot read the checkpoint, truncated or not a PyTorch checkpoint "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return dict(checkpoint.get("hyper_parameters") or {})
+
+
+def _class_name(class_path: str) -> str:
+    """``ovseg.methods.MaskCLIP`` and ``ovseg.methods.zeroshot.MaskCLIP`` name the same class: compare the class
+    objects when both import, else the last component."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        return f"{cls.__module__}.{cls.__qualname__}"
+    except (ImportError, AttributeError, ValueError):
+        return name
+
+
+def check_checkpoint_method(path: str | Path, config_class_path: str) -> None:
+    """Raise when the checkpoint at ``path`` was written by another method class than the config's model."""
+    written_by = read_checkpoint_hparams(path).get("_class_path")
+    if written_by and config_class_path and _class_name(written_by) != _class_name(config_class_path):
+        raise ValueError(f"{path} is a checkpoint of {written_by.rpartition('.')[2]} ({written_by}), but the config's "
+                         f"model is {config_class_path.rpartition('.')[2]}: use that method's config")
 
 
 #: ``ovseg predict --images DIR --classes "a,b"`` -> the DataModule's predict arguments

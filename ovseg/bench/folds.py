@@ -68,10 +68,15 @@ def run_folds(root: str, ckpts: list[str], out: str | Path, configs: list[str] |
               extra: list[str] | None = None) -> dict:
     """``ovseg test`` fold ``i``'s checkpoint with its config and ``known_classes: context59-fold{i}`` into
     ``out/fold{i}``; returns the table (also written to ``out/report.md`` and ``out/report.json``)."""
-    from ovseg.runner import run_trainer
+    from ovseg.runner import read_checkpoint_hparams, run_trainer
 
     if len(ckpts) != 4:
         raise ValueError(f"need one checkpoint per fold (4), got {len(ckpts)}")
+    for i, ckpt in enumerate(ckpts):  # a checkpoint scored as another fold would give a plausible, wrong table
+        trained_on = read_checkpoint_hparams(ckpt).get("known_classes")
+        if trained_on != f"context59-fold{i}":
+            raise ValueError(f"{ckpt}: given as fold {i}, but trained with known_classes {trained_on!r} (expected "
+                             f"'context59-fold{i}'); pass the checkpoints in fold order 0..3")
     configs = configs or [str(REPO / "configs/clips4_context.yaml")] * 4
     out = Path(out)
     paths = []

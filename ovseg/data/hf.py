@@ -32,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ovseg.data.classnames import parse_class_list, read_class_names
+from ovseg.data.classnames import looks_like_class_file, parse_class_list, read_class_names
 from ovseg.data.seg_dataset import DataError, values_outside_classes
 from ovseg.data.specs import DatasetSpec
 
@@ -355,7 +355,7 @@ def _class_names(name: str, value: Any, root: Path) -> list[list[str]]:
         return read_class_names(text)  # a shipped name
     except FileNotFoundError:
         pass
-    if text.endswith(".txt") or "/" in text and "," not in text:
+    if looks_like_class_file(text):
         raise FileNotFoundError(
             f"dataset {name!r}: class-name file {text!r} not found (as given, or under the data root {root})"
         )

@@ -7,6 +7,7 @@ ignore, already mapped to the dataset's convention) and ``meta``.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,10 @@ def split_ids(spec: DatasetSpec, root: str | Path, split: str) -> list[str]:
         ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
         if not ids:
             raise DataError(f"dataset {spec.name!r}: split file {split_file} is empty")
+        repeated = [i for i, n in Counter(ids).items() if n > 1]
+        if repeated:  # an image listed twice would be scored twice
+            raise DataError(f"dataset {spec.name!r}: split file {split_file} lists {len(repeated)} id(s) more than "
+                            f"once, e.g. {repeated[:5]}")
         return ids
     ids = sorted(
         str(p.relative_to(img_dir))[: -len(spec.img_suffix)]
@@ -145,6 +150,11 @@ class ImageFolderDataset(Dataset):
         if not self.paths:
             raise DataError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
         self.root = images if images.is_dir() else images.parent
+        # outputs are named after the id (``<id>_label.png``): the path without its suffix, unless another image
+        # shares that stem (``x.jpg`` and ``x.png``), then the path with it, so no prediction overwrites another
+        stems = [str(p.relative_to(self.root).with_suffix("")) for p in self.paths]
+        shared = {stem for stem, n in Counter(stems).items() if n > 1}
+        self.ids = [str(p.relative_to(self.root)) if stem in shared else stem for p, stem in zip(self.paths, stems)]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -154,7 +164,7 @@ class ImageFolderDataset(Dataset):
         image = read_image(path)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "meta": {"dataset": "predict", "id": str(path.relative_to(self.root).with_suffix("")),
+            "meta": {"dataset": "predict", "id": self.ids[index],
                      "image_path": str(path), "index": index},
         }
 

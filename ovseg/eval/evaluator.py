@@ -57,6 +57,10 @@ def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: l
             raise ValueError(
                 f"class-name file {source!r} has {len(names)} classes but dataset {dataset_name!r} has {len(default)}"
             )
+    display = [synonyms[0] for synonyms in names]
+    repeated = sorted({n for n in display if display.count(n) > 1})
+    if repeated:  # results.json reports per class name: a repeated one would hide a class
+        raise ValueError(f"class names of {dataset_name!r} ({source}) repeat {repeated}: each class needs its own name")
     if settings.background_names:
         if background_index is None:
             raise ValueError(f"protocol sets background_names but dataset {dataset_name!r} has no background class")

@@ -48,13 +48,35 @@ def read_class_names(name_or_path: str | Path) -> list[list[str]]:
     return [list(s) for s in _read(resolve_class_file(name_or_path).resolve())]
 
 
+def looks_like_class_file(text: str) -> bool:
+    """A ``--classes`` value names a file when it ends in ``.txt`` or holds a path separator and no comma; anything
+    else is an inline list, even a single word that happens to name a file in the working directory."""
+    return "," not in text and (text.lower().endswith(".txt") or "/" in text or "\\" in text)
+
+
 def parse_class_list(text: str) -> list[list[str]]:
-    """``"cat,dog;puppy,sky"`` -> ``[["cat"], ["dog", "puppy"], ["sky"]]`` (``;`` separates synonyms),
-    or the contents of a class-name file if ``text`` is a path to one."""
-    if Path(text).is_file():
-        return read_class_names(text)
-    classes = [[s.strip() for s in item.split(";") if s.strip()] for item in text.split(",")]
-    classes = [c for c in classes if c]
+    """``"cat,dog;puppy,sky"`` -> ``[["cat"], ["dog", "puppy"], ["sky"]]`` (``;`` separates synonyms), or the
+    contents of a class-name file (:func:`looks_like_class_file`; a missing one is an error, never a class name).
+    A name given twice is an error: the second could never win, and scores are reported per name."""
+    if looks_like_class_file(text):
+        if not Path(text).expanduser().is_file():
+            raise FileNotFoundError(f"class-name file {text!r} not found (for inline names, separate them with ',')")
+        classes = read_class_names(Path(text).expanduser())
+    else:
+        classes = [[s.strip() for s in item.split(";") if s.strip()] for item in text.split(",")]
+        classes = [c for c in classes if c]
     if not classes:
         raise ValueError(f"no class names in {text!r}")
+    check_unique_names(classes, text)
     return classes
+
+
+def check_unique_names(classes: list[list[str]], source: str) -> None:
+    """Raise naming ``source`` when a class name (any synonym) appears twice."""
+    seen: dict[str, int] = {}
+    for index, synonyms in enumerate(classes):
+        for name in synonyms:
+            if name in seen and seen[name] != index:
+                raise ValueError(f"{source}: class name {name!r} is given twice (classes {seen[name]} and {index}); "
+                                 "each name may name one class")
+            seen.setdefault(name, index)

@@ -1,0 +1,131 @@
+"""Findings of the fault-injection review (issue "runs that survive interruption…"): each input that used to give a
+silent wrong result now gives the right one or a one-line error naming the file."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ovseg.cli import COMMANDS, TRAINER_SUBCOMMANDS, main
+from ovseg.data.classnames import parse_class_list
+from ovseg.data.seg_dataset import DataError, SegFileDataset
+from ovseg.data.synthetic import write_synthetic
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs/tiny/maskclip.yaml")
+
+
+def test_default_root_dir_decides_where_a_run_lands(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["test", "--config", TINY, "--data.root", str(synthetic_root), "--data.datasets", "[voc21]",
+          "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"])
+    assert (tmp_path / "runs/lightning_logs/version_0/results.json").is_file()
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_an_explicit_logger_save_dir_still_wins(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["test", "--config", TINY, "--data.root", str(synthetic_root), "--data.datasets", "[voc21]",
+          "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.save_dir",
+          str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false"])
+    assert (tmp_path / "logs/lightning_logs/version_0/results.json").is_file()
+
+
+def test_predict_keeps_images_that_share_a_stem(tmp_path):
+    images = tmp_path / "photos"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(images / "x.jpg")
+    Image.fromarray(rng.integers(0, 255, (50, 20, 3), dtype=np.uint8)).save(images / "x.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(images / "y.png")
+    out = tmp_path / "pred"
+    main(["predict", "--config", TINY, "--images", str(images), "--classes", "cat,dog",
+          "--model.init_args.predict_dir", str(out), "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    shapes = {p.name: np.asarray(Image.open(p)).shape for p in out.glob("*_label.png")}
+    assert shapes == {"x.jpg_label.png": (30, 40), "x.png_label.png": (50, 20), "y_label.png": (20, 20)}
+
+
+def test_class_list_or_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="classes.txt"):
+        parse_class_list("classes.txt")  # a missing file is an error, not one class named "classes.txt"
+    (tmp_path / "cat").write_text("dog\nsky\n")
+    assert parse_class_list("cat") == [["cat"]]  # an inline word stays a word
+    (tmp_path / "classes.txt").write_text("dog, puppy\nsky\n")
+    assert parse_class_list("classes.txt") == [["dog", "puppy"], ["sky"]]
+
+
+def test_a_name_given_twice_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="'cat' is given twice"):
+        parse_class_list("cat,dog;cat,sky")
+    (tmp_path / "c.txt").write_text("cat\ndog\ncat\n")
+    with pytest.raises(ValueError, match="c.txt.*'cat' is given twice"):
+        parse_class_list(str(tmp_path / "c.txt"))
+
+
+def test_repeated_dataset_class_names_are_refused(tmp_path):
+    from ovseg.eval.evaluator import dataset_vocabulary
+    from ovseg.eval.protocols import load_protocol
+
+    settings = load_protocol("maskclip").settings_for("voc20", {"class_names": "{dataset}"})
+    names = [[f"class{i}"] for i in range(20)]
+    names[7] = ["class3"]
+    with pytest.raises(ValueError, match=r"repeat \['class3'\]"):
+        dataset_vocabulary(settings, "voc20", names, None)
+
+
+def test_an_id_listed_twice_in_a_split_file_is_refused(tmp_path):
+    write_synthetic("voc21", tmp_path, num_images=3, seed=0)
+    split = tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
+    ids = split.read_text().split()
+    split.write_text("\n".join(ids + ids[:1]) + "\n")
+    with pytest.raises(DataError, match=rf"{split.name}.*more than once.*{ids[0]}"):
+        SegFileDataset("voc21", tmp_path)
+
+
+def _fake_checkpoint(path: Path, class_path: str, **hparams) -> Path:
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": class_path, **hparams}}, path)
+    return path
+
+
+def test_a_checkpoint_of_another_method_is_refused(synthetic_root, tmp_path):
+    ckpt = _fake_checkpoint(tmp_path / "clips4.ckpt", "ovseg.methods.clips4.method.CLIPS4")
+    with pytest.raises(ValueError, match="checkpoint of CLIPS4.*config's model is MaskCLIP"):
+        main(["test", "--config", TINY, "--data.root", str(synthetic_root), "--ckpt_path", str(ckpt)])
+    from ovseg.runner import check_checkpoint_method
+
+    same = _fake_checkpoint(tmp_path / "maskclip.ckpt", "ovseg.methods.zeroshot.MaskCLIP")
+    check_checkpoint_method(same, "ovseg.methods.MaskCLIP")  # the same class, spelled two ways
+
+
+def test_folds_refuse_checkpoints_in_the_wrong_order(tmp_path):
+    from ovseg.bench.folds import run_folds
+
+    ckpts = [_fake_checkpoint(tmp_path / f"f{i}.ckpt", "ovseg.methods.CLIPS4", known_classes=f"context59-fold{j}")
+             for i, j in enumerate([0, 2, 1, 3])]
+    with pytest.raises(ValueError, match=r"f1.ckpt: given as fold 1, but trained with known_classes 'context59-fold2'"):
+        run_folds(str(tmp_path), [str(c) for c in ckpts], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_checkpoint_is_one_line(synthetic_root, tmp_path):
+    ckpt = _fake_checkpoint(tmp_path / "full.ckpt", "ovseg.methods.MaskCLIP")
+    data = ckpt.read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    proc = subprocess.run([sys.executable, "-m", "ovseg", "test", "--config", TINY, "--data.root",
+                           str(synthetic_root), "--ckpt_path", str(tmp_path / "cut.ckpt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "cut.ckpt: cannot read the checkpoint, truncated" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"\n  {name} " in text for name in (*TRAINER_SUBCOMMANDS, *COMMANDS))

@@ -148,6 +148,21 @@ def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
     return value
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A run config as LightningCLI reads it: a top-level group given as a fragment file (``data: ../data/x.yaml``,
+    relative to the config) is replaced by the fragment's content, so hashes and dataset lists see what runs."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise SuiteError(f"{path}: a config must be a mapping")
+    for key, value in list(data.items()):
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+            fragment = (path.parent / value).resolve()
+            if not fragment.is_file():
+                raise SuiteError(f"{path}: {key}: fragment {value} not found ({fragment})")
+            data[key] = yaml.safe_load(fragment.read_text(encoding="utf-8")) or {}
+    return data
+
+
 # -- the suite model ------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -163,7 +178,7 @@ class Run:
         """Everything that can change a number, canonicalised (what the config hash covers)."""
         configs = []
         for path in self.configs:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = read_config(path)
             settings = {k: v for k, v in sorted(flatten(data).items()) if not _ignored(k)}
             if settings:  # a logger-only config (configs/logger/wandb.yaml) changes no number
                 configs.append(settings)
@@ -187,8 +202,7 @@ class Run:
     def resolve_datasets(self) -> list[Any]:
         found: Any = None
         for path in self.configs:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            flat = flatten(data)
+            flat = flatten(read_config(path))
             if "data.datasets" in flat:
                 found = flat["data.datasets"]
         for k, v in self.overrides.items():
@@ -208,7 +222,7 @@ class Run:
     def logger_disabled(self) -> bool:
         value: Any = "unset"
         for path in self.configs:
-            flat = flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+            flat = flatten(read_config(path))
             if "trainer.logger" in flat:
                 value = flat["trainer.logger"]
         for k, v in list(self.overrides.items()) + parse_cli_pairs(self.extra_args):
@@ -232,7 +246,7 @@ class Run:
     def is_distributed(self) -> bool:
         pairs = [(canonical_key(k), v) for k, v in list(self.overrides.items()) + parse_cli_pairs(self.extra_args)]
         for path in self.configs:
-            pairs = list(flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {}).items()) + pairs
+            pairs = list(flatten(read_config(path)).items()) + pairs
         settings = dict(pairs)
         strategy = str(settings.get("trainer.strategy") or "")
         devices = settings.get("trainer.devices", 1)

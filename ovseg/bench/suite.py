@@ -35,6 +35,7 @@ settings that do not change numbers (data root, workers, devices, logger, result
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import re
@@ -47,6 +48,7 @@ from typing import Any, Callable
 
 import yaml
 
+from ovseg import __version__
 from ovseg.bench.metafile import Metafile, default_metafile_dir, load_metafiles
 from ovseg.eval.results import aggregate_folds, fold_markdown, version_sort_key
 from ovseg.utils.io import atomic_write_json, atomic_write_text
@@ -148,6 +150,38 @@ def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file (cached per path, size and mtime in this process); ``missing`` if there is none."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return "missing"
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def dataset_fingerprint(dataset: str, root: str, split: str) -> str:
+    """:func:`ovseg.data.seg_dataset.split_fingerprint`, or ``unreadable`` (a result made from readable files is then
+    not reused; the run itself reports the problem)."""
+    from ovseg.data.seg_dataset import split_fingerprint
+    from ovseg.data.specs import SPECS
+
+    if dataset not in SPECS:
+        return f"unknown dataset {dataset}"
+    try:
+        return split_fingerprint(dataset, root, split)
+    except (OSError, ValueError):
+        return "unreadable"
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """A run config as LightningCLI reads it: a top-level group given as a fragment file (``data: ../data/x.yaml``,
     relative to the config) is replaced by the fragment's content, so hashes and dataset lists see what runs."""
@@ -190,14 +224,42 @@ class Run:
             "extra": [(k, v) for k, v in extra if not _ignored(k)],
         }
 
+    def setting(self, key: str, default: Any = None) -> Any:
+        """The value a run gets for ``key`` (canonical, e.g. ``data.root``): the last of configs, overrides, args."""
+        value = default
+        for path in self.configs:
+            value = flatten(read_config(path)).get(key, value)
+        for k, v in list(self.overrides.items()) + parse_cli_pairs(self.extra_args):
+            if canonical_key(k) == key:
+                value = v
+        return value
+
+    def weights_fingerprint(self) -> dict[str, str]:
+        """Content hashes of the checkpoint files a run reads (``ckpt_path``, a probe's ``checkpoint``): a file
+        replaced at the same path is another model."""
+        pairs = [item for path in self.configs for item in flatten(read_config(path)).items()]
+        pairs += [(canonical_key(k), v) for k, v in list(self.overrides.items()) + parse_cli_pairs(self.extra_args)]
+        return {key: file_sha256(value) for key, value in pairs  # later ones win, as on the command line
+                if key.split(".")[-1] in ("ckpt_path", "checkpoint") and isinstance(value, str) and value}
+
+    def data_fingerprint(self, dataset: Any) -> str:
+        """The evaluated files of ``dataset`` under the run's data root (see
+        :func:`ovseg.data.seg_dataset.split_fingerprint`); inline dataset entries are their own identity."""
+        if not isinstance(dataset, str):
+            return _sha(dataset)
+        return dataset_fingerprint(dataset, str(self.setting("data.root", "data")), str(self.setting("data.split",
+                                                                                                       "val")))
+
     def base_hash(self) -> str:
-        return _sha(self.settings())
+        """Everything a number depends on but the datasets: settings, checkpoint contents, ovseg version."""
+        return _sha({"settings": self.settings(), "weights": self.weights_fingerprint(), "ovseg": __version__})
 
     def part_hash(self, dataset: Any) -> str:
-        return _sha({"run": self.base_hash(), "dataset": dataset})
+        return _sha({"run": self.base_hash(), "dataset": dataset, "data": self.data_fingerprint(dataset)})
 
     def run_hash(self) -> str:
-        return _sha({"run": self.base_hash(), "datasets": self.datasets})
+        return _sha({"run": self.base_hash(), "datasets": self.datasets,
+                     "data": [self.data_fingerprint(d) for d in self.datasets]})
 
     def resolve_datasets(self) -> list[Any]:
         found: Any = None

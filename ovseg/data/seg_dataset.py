@@ -7,6 +7,7 @@ ignore, already mapped to the dataset's convention) and ``meta``.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from pathlib import Path
 
@@ -79,6 +80,20 @@ def list_samples(spec: DatasetSpec, root: str | Path, split: str) -> list[tuple[
             raise DataError(f"dataset {spec.name!r}: image {image} has no label (expected {label})")
         samples.append((file_id, image, label))
     return samples
+
+
+def split_fingerprint(spec: DatasetSpec | str, root: str | Path, split: str = "val") -> str:
+    """A cheap identity of a split's files: ids, paths relative to the root, sizes and modification times of every
+    image and label (no contents read). An added, removed, replaced or touched file changes it; the same files
+    moved to another root (with their times, ``cp -a`` / ``rsync -a``) do not."""
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    root = Path(root)
+    digest = hashlib.sha256(f"{spec.name}|{split}".encode())
+    for file_id, image_path, label_path in list_samples(spec, root, split):
+        for path in (image_path, label_path):
+            stat = Path(path).stat()
+            digest.update(f"|{file_id}|{Path(path).relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 class SegFileDataset(Dataset):

@@ -223,3 +223,37 @@ def test_unsplit_suite_runs_each_entry_once(tmp_path):
     fake = FakeTest()
     run(path, fake)
     assert fake.calls == []
+
+
+def test_results_are_reused_only_for_the_same_data_and_weights(tmp_path):
+    """Finding 0 of the fault review: another data root, a touched image or a checkpoint replaced at the same path
+    reruns the entry; the same files copied elsewhere (times kept) do not."""
+    import os
+    import shutil
+
+    from ovseg.data.synthetic import write_synthetic
+
+    write_synthetic("voc21", tmp_path / "data", num_images=3, seed=0)
+    write_synthetic("voc21", tmp_path / "other", num_images=3, seed=9)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"step 5")
+    cfg = str(tmp_path / "cfg.yaml")
+    path = make_suite(tmp_path, [{"name": "a", "config": cfg, "overrides": {"ckpt_path": str(ckpt)}}])
+
+    def calls(root: Path) -> int:
+        fake = FakeTest()
+        run(path, fake, variables={"data_root": str(root)})
+        return len(fake.calls)
+
+    assert calls(tmp_path / "data") == 1
+    assert calls(tmp_path / "data") == 0  # up to date
+    ckpt.write_bytes(b"step 40")  # the same path, other weights
+    assert calls(tmp_path / "data") == 1
+    assert calls(tmp_path / "other") == 1  # other data
+    assert calls(tmp_path / "data") == 1  # and back
+    image = next((tmp_path / "data/VOCdevkit/VOC2012/JPEGImages").iterdir())
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched (e.g. rewritten in place)
+    assert calls(tmp_path / "data") == 1
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")  # copy2: sizes and times kept
+    assert calls(tmp_path / "moved") == 0

@@ -86,8 +86,8 @@ def read_checkpoint_hparams(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001  (zip/pickle errors of every kind)
-        raise ValueError(f"{path}: cannot read the checkpoint, truncated or not a PyTorch checkpoint "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise ValueError(f"{path}: cannot read the checkpoint, truncated, not a PyTorch checkpoint or holding objects "
+                         f"that do not load safely ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return dict(checkpoint.get("hyper_parameters") or {})

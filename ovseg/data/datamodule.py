@@ -11,10 +11,10 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from ovseg.data.classnames import parse_class_list
-from ovseg.data.samplers import UnrepeatedShardSampler
+from ovseg.data.samplers import EpochSeededSamples, ResumableShuffleSampler, UnrepeatedShardSampler
 from ovseg.data.seg_dataset import ImageFolderDataset, SegFileDataset, collate_samples
 from ovseg.data.sources import TrainSource, seed_worker
 
@@ -120,18 +120,28 @@ class OVSegDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        sampler = DistributedSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True,
-                                     seed=torch.initial_seed() % 2**31, drop_last=True)
-        return DataLoader(
-            self.train_dataset,
+        seed = torch.initial_seed() % 2**31  # the run's seed (seed_everything), the same again on resume
+        dataset = EpochSeededSamples(self.train_dataset, seed)
+        return ResumableLoader(
+            dataset,
+            position=self._train_position,
             batch_size=self.batch_size,
-            sampler=sampler,  # Lightning calls sampler.set_epoch each epoch
+            # DistributedSampler's order; Lightning calls sampler.set_epoch each epoch
+            sampler=ResumableShuffleSampler(len(dataset), rank, world, seed),
             num_workers=self.num_workers,
             collate_fn=self.train_source.collate,
             worker_init_fn=seed_worker,
             drop_last=True,
             persistent_workers=self.num_workers > 0,
+            # the loader's own stream for worker seeds: iterating never draws from the model's torch stream
+            generator=torch.Generator().manual_seed(seed),
         )
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches of it trained on) now, from Lightning's progress counters (the loader itself has already
+        prefetched further)."""
+        loop = self.trainer.fit_loop
+        return self.trainer.current_epoch, loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(d) for d in self.eval_datasets]
@@ -155,3 +165,23 @@ class OVSegDataModule(L.LightningDataModule):
 
 def to_unit_float(image: torch.Tensor) -> torch.Tensor:
     return image.float().div_(255.0) if image.dtype == torch.uint8 else image
+
+
+class ResumableLoader(DataLoader):
+    """The training loader as Lightning's checkpoints resume it (``state_dict`` / ``load_state_dict``, the
+    ``_Stateful`` protocol): the state is the epoch and the batches already trained on, and loading it makes the
+    sampler skip exactly those."""
+
+    def __init__(self, *args: Any, position: Callable[[], tuple[int, int]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self._position()
+        return {"epoch": int(epoch), "batches": int(batches), "batch_size": int(self.batch_size)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("batch_size") != self.batch_size:
+            raise ValueError(f"cannot resume mid-epoch with batch_size {self.batch_size}: the checkpoint was written "
+                             f"with {state.get('batch_size')} (set data.batch_size to it)")
+        self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)

@@ -21,8 +21,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ovseg.eval.session import EvaluationSession, EvaluationSettings
+from ovseg.utils import random_state
 
 
 def cosine_logits(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -81,6 +83,17 @@ class OVSegMethod(L.LightningModule):
         if isinstance(hparams, dict):
             for key in self.EVAL_TIME_SETTINGS:
                 hparams.pop(key, None)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            # a resumed fit continues every random stream where it stopped (the data order and augmentations are
+            # the loader's, see ovseg.data.datamodule.ResumableLoader)
+            checkpoint["ovseg_random_state"] = random_state.capture_all_ranks(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("ovseg_random_state")
+        if states and self._trainer is not None and self.trainer.state.fn == "fit":
+            if not random_state.restore_own_rank(self, states):
+                rank_zero_warn("the checkpoint's random states are from another number of processes: training "
+                               "continues with fresh ones (not bit-exact with the original run)")
 
     # -- the contract -----------------------------------------------------------------------------
     def encode_text(self, names: list[str], templates: list[str]) -> torch.Tensor:

@@ -17,13 +17,30 @@ from pathlib import Path
 # Importing albumentations otherwise asks PyPI for a newer version on every start.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
 
 
 #: the default logger's ``save_dir``: replaced by ``trainer.default_root_dir`` before the Trainer is built, so
 #: ``--trainer.default_root_dir DIR`` moves logs, checkpoints, results and pictures (an explicit ``save_dir`` wins)
 DEFAULT_ROOT_DIR = "<trainer.default_root_dir>"
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml``, written atomically into the run's own folder (with wandb, Lightning's
+    default is the logger's ``save_dir``, which every run shares and overwrites)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            from ovseg.eval.session import run_dir
+            from ovseg.utils.io import atomic_write_text
+
+            atomic_write_text(run_dir(trainer) / self.config_filename,
+                              self.parser.dump(self.config, skip_none=False))
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
 class OVSegCLI(LightningCLI):
@@ -41,6 +58,7 @@ class OVSegCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             seed_everything_default=0,
+            save_config_callback=SaveRunConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 # exact distributed evaluation: our loaders shard without repeating samples

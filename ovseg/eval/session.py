@@ -109,7 +109,7 @@ class EvaluationSession:
         return results
 
     def _write_test_outputs(self, method: OVSegMethod) -> None:
-        self.results_paths = write_results(self.settings.results_dir or run_dir(method), self.results)
+        self.results_paths = write_results(self.settings.results_dir or run_dir(method.trainer), self.results)
         seconds = time.perf_counter() - self._started
         rank_zero_info(
             f"\n{summary_table(self.results)}\n\n{self.results['method']} · protocol {self.settings.protocol} · "
@@ -153,15 +153,15 @@ class EvaluationSession:
             rank_zero_info(f"predictions: {self._predict_out}")
 
 
-def run_dir(method: OVSegMethod) -> Path:
+def run_dir(trainer: Any) -> Path:
     """This run's own folder: the CSV/TensorBoard version folder, else ``save_dir/name/version`` (wandb), so runs
-    never overwrite each other's results."""
-    logger = method.logger
+    never overwrite each other's results or configs."""
+    logger = trainer.logger
     if logger is None:
-        return Path(method.trainer.default_root_dir)
+        return Path(trainer.default_root_dir)
     if getattr(logger, "log_dir", None):
         return Path(logger.log_dir)
-    return Path(logger.save_dir or method.trainer.default_root_dir) / str(logger.name) / str(logger.version)
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / str(logger.version)
 
 
 def _log_scores(method: OVSegMethod, stage: str, datasets: dict[str, dict[str, Any]]) -> None:

@@ -129,3 +129,21 @@ def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert all(f"\n  {name} " in text for name in (*TRAINER_SUBCOMMANDS, *COMMANDS))
+
+
+def test_every_wandb_run_keeps_its_own_config(synthetic_root, tmp_path, monkeypatch):
+    """Finding 8: with wandb, Lightning writes config.yaml into the logger's save_dir, which every run shares."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for limit in (1, 2):
+        try:
+            main(["test", "--config", TINY, "--config", str(REPO / "configs/logger/wandb.yaml"), "--data.root",
+                  str(synthetic_root), "--data.datasets", "[voc21]", "--data.limit", str(limit),
+                  "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+        finally:
+            if wandb.run is not None:
+                wandb.finish()
+    configs = sorted(tmp_path.glob("ovseg/*/config.yaml"))
+    assert len(configs) == 2 and not (tmp_path / "config.yaml").exists()
+    assert sorted("limit: 1" in p.read_text() for p in configs) == [False, True]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ovseg.data.files import DataError
 from ovseg.data.label_maps import coco_object_lut
 from ovseg.data.specs import IGNORE_INDEX, DatasetSpec, get_spec, voc_palette
 from ovseg.utils.io import atomic_open, atomic_save_png, atomic_write_text
@@ -59,6 +60,10 @@ def synth_image(rng: np.random.Generator, label: np.ndarray, colours: np.ndarray
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+#: the year part of synthetic VOC-style ids, per split
+SPLIT_YEARS = {"val": 2008, "train": 2009, "trainaug": 2010, "aug": 2011}
+
+
 def _file_ids(spec: DatasetSpec, split: str, n: int) -> list[str]:
     if spec.name == "cityscapes":
         return [f"{CITIES[i % len(CITIES)]}/{CITIES[i % len(CITIES)]}_{i:06d}_000019" for i in range(n)]
@@ -66,7 +71,9 @@ def _file_ids(spec: DatasetSpec, split: str, n: int) -> list[str]:
         return [f"ADE_{'val' if split == 'val' else 'train'}_{i + 1:08d}" for i in range(n)]
     if spec.name.startswith(("coco", )):
         return [f"{i + 1:012d}" for i in range(n)]
-    return [f"2008_{i + 1:06d}" for i in range(n)]
+    # VOC-family splits share one JPEGImages folder: each split gets its own year so none overwrites another's images
+    year = SPLIT_YEARS.get(split, 2012)
+    return [f"{year}_{i + 1:06d}" for i in range(n)]
 
 
 def write_synthetic(
@@ -92,6 +99,15 @@ def write_synthetic(
     colours[IGNORE_INDEX] = (224, 224, 192)
     voc_like = spec.seg_suffix == ".png" and spec.img_suffix == ".jpg" and spec.split_file is not None
     ids = _file_ids(spec, split, num_images)
+    img_dir = spec.path(root, spec.img_dir, split)
+    if spec.split_file is None and img_dir.is_dir():
+        # without a split file every image in the folder is evaluated: earlier, other files would be scored too
+        wanted = {f"{i}{spec.img_suffix}" for i in ids}
+        others = sorted(str(p.relative_to(img_dir)) for p in img_dir.rglob(f"*{spec.img_suffix}")
+                        if str(p.relative_to(img_dir)) not in wanted)
+        if others:
+            raise DataError(f"{img_dir} already holds {len(others)} other image(s) (e.g. {others[0]}), which "
+                            f"{name!r} ({split}) would then also score: write into an empty root")
     for file_id in ids:
         height, width = (int(v) for v in rng.integers(size[0], size[1] + 1, size=2))
         label = synth_label(rng, height, width, num_raw, boundary=voc_like or spec.name == "cityscapes")

@@ -21,9 +21,19 @@ def _data_verify(ns: argparse.Namespace) -> int:
 
 
 def _data_synth(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ovseg.data.synthetic import write_synthetic
 
     for name in ns.datasets.split(","):
+        if name == "sa1b":  # PixelCLIP's training folder: images + SA-1B mask JSONs under ROOT/sa1b
+            from ovseg.data.sa1b import write_synthetic_sa1b
+
+            # landscape images, as SA-1B's: height --min-size, width --max-size
+            paths = write_synthetic_sa1b(Path(ns.root) / "sa1b", ns.num_images, (ns.min_size, ns.max_size),
+                                         seed=ns.seed)
+            print(f"sa1b: wrote {len(paths)} images with masks under {Path(ns.root) / 'sa1b'}")
+            continue
         ids = write_synthetic(name, ns.root, ns.split, ns.num_images, (ns.min_size, ns.max_size), ns.seed)
         print(f"{name}: wrote {len(ids)} images under {ns.root}")
     return 0
@@ -44,7 +54,8 @@ def register(commands) -> None:
 
     synth = data.add_parser("synth", help="write tiny synthetic datasets in the real on-disk layouts")
     synth.add_argument("--root", required=True)
-    synth.add_argument("--datasets", default="voc21")
+    synth.add_argument("--datasets", default="voc21",
+                       help="comma-separated benchmark names, and/or sa1b (PixelCLIP's image + mask folder)")
     synth.add_argument("--split", default="val")
     synth.add_argument("--num-images", type=int, default=5)
     synth.add_argument("--min-size", type=int, default=48)

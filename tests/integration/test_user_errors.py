@@ -147,3 +147,25 @@ def test_every_wandb_run_keeps_its_own_config(synthetic_root, tmp_path, monkeypa
     configs = sorted(tmp_path.glob("ovseg/*/config.yaml"))
     assert len(configs) == 2 and not (tmp_path / "config.yaml").exists()
     assert sorted("limit: 1" in p.read_text() for p in configs) == [False, True]
+
+
+def test_synthetic_splits_never_overwrite_each_other(tmp_path):
+    """Finding 9: VOC's val and train+aug share JPEGImages; a second split overwrote the first's images."""
+    val_ids = write_synthetic("voc21", tmp_path, split="val", num_images=3, seed=1)
+    images = tmp_path / "VOCdevkit/VOC2012/JPEGImages"
+    before = {i: (images / f"{i}.jpg").read_bytes() for i in val_ids}
+    aug_ids = write_synthetic("voc_aug", tmp_path, split="trainaug", num_images=3, seed=2)
+    assert not set(val_ids) & set(aug_ids)
+    assert all((images / f"{i}.jpg").read_bytes() == data for i, data in before.items())
+    write_synthetic("ade150", tmp_path, num_images=3, seed=3)
+    with pytest.raises(DataError, match="already holds 1 other image"):  # no split file: it would be scored too
+        write_synthetic("ade150", tmp_path, num_images=2, seed=3)
+
+
+def test_data_synth_writes_the_sa1b_folder_the_tiny_pixelclip_trains_on(tmp_path):
+    from ovseg.methods.pixelclip.data import SA1B
+
+    assert main(["data", "synth", "--root", str(tmp_path), "--datasets", "voc20,sa1b", "--num-images", "3"]) == 0
+    dataset = SA1B(folder="sa1b", resize_short=48, crop_size=40).build(tmp_path)
+    assert len(dataset) == 3 and dataset[0]["masks"].shape[0] > 0
+    assert len(SegFileDataset("voc20", tmp_path)) == 3

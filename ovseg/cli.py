@@ -85,6 +85,19 @@ def main(args: list[str] | None = None) -> int | None:
     except (FileNotFoundError, IsADirectoryError, ValueError, KeyError) as e:  # ValueError: also DataError
         print(f"ovseg: error: {e}\n(set OVSEG_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if not _peer_failure(e):
+            raise
+        # under DDP the process that hit the problem printed it; the others only lost their connection to it
+        print("ovseg: error: stopped because another process of this run failed (its error is above)",
+              file=sys.stderr)
+        return 1
+
+
+def _peer_failure(err: RuntimeError) -> bool:
+    text = str(err)
+    return any(s in text for s in ("Connection closed by peer", "remote worker crashing", "Connection reset by peer",
+                                   "NCCL communicator was aborted"))
 
 
 def _main(argv: list[str]) -> int | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 # Importing albumentations otherwise asks PyPI for a newer version on every start.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 
 
 
@@ -43,10 +43,44 @@ class SaveRunConfig(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
+class OVSegArgumentParser(LightningArgumentParser):
+    """Errors in one or two lines: the problem (a bad YAML file named) and where to look, not ~60 lines of usage."""
+
+    #: the arguments being parsed (set by :class:`OVSegCLI`), to name a config file that is not valid YAML
+    current_args: list[str] = []
+
+    def print_usage(self, file=None) -> None:
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stderr).write(f"usage: {prog} [--config FILE] [--key value ...]\n")
+
+    def error(self, message: str, ex: Exception | None = None):
+        if "Problems parsing config" in message:
+            message = _invalid_yaml(self.current_args) or message
+        super().error(message, ex)
+
+
+def _invalid_yaml(args: list[str]) -> str | None:
+    """``FILE: not valid YAML: …`` for the first ``--config`` file that does not parse, else None."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path and Path(path).is_file():
+            try:
+                yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+                return f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}"
+    return None
+
+
 class OVSegCLI(LightningCLI):
     """LightningCLI in subclass mode: ``model: {class_path: MaskCLIP, init_args: ...}``."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
+        OVSegArgumentParser.current_args = list(sys.argv[1:] if args is None else args)
         import ovseg.data.datamodule  # noqa: F401  (short class names resolve once imported)
         import ovseg.methods  # noqa: F401
         from ovseg.data.datamodule import OVSegDataModule
@@ -58,6 +92,7 @@ class OVSegCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             seed_everything_default=0,
+            parser_class=OVSegArgumentParser,
             save_config_callback=SaveRunConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={

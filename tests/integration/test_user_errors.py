@@ -169,3 +169,31 @@ def test_data_synth_writes_the_sa1b_folder_the_tiny_pixelclip_trains_on(tmp_path
     dataset = SA1B(folder="sa1b", resize_short=48, crop_size=40).build(tmp_path)
     assert len(dataset) == 3 and dataset[0]["masks"].shape[0] > 0
     assert len(SegFileDataset("voc20", tmp_path)) == 3
+
+
+def _shell(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ovseg", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_config_typo_and_bad_yaml_are_short_errors(synthetic_root, tmp_path):
+    typo = _shell("test", "--config", TINY, "--data.root", str(synthetic_root), "--model.init_args.protocl", "x")
+    assert typo.returncode == 2 and "'protocl' is not accepted" in typo.stderr
+    assert len(typo.stderr.strip().splitlines()) <= 15 and "--trainer.max_epochs" not in typo.stderr  # no usage dump
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: [oops\n")
+    broken = _shell("test", "--config", str(bad))
+    assert broken.returncode == 2 and f"{bad}:3:1: not valid YAML" in broken.stderr
+
+
+@pytest.mark.ddp
+def test_under_ddp_a_bad_file_is_the_last_word_not_a_gloo_traceback(tmp_path):
+    write_synthetic("voc21", tmp_path, num_images=4, seed=0)
+    bad = sorted((tmp_path / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[-1]  # rank 1's shard
+    bad.write_bytes(b"corrupt")
+    proc = _shell("test", "--config", TINY, "--data.root", str(tmp_path), "--trainer.devices", "2",
+                  "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+                  "false")
+    assert proc.returncode != 0
+    assert f"{bad.name}: cannot decode image" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("ovseg: error:")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +23,35 @@ def colourise(pred: np.ndarray) -> np.ndarray:
     return CLASS_COLOURS[pred % len(CLASS_COLOURS)]
 
 
+#: TrueType fonts with accented Latin, Greek and Cyrillic glyphs, tried in this order (Pillow also searches the system
+#: font folders by file name); Pillow's built-in font draws "café" as "caf□"
+UNICODE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial Unicode.ttf",
+                 "arial.ttf")
+
+
+@functools.lru_cache(maxsize=None)
+def label_font(size: int = 11) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A font for class names in any script the system (or matplotlib's bundled DejaVu) covers; Pillow's default
+    with a warning otherwise."""
+    candidates: list[str] = list(UNICODE_FONTS)
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is not None and spec.submodule_search_locations:  # a copy of DejaVu Sans ships with matplotlib
+        candidates.append(str(Path(spec.submodule_search_locations[0]) / "mpl-data/fonts/ttf/DejaVuSans.ttf"))
+    for name in candidates:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    warnings.warn("no Unicode TrueType font found (e.g. apt-get install fonts-dejavu-core): class names outside "
+                  "ASCII are drawn with boxes in pictures", stacklevel=2)
+    return ImageFont.load_default()
+
+
 def overlay_with_legend(image: np.ndarray, pred: np.ndarray, class_names: list[str], alpha: float = 0.5) -> Image.Image:
     """``image`` uint8 HxWx3, ``pred`` class ids HxW -> blended picture with a legend of the classes present."""
     blended = (image * (1 - alpha) + colourise(pred) * alpha).astype(np.uint8)
     present = [int(c) for c in np.unique(pred)]
-    font = ImageFont.load_default()
+    font = label_font()
     row = 16
     legend_w = 12 + max(len(class_names[c]) for c in present) * 7 + 24
     height = max(image.shape[0], row * len(present) + 8)
@@ -69,7 +96,7 @@ def gallery_panel(image: np.ndarray, label: np.ndarray, pred: np.ndarray | list[
     ``pred`` may also be a list of ``(name, prediction)``: one captioned panel each (methods compared)."""
     h, w = image.shape[:2]
     preds = [("prediction", pred)] if isinstance(pred, np.ndarray) else list(pred)
-    font = ImageFont.load_default()
+    font = label_font()
     gap = 4
     head = 30 if title else 16
     panels = [(image, "image"), (colourise_label(label, ignore_index), "ground truth")]
@@ -109,7 +136,7 @@ def stack_vertically(pictures: list[Image.Image], gap: int = 6) -> Image.Image:
 
 def iou_bar_chart(per_class: dict[str, dict], title: str, width: int = 640) -> Image.Image:
     """One horizontal bar per class (IoU in percent, ``n/a`` where undefined), in the dataset's class order."""
-    font = ImageFont.load_default()
+    font = label_font()
     row, label_w, head = 14, 170, 22
     bar_w = width - label_w - 50
     canvas = Image.new("RGB", (width, head + row * len(per_class) + 6), (255, 255, 255))

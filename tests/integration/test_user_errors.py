@@ -197,3 +197,22 @@ def test_under_ddp_a_bad_file_is_the_last_word_not_a_gloo_traceback(tmp_path):
     assert proc.returncode != 0
     assert f"{bad.name}: cannot decode image" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("ovseg: error:")
+
+
+def test_class_names_outside_ascii_are_drawn(tmp_path):
+    """Finding 10: Pillow's built-in font draws every non-ASCII letter as the same box."""
+    from PIL import ImageDraw, ImageFont
+
+    from ovseg.eval.visualize import label_font
+
+    font = label_font()
+    if not isinstance(font, ImageFont.FreeTypeFont) or font.path is None or "Aileron" in str(font.path):
+        pytest.skip("no Unicode TrueType font on this machine (the warning says how to install one)")
+
+    def drawn(text: str) -> np.ndarray:
+        canvas = Image.new("L", (40, 20))
+        ImageDraw.Draw(canvas).text((0, 0), text, fill=255, font=font)
+        return np.asarray(canvas)
+
+    assert not np.array_equal(drawn("é"), drawn("□")) and not np.array_equal(drawn("é"), drawn("e"))
+    assert not np.array_equal(drawn("ж"), drawn("□"))

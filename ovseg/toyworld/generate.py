@@ -637,6 +637,12 @@ def generate(root: str | Path, num_train: int = 4000, num_val: int = 300, seed: 
             atomic_write_text(root / "captions" / f"{split}.jsonl", "\n".join(caption_lines) + "\n")
         counts[split] = num
         counts[f"{split}_images_per_class"] = class_counts.tolist()
+    # PixelCLIP reads every pair in the SA-1B folder: pairs of an earlier, larger (or masked) world must go
+    kept = num_train if masks else 0
+    for path in (root / SA1B_DIR).glob("sa_*.*") if (root / SA1B_DIR).is_dir() else []:
+        number = path.stem[3:]
+        if path.suffix in (".jpg", ".json") and number.isdigit() and int(number) > kept:
+            path.unlink()
     summary = {"version": VERSION, "seed": seed, "size": size, "num_train": num_train, "num_val": num_val,
                "masks": masks, "classes": list(CLASSES), "images_per_class": {
                    split: dict(zip(CLASSES, counts[f"{split}_images_per_class"])) for split in ("train", "val")}}

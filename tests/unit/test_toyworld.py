@@ -187,3 +187,13 @@ def test_average_precision_and_chance():
     assert perfect["mAP"] == pytest.approx(100) and perfect["recall_at_k"] == pytest.approx(100)
     assert perfect["mAP_chance"] == pytest.approx(targets.mean(0).mean() * 100)
     assert perfect["recall_at_k_chance"] == pytest.approx(np.mean([1 / 3, 2 / 3, 2 / 3]) * 100)
+
+
+def test_regenerating_smaller_leaves_no_stale_training_pairs(tmp_path):
+    """Finding 9: PixelCLIP trains on every SA-1B pair in the folder; a smaller world must not keep the old ones."""
+    generate(tmp_path, num_train=6, num_val=2, seed=SEED, size=SIZE)
+    generate(tmp_path, num_train=3, num_val=2, seed=SEED, size=SIZE)
+    assert sorted(p.name for p in (tmp_path / "sa1b").rglob("sa_*") if p.is_file()) == [
+        f"sa_{n}.{ext}" for n in (1, 2, 3) for ext in ("jpg", "json")]
+    generate(tmp_path, num_train=3, num_val=2, seed=SEED, size=SIZE, masks=False)
+    assert not [p for p in (tmp_path / "sa1b").rglob("sa_*") if p.is_file()]

@@ -100,3 +100,18 @@ def test_resume_continues_at_saved_step_with_optimizer_and_ema_state(sa1b_root, 
     final = torch.load(sorted(out.rglob("last.ckpt"), key=os.path.getmtime)[-1], map_location="cpu",
                        weights_only=False)
     assert final["global_step"] == 4
+
+
+def test_broken_samples_are_left_out_and_counted(sa1b_root, tmp_path):
+    """Finding 8: a broken SA-1B sample was replaced by its neighbour (trained on twice) and only warned about."""
+    import csv
+
+    broken = sorted((sa1b_root / "sa1b").rglob("*.json"))[3]
+    broken.write_text('{"annotations": [')
+    out = tmp_path / "out"
+    main(["fit", *_args(sa1b_root, out), "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0",
+          "--trainer.enable_progress_bar", "false"])
+    with open(out / "lightning_logs/version_0/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    # 8 images in 4 batches of 2: the batch holding the broken one has 1 sample, and the count is logged
+    assert sum(float(r["train/skipped_samples_step"]) for r in rows if r.get("train/skipped_samples_step")) == 1

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ovseg.data.sa1b import decode_masks, encode_mask, load_masks, write_synthetic_sa1b
-from ovseg.methods.pixelclip.data import SA1B, PixelCLIPViews
+from ovseg.methods.pixelclip.data import SA1B, PixelCLIPViews, collate_views
 from ovseg.data.seg_dataset import DataError
 
 SMALL = dict(resize_short=48, crop_size=40)
@@ -132,9 +132,14 @@ def test_broken_json_is_skipped_counted_and_logged(tmp_path, caplog, kind):
     bad = _break(tmp_path, kind)
     dataset = SA1B(folder=str(tmp_path), skip_bad=True, **SMALL).build(tmp_path)
     with caplog.at_level(logging.WARNING, logger="ovseg.methods.pixelclip.data"):
-        sample = dataset[1]
-    assert sample["meta"]["index"] == 2 and dataset.skipped == 1
+        samples = [dataset[i] for i in range(3)]
+    assert dataset.skipped == 1
     assert str(bad.with_suffix(".jpg")) in caplog.text and "1 skipped" in caplog.text
+    # the batch is built without it: no neighbour stands in (it would be trained on twice); the count travels along
+    batch = collate_views(samples)
+    assert [m["index"] for m in batch["meta"]] == [0, 2] and batch["skipped"] == 1 and len(batch["image"]) == 2
+    with pytest.raises(DataError, match="every sample of a training batch is broken"):
+        collate_views([samples[1]])
 
 
 def test_missing_json_is_counted_and_logged(tmp_path, caplog):

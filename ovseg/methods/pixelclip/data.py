@@ -40,6 +40,8 @@ __all__ = ["SA1B", "SA1BDataset", "PixelCLIPViews", "ssd_color_augment", "pil_ne
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_SKIPS = 50
+#: key of the stand-in a broken sample becomes with ``skip_bad`` (its image path as value)
+SKIPPED = "skipped"
 
 
 # -- augmentation ---------------------------------------------------------------------------------------------------
@@ -246,6 +248,7 @@ class SA1BDataset(Dataset):
         self.annotations, self.cache_dir, self.skip_bad = annotations, cache_dir, skip_bad
         self.folder = folder
         self.skipped = 0
+        self.consecutive_skips = 0
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -286,19 +289,24 @@ class SA1BDataset(Dataset):
         return sample
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample, or with ``skip_bad`` a :data:`SKIPPED` marker for a broken one: the batch is built without it
+        (:func:`collate_views`) rather than from a neighbour that would then be trained on twice."""
         rng = np.random.default_rng(int(np.random.randint(0, 2**31 - 1)))
-        for attempt in range(MAX_CONSECUTIVE_SKIPS + 1):
-            current = (index + attempt) % len(self.pairs)
-            try:
-                return self.load(current, rng)
-            except DataError as e:
-                if not self.skip_bad:
-                    raise
-                self.skipped += 1
-                log.warning("SA-1B: skipping %s (%d skipped so far in this process): %s",
-                            self.pairs[current][0], self.skipped, e)
-        raise DataError(f"training source {self.name!r}: {MAX_CONSECUTIVE_SKIPS + 1} consecutive broken samples "
-                        f"from {self.pairs[index][0]} on; last error above")
+        try:
+            sample = self.load(index, rng)
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            self.skipped += 1
+            self.consecutive_skips += 1
+            log.warning("SA-1B: skipping %s (%d skipped so far in this process): %s",
+                        self.pairs[index][0], self.skipped, e)
+            if self.consecutive_skips > MAX_CONSECUTIVE_SKIPS:
+                raise DataError(f"training source {self.name!r}: {self.consecutive_skips} broken samples in a row, "
+                                f"the last {self.pairs[index][0]}; is the folder intact?") from None
+            return {SKIPPED: str(self.pairs[index][0])}
+        self.consecutive_skips = 0
+        return sample
 
 
 class SA1B(TrainSource):
@@ -353,9 +361,14 @@ class SA1B(TrainSource):
 
 
 def collate_views(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the views; broken samples (:data:`SKIPPED`) are left out and counted in ``batch["skipped"]``."""
+    skipped = sum(SKIPPED in s for s in samples)
+    samples = [s for s in samples if SKIPPED not in s]
+    if not samples:
+        raise DataError(f"every sample of a training batch is broken ({skipped}); see the warnings above")
     batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]),
                              "cutout": torch.stack([s["cutout"] for s in samples]),
-                             "meta": [s["meta"] for s in samples]}
+                             "meta": [s["meta"] for s in samples], "skipped": skipped}
     if "image_strong" in samples[0]:
         batch["image_strong"] = torch.stack([s["image_strong"] for s in samples])
     if "masks" in samples[0]:

@@ -20,6 +20,7 @@ import math
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -197,6 +198,7 @@ class PixelCLIP(OVSegMethod):
         **evaluation: Any,
     ):
         super().__init__(**evaluation)
+        self.skipped_samples = 0  # broken SA-1B samples left out of batches in this process
         if not 0.0 <= ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1], got {ema_momentum}")
         self.encoder = DenseCLIP(clip)
@@ -352,7 +354,16 @@ class PixelCLIP(OVSegMethod):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/masks", float(info["num_masks"]), batch_size=batch_size)
         self.log("train/clusters_used", float(info["clusters_used"]), batch_size=batch_size)
+        skipped = int(batch.get("skipped", 0))  # broken SA-1B samples the loader left out of this batch
+        self.skipped_samples += skipped
+        self.log("train/skipped_samples", float(skipped), reduce_fx="sum", on_step=True, on_epoch=True,
+                 batch_size=batch_size)
         return loss
+
+    def on_train_end(self) -> None:
+        if self.skipped_samples:
+            rank_zero_warn(f"{self.skipped_samples} broken training sample(s) were left out on this process (see the "
+                           "warnings naming them, and train/skipped_samples)")
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: visual (lr × clip_lr_multiplier), prompts (× prompt_lr_multiplier), decoder (× 1),

@@ -14,10 +14,12 @@ REFERENCES: dict[str, str] = {
     "MaskCLIP": "ovseg.parity.maskclip",
     "SCLIP": "ovseg.parity.sclip",
     "NACLIP": "ovseg.parity.naclip",
+    "ClearCLIP": "ovseg.parity.clearclip",
 }
 REPOSITORIES: dict[str, str] = {
     "PixelCLIP": "https://github.com/cvlab-kaist/PixelCLIP",
     "MaskCLIP": "https://github.com/chongzhou96/MaskCLIP",
     "SCLIP": "https://github.com/wangf3014/SCLIP",
     "NACLIP": "https://github.com/sinahmr/NACLIP",
+    "ClearCLIP": "https://github.com/mc-lan/ClearCLIP",
 }

@@ -87,6 +87,9 @@ def test_fold_report_mean_std_from_results_files(tmp_path):
     assert table["mean"]["hIoU"] == pytest.approx(h.mean(), abs=0.01)
     md = format_table(table)
     assert md.count("\n| ") == 6 and all(title in md for _, title in METRICS) and " ± " in md
+    sample = fold_table(paths, ddof=1)  # the sample std on request
+    assert sample["std"]["mIoU"] == pytest.approx(values[:, 0].std(ddof=1), abs=0.006)
+    assert sample["mean"] == table["mean"]
     write_report(paths, tmp_path / "out")
     assert json.loads((tmp_path / "out/report.json").read_text())["mean"] == table["mean"]
     with pytest.raises(KeyError, match="unknown_mIoU"):

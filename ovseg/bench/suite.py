@@ -224,22 +224,21 @@ class Run:
             "extra": [(k, v) for k, v in extra if not _ignored(k)],
         }
 
+    def pairs(self) -> list[tuple[str, Any]]:
+        """``(canonical key, value)`` of every setting the run's command line gives, in its order: the configs
+        (fragments expanded), then the overrides, then the extra arguments; later ones win, as in LightningCLI."""
+        pairs = [item for path in self.configs for item in flatten(read_config(path)).items()]
+        return pairs + [(canonical_key(k), v)
+                        for k, v in list(self.overrides.items()) + parse_cli_pairs(self.extra_args)]
+
     def setting(self, key: str, default: Any = None) -> Any:
-        """The value a run gets for ``key`` (canonical, e.g. ``data.root``): the last of configs, overrides, args."""
-        value = default
-        for path in self.configs:
-            value = flatten(read_config(path)).get(key, value)
-        for k, v in list(self.overrides.items()) + parse_cli_pairs(self.extra_args):
-            if canonical_key(k) == key:
-                value = v
-        return value
+        """The value the run gets for ``key`` (canonical, e.g. ``data.root``)."""
+        return dict(self.pairs()).get(key, default)
 
     def weights_fingerprint(self) -> dict[str, str]:
         """Content hashes of the checkpoint files a run reads (``ckpt_path``, a probe's ``checkpoint``): a file
         replaced at the same path is another model."""
-        pairs = [item for path in self.configs for item in flatten(read_config(path)).items()]
-        pairs += [(canonical_key(k), v) for k, v in list(self.overrides.items()) + parse_cli_pairs(self.extra_args)]
-        return {key: file_sha256(value) for key, value in pairs  # later ones win, as on the command line
+        return {key: file_sha256(value) for key, value in self.pairs()  # later ones win
                 if key.split(".")[-1] in ("ckpt_path", "checkpoint") and isinstance(value, str) and value}
 
     def data_fingerprint(self, dataset: Any) -> str:
@@ -262,17 +261,7 @@ class Run:
                      "data": [self.data_fingerprint(d) for d in self.datasets]})
 
     def resolve_datasets(self) -> list[Any]:
-        found: Any = None
-        for path in self.configs:
-            flat = flatten(read_config(path))
-            if "data.datasets" in flat:
-                found = flat["data.datasets"]
-        for k, v in self.overrides.items():
-            if canonical_key(k) == "data.datasets":
-                found = v
-        for k, v in parse_cli_pairs(self.extra_args):
-            if canonical_key(k) == "data.datasets":
-                found = v
+        found = self.setting("data.datasets")
         if isinstance(found, str):
             found = yaml.safe_load(found)
         if found is None:
@@ -282,14 +271,7 @@ class Run:
         return found
 
     def logger_disabled(self) -> bool:
-        value: Any = "unset"
-        for path in self.configs:
-            flat = flatten(read_config(path))
-            if "trainer.logger" in flat:
-                value = flat["trainer.logger"]
-        for k, v in list(self.overrides.items()) + parse_cli_pairs(self.extra_args):
-            if canonical_key(k) == "trainer.logger":
-                value = v
+        value = self.setting("trainer.logger", "unset")
         return value is None or value is False
 
     def cli_args(self, dataset_entries: list[Any], out_dir: Path) -> list[str]:
@@ -306,10 +288,7 @@ class Run:
         return args
 
     def is_distributed(self) -> bool:
-        pairs = [(canonical_key(k), v) for k, v in list(self.overrides.items()) + parse_cli_pairs(self.extra_args)]
-        for path in self.configs:
-            pairs = list(flatten(read_config(path)).items()) + pairs
-        settings = dict(pairs)
+        settings = dict(self.pairs())
         strategy = str(settings.get("trainer.strategy") or "")
         devices = settings.get("trainer.devices", 1)
         # "auto" may mean all GPUs: DDP re-launches the command line, which must be `ovseg test`, not the suite

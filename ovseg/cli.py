@@ -133,15 +133,13 @@ _SUITE_KEY = re.compile(r"^suite\s*:", re.MULTILINE)
 def _suite_config(args: list[str]) -> tuple[str, list[str]] | None:
     """``(suite file, the other arguments)`` when the first ``--config`` is an evaluation suite, else None. Looks
     for the top-level key in the text; the config itself is parsed once, by LightningCLI."""
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            value, rest = args[i + 1], args[:i] + args[i + 2:]
-        elif arg.startswith("--config="):
-            value, rest = arg.split("=", 1)[1], args[:i] + args[i + 1:]
-        else:
-            continue
-        path = Path(value)
-        if path.suffix not in (".yaml", ".yml") or not path.is_file():
-            return None
-        return (value, rest) if _SUITE_KEY.search(path.read_text(encoding="utf-8", errors="replace")) else None
-    return None
+    from ovseg.utils.cli_args import config_arguments
+
+    configs = config_arguments(args)
+    if not configs:
+        return None
+    value, rest = configs[0]
+    path = Path(value)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return None
+    return (value, rest) if _SUITE_KEY.search(path.read_text(encoding="utf-8", errors="replace")) else None

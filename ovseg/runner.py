@@ -19,8 +19,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 
-
-
 #: the default logger's ``save_dir``: replaced by ``trainer.default_root_dir`` before the Trainer is built, so
 #: ``--trainer.default_root_dir DIR`` moves logs, checkpoints, results and pictures (an explicit ``save_dir`` wins)
 DEFAULT_ROOT_DIR = "<trainer.default_root_dir>"
@@ -63,10 +61,10 @@ def _invalid_yaml(args: list[str]) -> str | None:
     """``FILE: not valid YAML: …`` for the first ``--config`` file that does not parse, else None."""
     import yaml
 
-    for i, arg in enumerate(args):
-        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else \
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None
-        if path and Path(path).is_file():
+    from ovseg.utils.cli_args import config_arguments
+
+    for path, _ in config_arguments(args):
+        if Path(path).is_file():
             try:
                 yaml.safe_load(Path(path).read_text(encoding="utf-8"))
             except yaml.YAMLError as err:

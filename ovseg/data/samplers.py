@@ -92,8 +92,3 @@ class EpochSeededSamples(Dataset):
         np.random.seed(int(state[0]))
         random.seed(int(state[1]))
         return self.dataset[index]
-
-    def __getattr__(self, name: str) -> Any:  # the wrapped dataset's attributes (e.g. SA-1B's skip counter)
-        if name in ("dataset", "seed", "num_samples"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)

@@ -51,6 +51,7 @@ import yaml
 from ovseg import __version__
 from ovseg.bench.metafile import Metafile, default_metafile_dir, load_metafiles
 from ovseg.eval.results import aggregate_folds, fold_markdown, version_sort_key
+from ovseg.utils.cli_args import read_lightning_config
 from ovseg.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -182,21 +183,6 @@ def dataset_fingerprint(dataset: str, root: str, split: str) -> str:
         return "unreadable"
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """A run config as LightningCLI reads it: a top-level group given as a fragment file (``data: ../data/x.yaml``,
-    relative to the config) is replaced by the fragment's content, so hashes and dataset lists see what runs."""
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise SuiteError(f"{path}: a config must be a mapping")
-    for key, value in list(data.items()):
-        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
-            fragment = (path.parent / value).resolve()
-            if not fragment.is_file():
-                raise SuiteError(f"{path}: {key}: fragment {value} not found ({fragment})")
-            data[key] = yaml.safe_load(fragment.read_text(encoding="utf-8")) or {}
-    return data
-
-
 # -- the suite model ------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -212,7 +198,7 @@ class Run:
         """Everything that can change a number, canonicalised (what the config hash covers)."""
         configs = []
         for path in self.configs:
-            data = read_config(path)
+            data = read_lightning_config(path)
             settings = {k: v for k, v in sorted(flatten(data).items()) if not _ignored(k)}
             if settings:  # a logger-only config (configs/logger/wandb.yaml) changes no number
                 configs.append(settings)
@@ -227,7 +213,7 @@ class Run:
     def pairs(self) -> list[tuple[str, Any]]:
         """``(canonical key, value)`` of every setting the run's command line gives, in its order: the configs
         (fragments expanded), then the overrides, then the extra arguments; later ones win, as in LightningCLI."""
-        pairs = [item for path in self.configs for item in flatten(read_config(path)).items()]
+        pairs = [item for path in self.configs for item in flatten(read_lightning_config(path)).items()]
         return pairs + [(canonical_key(k), v)
                         for k, v in list(self.overrides.items()) + parse_cli_pairs(self.extra_args)]
 

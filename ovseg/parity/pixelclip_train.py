@@ -144,13 +144,12 @@ def ovseg_pixelclip(weights: Path, model_name: str, reference_state: dict[str, t
                     overrides: dict[str, Any] | None = None):
     """ovseg's PixelCLIP from ``configs/pixelclip_vitb16_sa1b.yaml`` on ``weights``, then given the reference's
     state dict (student, prompts, ConvHead, teacher) by the checkpoint converter's key map."""
-    import yaml
-
     from ovseg.methods.pixelclip import PixelCLIP
     from ovseg.models.clip import CLIPConfig
     from ovseg.tools.weights import map_official_key
+    from ovseg.utils.cli_args import read_lightning_config
 
-    config = yaml.safe_load(OVSEG_CONFIG.read_text())
+    config = read_lightning_config(OVSEG_CONFIG)  # its trainer block is configs/trainer/pixelclip_4gpu.yaml
     kwargs = dict(config["model"]["init_args"])
     clip = {**kwargs.pop("clip"), "name": model_name, "pretrained": str(weights), "quick_gelu": True}
     kwargs.update(max_steps=config["trainer"]["max_steps"], **(overrides or {}))

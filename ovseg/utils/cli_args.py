@@ -1,6 +1,9 @@
-"""Reading a LightningCLI command line without parsing it."""
+"""Reading a LightningCLI command line and config files without building the parser."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 
 def config_arguments(args: list[str]) -> list[tuple[str, list[str]]]:
@@ -13,3 +16,21 @@ def config_arguments(args: list[str]) -> list[tuple[str, list[str]]]:
         elif arg.startswith("--config="):
             found.append((arg.split("=", 1)[1], args[:i] + args[i + 1:]))
     return found
+
+
+def read_lightning_config(path: str | Path) -> dict[str, Any]:
+    """A config file as LightningCLI reads it: a top-level group given as a fragment file (``data: ../data/x.yaml``,
+    relative to the config) is replaced by the fragment's content."""
+    import yaml
+
+    path = Path(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a mapping")
+    for key, value in list(data.items()):
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+            fragment = (path.parent / value).resolve()
+            if not fragment.is_file():
+                raise FileNotFoundError(f"{path}: {key}: fragment {value} not found ({fragment})")
+            data[key] = yaml.safe_load(fragment.read_text(encoding="utf-8")) or {}
+    return data

@@ -4,6 +4,7 @@ fast)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -13,15 +14,17 @@ class DataError(ValueError):
     """A dataset file is missing or malformed; the message names the file and the problem."""
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 ``[H,W,3]``; a corrupt or unreadable file raises :class:`DataError` naming it."""
+def read_image(path: str | Path | IO[bytes], name: str | None = None) -> np.ndarray:
+    """RGB uint8 ``[H,W,3]`` from a path or a binary file object (``name`` says what it is in errors); a corrupt or
+    unreadable file raises :class:`DataError` naming it."""
+    name = name or str(path)
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
+        raise DataError(f"{name}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from None
+        raise DataError(f"{name}: cannot decode image ({e})") from None
 
 
 def read_label_png(path: str | Path) -> np.ndarray:

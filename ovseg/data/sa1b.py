@@ -10,16 +10,21 @@ file.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ovseg.data.files import DataError
+from ovseg.data.files import DataError, read_image
 from ovseg.utils.io import atomic_open
 
-__all__ = ["IMAGE_SUFFIXES", "find_pairs", "encode_mask", "decode_masks", "load_masks", "write_synthetic_sa1b"]
+__all__ = ["IMAGE_SUFFIXES", "find_pairs", "encode_mask", "decode_masks", "rle_run_lengths", "decode_rle_columns",
+           "MaskRecord", "load_masks", "downscaled_size", "downscale_image", "cv2_nearest_index", "SA1BFolder",
+           "SA1BTars", "write_synthetic_sa1b", "write_sa1b_tars"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -56,10 +61,172 @@ def decode_masks(rles: list[dict[str, Any]], height: int, width: int) -> np.ndar
 
     if not rles:
         return np.zeros((0, height, width), dtype=bool)
-    rles = [{"size": list(r["size"]), "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str)
-             else r["counts"]} for r in rles]
-    decoded = mask_utils.decode(rles)  # [H, W, N] uint8, Fortran order
+    decoded = mask_utils.decode(_coco_rles(rles))  # [H, W, N] uint8, Fortran order
     return np.ascontiguousarray(decoded.transpose(2, 0, 1)).astype(bool)
+
+
+def _coco_rles(rles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """RLEs as pycocotools takes them (bytes counts)."""
+    return [{"size": list(r["size"]), "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str)
+             else r["counts"]} for r in rles]
+
+
+def rle_run_lengths(counts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Run lengths of COCO compressed RLE strings, all masks at once: (lengths, mask index of each run).
+
+    The string format is pycocotools' ``rleFrString``: each value is 5-bit groups (low bits first, 0x20 = more
+    follow, 0x10 of the last group = negative), offset by 48; from the fourth value on it is a difference to the
+    value two places before.
+    """
+    if not counts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    chars = np.frombuffer(b"".join(counts), dtype=np.uint8).astype(np.int64) - 48
+    last = (chars & 0x20) == 0  # last 5-bit group of a value
+    value_end = np.flatnonzero(last)
+    value_start = np.concatenate(([0], value_end[:-1] + 1))
+    group = np.arange(len(chars)) - np.repeat(value_start, value_end - value_start + 1)
+    values = np.add.reduceat((chars & 0x1F) << (5 * group), value_start)
+    negative = (chars[value_end] & 0x10) != 0
+    values = np.where(negative, values - (np.int64(1) << (5 * (group[value_end] + 1))), values)
+    # values per mask: split where one string ends
+    string_ends = np.cumsum([len(c) for c in counts])
+    mask_of_value = np.searchsorted(string_ends, value_end, side="right")
+    values_per_mask = np.bincount(mask_of_value, minlength=len(counts))
+    first_value = np.concatenate(([0], np.cumsum(values_per_mask)[:-1]))
+    position = np.arange(len(values)) - np.repeat(first_value, values_per_mask)
+    # undo the differences: position m >= 3 adds the decoded value at m - 2, i.e. a running sum per parity
+    lengths = values.copy()
+    for parity in (0, 1):
+        chain = (position % 2 == parity) & (position >= (2 if parity == 0 else 1))
+        running = np.cumsum(np.where(chain, values, 0))
+        before_mask = np.repeat(np.concatenate(([0], running))[first_value], values_per_mask)
+        lengths = np.where(chain, running - before_mask, lengths)
+    return lengths, mask_of_value
+
+
+def decode_rle_columns(counts: list[bytes], height: int, width: int, col_start: int, col_stop: int,
+                       source: str = "RLE") -> np.ndarray:
+    """Columns ``col_start:col_stop`` of COCO compressed RLE masks, without decoding the rest: uint8
+    ``[N, col_stop - col_start, height]`` (column-major, as the RLE runs; ``.transpose(0, 2, 1)`` is the [N, H, W]
+    view). Equal to ``pycocotools.mask.decode`` on those columns; a run total other than ``height`` × ``width``
+    raises :class:`DataError` naming ``source``."""
+    n, span = len(counts), (col_stop - col_start) * height
+    if not n or span <= 0:
+        return np.zeros((n, max(col_stop - col_start, 0), height), dtype=np.uint8)
+    lengths, mask_of_run = rle_run_lengths(counts)
+    if (lengths < 0).any():
+        raise DataError(f"{source}: malformed RLE counts (negative run length)")
+    totals = np.bincount(mask_of_run, weights=lengths, minlength=n).astype(np.int64)
+    if (totals != height * width).any():
+        bad = int(np.flatnonzero(totals != height * width)[0])
+        raise DataError(f"{source}: RLE of mask {bad} covers {int(totals[bad])} pixels, the image has "
+                        f"{height * width}")
+    runs_per_mask = np.bincount(mask_of_run, minlength=n)
+    first_run = np.concatenate(([0], np.cumsum(runs_per_mask)[:-1]))
+    # run ends within their own mask: the running total minus the masks before
+    end_in_mask = np.cumsum(lengths) - np.repeat(np.arange(n) * (height * width), runs_per_mask)
+    begin, stop = col_start * height, col_stop * height
+    clipped = np.clip(end_in_mask, begin, stop) - np.clip(end_in_mask - lengths, begin, stop)
+    run_in_mask = np.arange(len(lengths)) - np.repeat(first_run, runs_per_mask)
+    values = (run_in_mask % 2).astype(np.uint8)  # runs alternate, starting with zeros
+    return np.repeat(values, clipped).reshape(n, col_stop - col_start, height)
+
+
+class MaskRecord:
+    """The class-agnostic masks of one image as COCO RLEs, validated but not decoded (crowd masks dropped).
+
+    ``decode()`` gives all masks (largest first); :meth:`decode_columns` decodes a column range of chosen masks,
+    which is what a training crop needs. ``source`` names the file (or tar member) in errors.
+    """
+
+    def __init__(self, rles: list[dict[str, Any]], height: int, width: int, source: str):
+        self.height, self.width, self.source = height, width, source
+        self.rles = _coco_rles(rles)
+        #: set when the image was resized after reading (``downscale``): its pixel (r, c) is mask pixel
+        #: (``pixel_rows[r]``, ``pixel_cols[c]``)
+        self.pixel_rows: np.ndarray | None = None
+        self.pixel_cols: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    @classmethod
+    def parse(cls, data: bytes | str, height: int, width: int, source: str) -> MaskRecord:
+        """From SA-1B JSON text. Raises :class:`DataError` naming ``source`` for unparsable JSON, a missing
+        ``annotations`` list, an annotation without a COCO RLE, an RLE whose size differs from the image's
+        ``height`` × ``width``, or no masks at all."""
+        try:
+            record = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{source}: cannot parse mask JSON ({e})") from None
+        annotations = record.get("annotations") if isinstance(record, dict) else None
+        if not isinstance(annotations, list):
+            raise DataError(f"{source}: no 'annotations' list (not an SA-1B mask file)")
+        rles = []
+        for i, ann in enumerate(annotations):
+            if ann.get("iscrowd", 0):
+                continue
+            seg = ann.get("segmentation")
+            if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
+                raise DataError(f"{source}: annotation {i} has no COCO RLE segmentation")
+            if [int(v) for v in seg["size"]] != [height, width]:
+                raise DataError(f"{source}: annotation {i} has RLE size {list(seg['size'])} but the image is "
+                                f"{height}x{width}")
+            if not isinstance(seg["counts"], str):
+                raise DataError(f"{source}: annotation {i} has uncompressed RLE counts; SA-1B files hold strings")
+            rles.append(seg)
+        if not rles:
+            raise DataError(f"{source}: image has zero masks")
+        return cls(rles, height, width, source)
+
+    @classmethod
+    def read(cls, json_path: str | Path, height: int, width: int) -> MaskRecord:
+        try:
+            data = Path(json_path).read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"{json_path}: mask JSON not found") from None
+        return cls.parse(data, height, width, str(json_path))
+
+    def _coco(self, call, *args):
+        try:
+            return call(self.rles, *args)
+        except Exception as e:  # pycocotools raises bare errors on malformed counts
+            raise DataError(f"{self.source}: cannot decode RLE ({e})") from None
+
+    def largest_first(self) -> np.ndarray:
+        """Mask indices by pixel area, largest first (stable: ties keep file order); areas from the RLE runs."""
+        from pycocotools import mask as mask_utils
+
+        return np.argsort(-self._coco(mask_utils.area).astype(np.int64), kind="stable")
+
+    def boxes(self) -> np.ndarray:
+        """[N, 4] (x, y, w, h) of each mask, from the RLE (a JSON ``bbox`` may be rounded or missing)."""
+        from pycocotools import mask as mask_utils
+
+        return self._coco(mask_utils.toBbox).reshape(-1, 4)
+
+    def decode(self) -> np.ndarray:
+        """All masks as bool [N, H, W], largest first."""
+        from pycocotools import mask as mask_utils
+
+        decoded = self._coco(mask_utils.decode)  # [H, W, N] uint8, Fortran order
+        masks = np.ascontiguousarray(decoded.reshape(self.height, self.width, -1).transpose(2, 0, 1)).astype(bool)
+        return masks[self.largest_first()]
+
+    def decode_at_image_size(self) -> np.ndarray:
+        """All masks as bool [N, h, w] at the image's size (through ``pixel_rows``/``pixel_cols`` when set), in
+        :meth:`largest_first` order."""
+        masks = self.decode()
+        if self.pixel_rows is not None:
+            masks = masks[:, self.pixel_rows[:, None], self.pixel_cols[None, :]]
+        return masks
+
+    def decode_columns(self, indices: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
+        """Masks ``indices``, columns ``col_start:col_stop`` only: uint8 [n, H, col_stop - col_start] (a
+        transposed view of the column-major decode)."""
+        block = decode_rle_columns([self.rles[i]["counts"] for i in indices], self.height, self.width,
+                                   col_start, col_stop, self.source)
+        return block.transpose(0, 2, 1)
 
 
 def load_masks(json_path: str | Path, height: int, width: int) -> np.ndarray:
@@ -68,47 +235,225 @@ def load_masks(json_path: str | Path, height: int, width: int) -> np.ndarray:
     Raises :class:`DataError` naming the file for unreadable JSON, a missing ``annotations`` list, an RLE whose
     size differs from the image's ``height`` × ``width``, or no masks at all.
     """
-    json_path = Path(json_path)
+    return MaskRecord.read(json_path, height, width).decode()
+
+
+# -- reading samples: the extracted folder, or the tar files as downloaded ---------------------------------------
+def downscaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    """(h, w) of an image resized by ``factor`` (``ovseg masks downscale``'s rounding)."""
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def downscale_image(image: np.ndarray, factor: float) -> np.ndarray:
+    """The image as ``ovseg masks downscale`` resizes it (PIL bilinear, antialiased)."""
+    from PIL import Image
+
+    new_h, new_w = downscaled_size(*image.shape[:2], factor)
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR, reducing_gap=None))
+
+
+def cv2_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output pixel of ``cv2.resize(..., INTER_NEAREST)`` along one axis (read off cv2 on an
+    index ramp): how ``ovseg masks downscale`` resizes masks."""
+    import cv2
+
+    ramp = np.arange(n_in, dtype=np.float32)[None, :]
+    return cv2.resize(ramp, (n_out, 1), interpolation=cv2.INTER_NEAREST)[0].astype(np.int64)
+
+
+class SA1BFolder:
+    """The extracted layout: ``<name>.jpg`` + ``<name>.json`` pairs anywhere under ``folder``."""
+
+    def __init__(self, folder: str | Path, annotations: bool = True):
+        self.folder = Path(folder)
+        self.pairs, self.missing = find_pairs(self.folder, require_json=annotations)
+        self.annotations = annotations
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def limit(self, count: int | None) -> None:
+        self.pairs = self.pairs[:count]
+
+    def where(self, index: int) -> str:
+        return str(self.pairs[index][0])
+
+    def read(self, index: int) -> tuple[np.ndarray, MaskRecord | None]:
+        image_path, json_path = self.pairs[index]
+        image = read_image(image_path)
+        return image, MaskRecord.read(json_path, *image.shape[:2]) if self.annotations else None
+
+
+def _open_files():
+    """An LRU of open shard descriptors (closed when they fall out)."""
     try:
-        with open(json_path, encoding="utf-8") as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{json_path}: mask JSON not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{json_path}: cannot parse mask JSON ({e})") from None
-    annotations = record.get("annotations") if isinstance(record, dict) else None
-    if not isinstance(annotations, list):
-        raise DataError(f"{json_path}: no 'annotations' list (not an SA-1B mask file)")
-    rles, areas = [], []
-    for i, ann in enumerate(annotations):
-        if ann.get("iscrowd", 0):
-            continue
-        seg = ann.get("segmentation")
-        if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
-            raise DataError(f"{json_path}: annotation {i} has no COCO RLE segmentation")
-        if [int(v) for v in seg["size"]] != [height, width]:
-            raise DataError(f"{json_path}: annotation {i} has RLE size {list(seg['size'])} but the image is "
-                            f"{height}x{width}")
-        rles.append(seg)
-        areas.append(float(ann["area"]) if "area" in ann else None)
-    if not rles:
-        raise DataError(f"{json_path}: image has zero masks")
-    try:
-        masks = decode_masks(rles, height, width)
-    except Exception as e:  # pycocotools raises bare errors on malformed counts
-        raise DataError(f"{json_path}: cannot decode RLE ({e})") from None
-    pixel_areas = masks.reshape(len(masks), -1).sum(axis=1)
-    order = np.argsort(-pixel_areas, kind="stable")  # largest first
-    return masks[order]
+        from wids.wids_lru import LRUCache
+    except ImportError:
+        raise ImportError("reading SA-1B tar files needs wids (the WebDataset project's indexed tar reader): "
+                          "pip install 'ovseg[tar]'") from None
+    return LRUCache(MAX_OPEN_SHARDS, release_handler=lambda _, fd: os.close(fd))
+
+
+TAR_INDEX_VERSION = 1
+#: open shard files kept per process (SA-1B has 1,000 tars; a process may hold ~1,024 descriptors)
+MAX_OPEN_SHARDS = 64
+
+
+class SA1BTars:
+    """SA-1B as downloaded: ``sa_000000.tar`` … under ``folder``, each holding ``sa_N.jpg`` + ``sa_N.json`` (the
+    WebDataset layout), read in place — no extraction.
+
+    Each tar is indexed once (member offsets, with ``wids``' memory-mapped tar indexer; kept in ``index_dir`` when
+    given, keyed by the tar's size and mtime) and samples are read by offset, so any sample order costs the same.
+    A JSON without its image (or, with annotations, an image without its JSON) is left out and logged with its
+    shard and member; a member cut off by a truncated tar is left out the same way; a tar that cannot be indexed
+    raises :class:`DataError` naming it, or with ``skip_bad`` is left out and logged.
+    """
+
+    def __init__(self, folder: str | Path, annotations: bool = True, index_dir: str | Path | None = None,
+                 skip_bad: bool = True):
+        log = logging.getLogger(__name__)
+        self._files = _open_files()
+        self.folder, self.annotations = Path(folder), annotations
+        self.shards = sorted(p for p in self.folder.rglob("*.tar") if p.is_file())
+        if not self.shards:
+            raise DataError(f"SA-1B: no .tar files under {self.folder}")
+        index_dir = Path(index_dir) if index_dir is not None else None
+        columns: dict[str, list[np.ndarray]] = {k: [] for k in ("shard", "image_at", "image_size", "json_at",
+                                                               "json_size")}
+        self.broken_shards: list[str] = []
+        self.left_out = 0
+        for shard_id, shard in enumerate(self.shards):
+            try:
+                index = self._index(shard, index_dir)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                log.warning("SA-1B: skipping shard %s: %s", shard, e)
+                self.broken_shards.append(str(shard))
+                continue
+            for problem in index["problems"]:
+                log.warning("SA-1B: %s: %s", shard, problem)
+            self.left_out += len(index["problems"])
+            keep = index["json_at"] >= 0 if annotations else np.ones(len(index["image_at"]), bool)
+            columns["shard"].append(np.full(int(keep.sum()), shard_id, np.int32))
+            for key in ("image_at", "image_size", "json_at", "json_size"):
+                columns[key].append(index[key][keep])
+        self.index = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in columns.items()}
+
+    def __len__(self) -> int:
+        return len(self.index["shard"])
+
+    def limit(self, count: int | None) -> None:
+        self.index = {k: v[:count] for k, v in self.index.items()}
+
+    @staticmethod
+    def _index(shard: Path, index_dir: Path | None) -> dict[str, Any]:
+        """Member offsets of one tar: per sample (in tar order) image/JSON data offset and size (-1: absent)."""
+        stat = shard.stat()
+        cached = None
+        if index_dir is not None:
+            cached = index_dir / f"{shard.stem}.{stat.st_size}.{int(stat.st_mtime)}.v{TAR_INDEX_VERSION}.npz"
+            if cached.is_file():
+                with np.load(cached) as data:
+                    return {k: (list(data[k]) if k == "problems" else data[k]) for k in data.files}
+        from wids.wids import group_by_key, splitname
+        from wids.wids_mmtar import MMIndexedTar
+
+        try:
+            with open(shard, "rb") as stream:
+                tar = MMIndexedTar(stream)
+                members = list(tar.by_index)
+                tar.mmapped_file.close()
+        except Exception as e:  # wids raises struct/Value/Unicode errors on a cut or garbled header
+            raise DataError(f"{shard}: cannot index the tar ({type(e).__name__}: {e}); truncated or corrupt?") \
+                from None
+        index: dict[str, list] = {k: [] for k in ("image_at", "image_size", "json_at", "json_size")}
+        problems = []
+        for group in group_by_key([name for name, _, _ in members]):
+            found: dict[str, tuple[int, int]] = {}
+            for i in group:
+                name, offset, size = members[i]
+                ext = splitname(name)[1].lower()
+                if offset + 512 + size > stat.st_size:
+                    problems.append(f"member {name} is cut off (tar truncated); left out")
+                    continue
+                if ext in IMAGE_SUFFIXES:
+                    found["image"] = (offset + 512, size)
+                elif ext == ".json":
+                    found["json"] = (offset + 512, size)
+            key = splitname(members[group[0]][0])[0]
+            if "image" not in found:
+                if "json" in found:
+                    problems.append(f"member {key}.json has no image; left out")
+                continue
+            image_at, image_size = found["image"]
+            json_at, json_size = found.get("json", (-1, -1))
+            index["image_at"].append(image_at)
+            index["image_size"].append(image_size)
+            index["json_at"].append(json_at)
+            index["json_size"].append(json_size)
+        out: dict[str, Any] = {k: np.asarray(v, dtype=np.int64) for k, v in index.items()}
+        out["problems"] = problems
+        if cached is not None:
+            with atomic_open(cached, "wb") as f:
+                np.savez(f, **{k: v for k, v in out.items() if k != "problems"},
+                         problems=np.asarray(problems, dtype=str))
+        return out
+
+    def _read(self, shard_id: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of a shard (the last ``MAX_OPEN_SHARDS`` shards stay open per process)."""
+        fd = self._files[shard_id]
+        if fd is None:
+            fd = os.open(self.shards[shard_id], os.O_RDONLY)
+            self._files[shard_id] = fd
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise DataError(f"{self.where_at(shard_id, offset)}: {len(data)} of {size} bytes left in the tar")
+        return data
+
+    def where_at(self, shard_id: int, data_offset: int) -> str:
+        """"<shard>:<member name>" of the member whose data starts at ``data_offset``."""
+        from wids.wids_mmtar import parse_tar_header
+
+        with open(self.shards[shard_id], "rb") as f:
+            f.seek(data_offset - 512)
+            name = parse_tar_header(f.read(512)[:500]).name.decode("utf-8", "replace").strip("\x00")
+        return f"{self.shards[shard_id]}:{name}"
+
+    def where(self, index: int) -> str:
+        return self.where_at(int(self.index["shard"][index]), int(self.index["image_at"][index]))
+
+    def read(self, index: int) -> tuple[np.ndarray, MaskRecord | None]:
+        shard = int(self.index["shard"][index])
+        image_at = int(self.index["image_at"][index])
+        image = read_image(io.BytesIO(self._read(shard, image_at, int(self.index["image_size"][index]))),
+                           name=self.where_at(shard, image_at))
+        if not self.annotations:
+            return image, None
+        json_at = int(self.index["json_at"][index])
+        data = self._read(shard, json_at, int(self.index["json_size"][index]))
+        return image, MaskRecord.parse(data, *image.shape[:2], self.where_at(shard, json_at))
+
+    def __getstate__(self) -> dict[str, Any]:  # spawned loader workers open their own files
+        return {k: v for k, v in self.__dict__.items() if k != "_files"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._files = _open_files()
+
+    def close(self) -> None:
+        self._files.clear()
 
 
 # -- synthetic data (tests, demo) -----------------------------------------------------------------------------------
 def write_synthetic_sa1b(folder: str | Path, num_images: int = 4, size: tuple[int, int] = (48, 64),
                          masks_per_image: tuple[int, int] = (3, 6), seed: int = 0, images_per_tar: int = 2,
-                         full_cover: bool = False) -> list[Path]:
+                         full_cover: bool = False, mask_extent: tuple[float, float] | None = None) -> list[Path]:
     """Images and SA-1B JSONs (COCO RLE via pycocotools) in the extracted-tar layout
-    ``sa_00000k/sa_N.jpg`` + ``sa_N.json``. Masks are rectangles and ellipses (they may overlap); with
-    ``full_cover`` one extra mask covers what the others leave. Returns the image paths."""
+    ``sa_00000k/sa_N.jpg`` + ``sa_N.json``. Masks are rectangles and ellipses (they may overlap), half-sides 1/8 to
+    1/2 of the image side, or drawn log-uniformly from ``mask_extent`` × the side (SA-1B's many small masks);
+    with ``full_cover`` one extra mask covers what the others leave. Returns the image paths."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -122,7 +467,10 @@ def write_synthetic_sa1b(folder: str | Path, num_images: int = 4, size: tuple[in
         masks = []
         for _ in range(int(rng.integers(masks_per_image[0], masks_per_image[1] + 1))):
             cy, cx = rng.integers(0, height), rng.integers(0, width)
-            ry, rx = rng.integers(height // 8 + 1, height // 2 + 1), rng.integers(width // 8 + 1, width // 2 + 1)
+            if mask_extent is None:
+                ry, rx = rng.integers(height // 8 + 1, height // 2 + 1), rng.integers(width // 8 + 1, width // 2 + 1)
+            else:
+                ry, rx = (int(side * np.exp(rng.uniform(*np.log(mask_extent)))) + 1 for side in (height, width))
             if rng.random() < 0.5:
                 mask = (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
             else:
@@ -151,4 +499,20 @@ def write_synthetic_sa1b(folder: str | Path, num_images: int = 4, size: tuple[in
         with atomic_open(image_path.with_suffix(".json"), "w", encoding="utf-8") as f:
             json.dump(record, f)
         written.append(image_path)
+    return written
+
+
+def write_sa1b_tars(folder: str | Path, out: str | Path) -> list[Path]:
+    """Pack an extracted SA-1B folder (``sa_XXXXXX/sa_N.jpg`` + ``.json``) into one tar per subfolder, as SA-1B
+    is downloaded (``sa_XXXXXX.tar``; members in name order, image before JSON). Returns the tar paths."""
+    import tarfile
+
+    folder, out = Path(folder), Path(out)
+    written = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        path = out / f"{sub.name}.tar"
+        with atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for member in sorted(sub.iterdir(), key=lambda p: (p.stem, p.suffix != ".jpg")):
+                tar.add(member, arcname=member.name)
+        written.append(path)
     return written

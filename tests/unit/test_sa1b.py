@@ -1,4 +1,4 @@
-"""SA-1B source: RLE decoding, two views with the cutout removed from masks, cache, broken files."""
+"""SA-1B source: RLE decoding, two views with the cutout removed from masks, broken files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ovseg.data.sa1b import decode_masks, encode_mask, load_masks, write_synthetic_sa1b
 from ovseg.methods.pixelclip.data import SA1B, PixelCLIPViews, collate_views
@@ -87,22 +86,6 @@ def test_masks_resized_to_mask_resolution_and_collated(tmp_path):
     assert [m.shape[1:] for m in batch["masks"]] == [(16, 16), (16, 16)]
 
 
-def test_decode_cache_round_trip(tmp_path, monkeypatch):
-    write_synthetic_sa1b(tmp_path / "data", num_images=2)
-    source = SA1B(folder="data", cache_dir="cache", **SMALL)
-    dataset = source.build(tmp_path)
-    image = np.asarray(Image.open(dataset.pairs[0][0]))
-    first = dataset.masks_for(dataset.pairs[0][1], *image.shape[:2])
-    assert (tmp_path / "cache/sa_000000/sa_1.masks.npz").is_file()
-
-    def no_decode(*args, **kwargs):
-        raise AssertionError("decoded again despite the cache")
-
-    monkeypatch.setattr("ovseg.methods.pixelclip.data.load_masks", no_decode)
-    again = dataset.masks_for(dataset.pairs[0][1], *image.shape[:2])
-    assert np.array_equal(first, again) and first.dtype == again.dtype == bool
-
-
 def _break(tmp_path, kind: str):
     paths = write_synthetic_sa1b(tmp_path, num_images=3)
     bad = paths[1].with_suffix(".json")
@@ -147,7 +130,7 @@ def test_missing_json_is_counted_and_logged(tmp_path, caplog):
     paths[0].with_suffix(".json").unlink()
     with caplog.at_level(logging.WARNING, logger="ovseg.methods.pixelclip.data"):
         dataset = SA1B(folder=str(tmp_path), **SMALL).build(tmp_path)
-    assert len(dataset) == 2 and dataset.missing_json == 1
+    assert len(dataset) == 2 and dataset.files.missing == [paths[0]]
     assert "1 image(s) without a mask JSON" in caplog.text and str(paths[0]) in caplog.text
     with pytest.raises(DataError, match="no images with mask JSONs"):
         for p in paths[1:]:

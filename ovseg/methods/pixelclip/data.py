@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ovseg.data.sa1b import find_pairs, load_masks
-from ovseg.data.seg_dataset import DataError, read_image
+from ovseg.data.sa1b import MaskRecord, SA1BFolder, SA1BTars, cv2_nearest_index, downscale_image
+from ovseg.data.seg_dataset import DataError
 from ovseg.data.sources import TrainSource
 from ovseg.utils.geometry import keep_ratio_size
-from ovseg.utils.io import atomic_open
 
 __all__ = ["SA1B", "SA1BDataset", "PixelCLIPViews", "ssd_color_augment", "pil_nearest_index", "collate_views"]
 
@@ -168,9 +167,9 @@ class PixelCLIPViews:
         x0 = int(rng.integers(0, size - bw + 1))
         return x0, y0, x0 + bw, y0 + bh
 
-    def _pil_geometry(self, image: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator):
-        """detectron2's ResizeShortestEdge (PIL bilinear on the uint8 image, PIL nearest on the masks) then the random
-        crop, as the authors' SA-1B mapper applies them; masks are gathered by PIL's nearest rule, crop only."""
+    def _pil_geometry(self, image: np.ndarray, rng: np.random.Generator):
+        """detectron2's ResizeShortestEdge (PIL bilinear on the uint8 image) then the random crop, as the authors'
+        SA-1B mapper applies them; the masks' source rows/columns follow PIL's nearest rule on the crop only."""
         from PIL import Image
 
         height, width = image.shape[:2]
@@ -178,40 +177,35 @@ class PixelCLIPViews:
         y0, x0, ch, cw = self.crop_offset(rh, rw, rng)
         resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BILINEAR))
         weak = np.ascontiguousarray(resized[y0:y0 + ch, x0:x0 + cw])
+        rows = pil_nearest_index(height, rh)[y0:y0 + ch]
+        cols = pil_nearest_index(width, rw)[x0:x0 + cw]
         size = (self.crop_size, self.crop_size)
         if (ch, cw) != size:  # resized side below the crop (aspect > ~2): theirs keeps it and pads the batch
             weak = cv2.resize(weak, size, interpolation=cv2.INTER_LINEAR)
-        crop = None
-        if masks is not None:
-            rows = pil_nearest_index(height, rh)[y0:y0 + ch]
-            cols = pil_nearest_index(width, rw)[x0:x0 + cw]
-            crop = torch.from_numpy(np.ascontiguousarray(masks[:, rows[:, None], cols[None, :]])).to(torch.uint8)
-            if (ch, cw) != size and len(crop):
-                crop = F.interpolate(crop[None], size=size, mode="nearest")[0]
-        return weak, crop
+            rows, cols = rows[torch_nearest_index(ch, self.crop_size)], cols[torch_nearest_index(cw, self.crop_size)]
+        return weak, rows, cols
 
-    def _cv2_geometry(self, image: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator):
+    def _cv2_geometry(self, image: np.ndarray, rng: np.random.Generator):
         """The crop cut from the original image (original coordinates, rounded) and cv2-resized; masks torch-nearest."""
         height, width = image.shape[:2]
         x0, y0, x1, y1 = self.crop_window(height, width, rng)
-        size = (self.crop_size, self.crop_size)
-        weak = cv2.resize(np.ascontiguousarray(image[y0:y1, x0:x1]), size, interpolation=cv2.INTER_LINEAR)
-        crop = None
-        if masks is not None:
-            crop = masks[:, y0:y1, x0:x1]
-            crop = torch.from_numpy(np.ascontiguousarray(crop)).to(torch.uint8)
-            # nearest resize of the crop (only the crop: SA-1B images are 1500×2250 with ~100 masks)
-            crop = F.interpolate(crop[None], size=size, mode="nearest")[0] if len(crop) else crop.new_zeros(0, *size)
-        return weak, crop
+        weak = cv2.resize(np.ascontiguousarray(image[y0:y1, x0:x1]), (self.crop_size, self.crop_size),
+                          interpolation=cv2.INTER_LINEAR)
+        rows = y0 + torch_nearest_index(y1 - y0, self.crop_size)
+        return weak, rows, x0 + torch_nearest_index(x1 - x0, self.crop_size)
 
-    def __call__(self, image: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator) -> dict[str, Any]:
+    def __call__(self, image: np.ndarray, masks: np.ndarray | MaskRecord | None,
+                 rng: np.random.Generator) -> dict[str, Any]:
+        """``masks``: bool [N, H, W] (any order; sorted largest first here) or the image's :class:`MaskRecord`
+        (decoded here, only the masks and columns the crop needs)."""
         geometry = self._pil_geometry if self.resize_library == "pil" else self._cv2_geometry
-        weak, crop = geometry(image, masks, rng)
+        weak, rows, cols = geometry(image, rng)
         if self.ssd_color:
             weak = ssd_color_augment(weak, rng)
         flip = rng.random() < self.flip_prob
         if flip:
             weak = np.ascontiguousarray(weak[:, ::-1])
+            cols = cols[::-1]
         out: dict[str, Any] = {}
         cut = (0, 0, 0, 0)
         if self.strong:
@@ -222,70 +216,125 @@ class PixelCLIPViews:
             out["image_strong"] = torch.from_numpy(np.ascontiguousarray(strong.transpose(2, 0, 1)))
         out["image"] = torch.from_numpy(np.ascontiguousarray(weak.transpose(2, 0, 1)))
         out["cutout"] = torch.tensor(cut, dtype=torch.int64)
-        if crop is not None:
-            if flip:
-                crop = crop.flip(-1)
-            if self.strong and self.cutout_removes_masks:
-                crop[:, cut[1]:cut[3], cut[0]:cut[2]] = 0
-            crop = crop[crop.flatten(1).amax(dim=1) > 0] if len(crop) else crop  # masks emptied by crop/cutout
-            if self.mask_resolution and self.mask_resolution != self.crop_size and len(crop):
-                res = (self.mask_resolution, self.mask_resolution)
-                crop = F.interpolate(crop[None], size=res, mode="nearest")[0]
-            out["masks"] = crop.bool()
+        if masks is not None:
+            removed = cut if self.strong and self.cutout_removes_masks else (0, 0, 0, 0)
+            out["masks"] = self.crop_masks(masks, rows, cols, removed)
         return out
+
+    def crop_masks(self, masks: np.ndarray | MaskRecord, rows: np.ndarray, cols: np.ndarray,
+                   removed: tuple[int, int, int, int]) -> torch.Tensor:
+        """The masks of the view, bool [n, R, R] at ``mask_resolution``, largest first: crop pixel (i, j) is source
+        pixel (``rows[i]``, ``cols[j]``) (resize, crop and flip folded into one gather); pixels in the ``removed``
+        box (x0, y0, x1, y1, crop coordinates) are cleared and masks with no pixel left in the crop are dropped.
+
+        Only masks whose box meets the crop are decoded, and of those only the crop's columns
+        (:meth:`MaskRecord.decode_columns`); the result is the same as decoding everything, resizing, cropping,
+        flipping, clearing and nearest-resizing to R (``tests/unit/test_sa1b_views.py`` checks it bit for bit).
+        """
+        res = self.mask_resolution or self.crop_size
+        if isinstance(masks, MaskRecord):
+            if masks.pixel_rows is not None:
+                rows, cols = masks.pixel_rows[rows], masks.pixel_cols[cols]
+            order = masks.largest_first()
+            x, y, w, h = masks.boxes()[order].T
+            meets = (w > 0) & (x <= cols.max()) & (x + w > cols.min()) & (y <= rows.max()) & (y + h > rows.min())
+            order = order[meets]
+            col_start, col_stop = int(cols.min()), int(cols.max()) + 1
+            # [n, H, C] view of column-major memory: the gathers below read down columns
+            block = masks.decode_columns(order, col_start, col_stop)
+        else:
+            areas = masks.reshape(len(masks), -1).sum(axis=1)
+            block, col_start = masks[np.argsort(-areas, kind="stable")], 0
+        cols = cols - col_start
+        x0, y0, x1, y1 = removed
+        # a mask survives if it has a pixel in a row outside the removed box, or in a column outside it
+        kept_rows = np.concatenate((rows[:y0], rows[y1:]))
+        kept_cols = np.concatenate((cols[:x0], cols[x1:]))
+        alive = _any_in(block, kept_rows, cols) | _any_in(block, rows, kept_cols)
+        pick = torch_nearest_index(self.crop_size, res)
+        out = _gather(block, np.flatnonzero(alive), rows[pick], cols[pick])
+        # the removed box at R: the output rows/columns whose crop pixel lies in it (pick is monotone)
+        ry0, ry1 = np.searchsorted(pick, (y0, y1))
+        rx0, rx1 = np.searchsorted(pick, (x0, x1))
+        out[:, ry0:ry1, rx0:rx1] = 0
+        return torch.from_numpy(out).bool()
+
+
+def torch_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output pixel of ``F.interpolate(mode="nearest")`` along one axis (read off torch itself
+    on an index ramp, so it is torch's rule by construction)."""
+    if n_in == n_out:
+        return np.arange(n_in)
+    ramp = torch.arange(n_in, dtype=torch.float64).view(1, 1, 1, n_in)
+    return F.interpolate(ramp, size=(1, n_out), mode="nearest")[0, 0, 0].long().numpy()
+
+
+def _runs(index: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted unique ``index`` values as (start, stop) ranges of consecutive values."""
+    values = np.unique(index)
+    if not len(values):
+        return []
+    breaks = np.flatnonzero(np.diff(values) != 1) + 1
+    starts, stops = values[np.r_[0, breaks]], values[np.r_[breaks - 1, len(values) - 1]] + 1
+    return list(zip(starts.tolist(), stops.tolist()))
+
+
+def _any_in(block: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Per mask of ``block`` [n, H, W]: any pixel set at (r, c) for r in ``rows``, c in ``cols`` — as a few range
+    reductions (upsampled crops use every source row/column in a range) or one gather."""
+    hit = np.zeros(len(block), dtype=bool)
+    row_runs, col_runs = _runs(rows), _runs(cols)
+    if not len(block) or not row_runs or not col_runs:
+        return hit
+    if len(row_runs) * len(col_runs) > 8:
+        return block[:, np.unique(rows)[:, None], np.unique(cols)[None, :]].any(axis=(1, 2))
+    for r0, r1 in row_runs:
+        for c0, c1 in col_runs:
+            hit |= block[:, r0:r1, c0:c1].any(axis=(1, 2))
+    return hit
+
+
+def _gather(block: np.ndarray, masks: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``block[masks][:, rows][:, :, cols]`` as a C-contiguous uint8 array; columns are taken first, from the
+    column-major memory the RLE decode gives (``block`` is its [n, H, W] view)."""
+    by_column = block.transpose(0, 2, 1)
+    picked = np.take(np.take(by_column, masks, axis=0), cols, axis=1)
+    return np.ascontiguousarray(np.take(picked, rows, axis=2).transpose(0, 2, 1)).view(np.uint8)
 
 
 # -- dataset --------------------------------------------------------------------------------------------------------
 class SA1BDataset(Dataset):
-    """Map-style SA-1B dataset; ``skipped`` counts the samples skipped in this process (or loader worker)."""
+    """Map-style SA-1B dataset over a sample reader (:class:`SA1BFolder` or :class:`SA1BTars`); ``skipped``
+    counts the samples skipped in this process (or loader worker)."""
 
-    def __init__(self, name: str, pairs: list[tuple[Path, Path | None]], views: PixelCLIPViews,
-                 annotations: bool = True, cache_dir: Path | None = None, skip_bad: bool = True,
-                 folder: Path | None = None):
-        if not pairs:
+    def __init__(self, name: str, files: SA1BFolder | SA1BTars, views: PixelCLIPViews, skip_bad: bool = True,
+                 downscale: float | None = None, mask_decoding: str = "crop"):
+        if not len(files):
             raise DataError(f"training source {name!r}: no images with mask JSONs")
-        self.name, self.pairs, self.views = name, pairs, views
-        self.annotations, self.cache_dir, self.skip_bad = annotations, cache_dir, skip_bad
-        self.folder = folder
+        if mask_decoding not in MASK_DECODINGS:
+            raise ValueError(f"mask_decoding must be one of {MASK_DECODINGS}, got {mask_decoding!r}")
+        self.name, self.files, self.views, self.skip_bad = name, files, views, skip_bad
+        self.downscale, self.mask_decoding = downscale, mask_decoding
         self.skipped = 0
         self.consecutive_skips = 0
 
     def __len__(self) -> int:
-        return len(self.pairs)
-
-    def _cache_path(self, json_path: Path) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        try:
-            rel = json_path.relative_to(self.folder) if self.folder else Path(json_path.name)
-        except ValueError:
-            rel = Path(json_path.name)
-        return self.cache_dir / rel.with_suffix(".masks.npz")
-
-    def masks_for(self, json_path: Path, height: int, width: int) -> np.ndarray:
-        """Decoded masks, through the bit-packed cache when ``cache_dir`` is set."""
-        cache = self._cache_path(json_path)
-        if cache is not None and cache.is_file():
-            try:
-                with np.load(cache) as data:
-                    shape = tuple(int(v) for v in data["shape"])
-                    if shape[1:] == (height, width):
-                        bits = np.unpackbits(data["bits"], axis=-1, count=width)
-                        return bits.reshape(shape).astype(bool)
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable cache entry: decode again and overwrite it
-        masks = load_masks(json_path, height, width)
-        if cache is not None:
-            with atomic_open(cache, "wb") as f:
-                np.savez(f, bits=np.packbits(masks, axis=-1), shape=np.array(masks.shape))
-        return masks
+        return len(self.files)
 
     def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
-        image_path, json_path = self.pairs[index]
-        image = read_image(image_path)
-        masks = self.masks_for(json_path, *image.shape[:2]) if self.annotations else None
+        image, masks = self.files.read(index)
+        if self.downscale is not None and self.downscale != 1:
+            # as `ovseg masks downscale` ahead of time (bar its JPEG re-encoding): the image resized, the masks
+            # nearest-resized, folded into the crop's gather
+            height, width = image.shape[:2]
+            image = downscale_image(image, self.downscale)
+            if masks is not None:
+                masks.pixel_rows = cv2_nearest_index(height, image.shape[0])
+                masks.pixel_cols = cv2_nearest_index(width, image.shape[1])
+        if masks is not None and self.mask_decoding == "full":
+            masks = masks.decode_at_image_size()
         sample = self.views(image, masks, rng)
-        sample["meta"] = {"dataset": self.name, "image_path": str(image_path), "index": index}
+        sample["meta"] = {"dataset": self.name, "image_path": self.files.where(index), "index": index}
         return sample
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -299,24 +348,38 @@ class SA1BDataset(Dataset):
                 raise
             self.skipped += 1
             self.consecutive_skips += 1
-            log.warning("SA-1B: skipping %s (%d skipped so far in this process): %s",
-                        self.pairs[index][0], self.skipped, e)
+            where = self.files.where(index)
+            log.warning("SA-1B: skipping %s (%d skipped so far in this process): %s", where, self.skipped, e)
             if self.consecutive_skips > MAX_CONSECUTIVE_SKIPS:
                 raise DataError(f"training source {self.name!r}: {self.consecutive_skips} broken samples in a row, "
-                                f"the last {self.pairs[index][0]}; is the folder intact?") from None
-            return {SKIPPED: str(self.pairs[index][0])}
+                                f"the last {where}; is the data intact?") from None
+            return {SKIPPED: where}
         self.consecutive_skips = 0
         return sample
+
+
+#: ``layout`` of an SA-1B source: ``folder`` = extracted ``sa_N.jpg`` + ``sa_N.json``; ``tar`` = the downloaded
+#: ``sa_XXXXXX.tar`` files read in place; ``auto`` = ``tar`` when the folder holds .tar files
+LAYOUTS = ("auto", "folder", "tar")
+#: ``mask_decoding``: ``crop`` = only the masks and columns a crop needs (fast); ``full`` = every mask at full size
+#: first (the straightforward way, same output; for comparisons and benchmarks)
+MASK_DECODINGS = ("crop", "full")
 
 
 class SA1B(TrainSource):
     """SA-1B (or SAM/DINO-generated, same JSON format) images with masks, as PixelCLIP trains on them.
 
     Args:
-        folder: the image/JSON folder, relative to the data root or absolute (searched recursively).
+        folder: the data folder, relative to the data root or absolute (searched recursively).
+        layout: ``folder`` (extracted image/JSON pairs), ``tar`` (the SA-1B tar files as downloaded, read in
+            place), or ``auto``.
         annotations: read the masks (False: images only, e.g. for ``masks: dino`` PixelCLIP runs).
-        limit: use the first N images (sorted by path).
-        cache_dir: keep decoded masks (bit-packed ``.npz``) here, relative to the root or absolute.
+        limit: use the first N images (sorted by path / tar order).
+        downscale: resize images and masks by this factor at read time, as ``ovseg masks downscale`` does ahead
+            of time (0.5: the authors' halving of SA-1B).
+        tar_index_dir: keep each tar's member index here (relative to the root or absolute), so later runs skip
+            scanning the tar headers.
+        mask_decoding: ``crop`` (decode what the crop needs) or ``full`` (decode every mask first); same output.
         skip_bad: skip, count and log broken samples (False: raise naming the file).
         views: the :class:`PixelCLIPViews` settings (``resize_short``, ``crop_size``, ``resize_long_max``,
             ``resize_library``, …; PixelCLIP's defaults).
@@ -325,14 +388,24 @@ class SA1B(TrainSource):
     def __init__(
         self,
         folder: str = "sa1b",
+        layout: str = "auto",
         annotations: bool = True,
         limit: int | None = None,
-        cache_dir: str | None = None,
+        downscale: float | None = None,
+        tar_index_dir: str | None = None,
+        mask_decoding: str = "crop",
         skip_bad: bool = True,
         **views: Any,
     ):
-        self.folder, self.annotations, self.limit = folder, annotations, limit
-        self.cache_dir, self.skip_bad = cache_dir, skip_bad
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if mask_decoding not in MASK_DECODINGS:
+            raise ValueError(f"mask_decoding must be one of {MASK_DECODINGS}, got {mask_decoding!r}")
+        if downscale is not None and not 0 < downscale <= 1:
+            raise ValueError(f"downscale must be in (0, 1], got {downscale}")
+        self.folder, self.layout, self.annotations, self.limit = folder, layout, annotations, limit
+        self.downscale, self.tar_index_dir, self.mask_decoding = downscale, tar_index_dir, mask_decoding
+        self.skip_bad = skip_bad
         self.views = PixelCLIPViews(**views)
 
     @staticmethod
@@ -344,17 +417,23 @@ class SA1B(TrainSource):
         folder = self._resolve(self.folder, root)
         if not folder.is_dir() and Path(self.folder).is_dir():
             folder = Path(self.folder)
-        pairs, missing = find_pairs(folder, require_json=self.annotations)
-        if missing:
-            shown = ", ".join(str(p) for p in missing[:5])
-            log.warning("SA-1B: skipping %d image(s) without a mask JSON under %s: %s%s", len(missing), folder,
-                        shown, " ..." if len(missing) > 5 else "")
-        pairs = pairs[: self.limit]
-        cache = self._resolve(self.cache_dir, root) if self.cache_dir else None
-        dataset = SA1BDataset(f"sa1b:{self.folder}", pairs, self.views, self.annotations, cache, self.skip_bad,
-                              folder)
-        dataset.missing_json = len(missing)
-        return dataset
+        if not folder.is_dir():
+            raise DataError(f"SA-1B folder not found: {folder}")
+        layout = self.layout
+        if layout == "auto":
+            layout = "tar" if next(folder.rglob("*.tar"), None) is not None else "folder"
+        if layout == "tar":
+            index_dir = self._resolve(self.tar_index_dir, root) if self.tar_index_dir else None
+            files: SA1BFolder | SA1BTars = SA1BTars(folder, self.annotations, index_dir, self.skip_bad)
+        else:
+            files = SA1BFolder(folder, self.annotations)
+            if files.missing:
+                shown = ", ".join(str(p) for p in files.missing[:5])
+                log.warning("SA-1B: skipping %d image(s) without a mask JSON under %s: %s%s", len(files.missing),
+                            folder, shown, " ..." if len(files.missing) > 5 else "")
+        files.limit(self.limit)
+        return SA1BDataset(f"sa1b:{self.folder}", files, self.views, self.skip_bad, self.downscale,
+                           self.mask_decoding)
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_views(samples)

@@ -18,6 +18,7 @@ from ovseg.data.folds import resolve_vocabulary
 from ovseg.methods.clips4.views import correspondence, warp_to_view
 from ovseg.eval.metrics import scores_from_confusion
 from ovseg.eval.protocols import MODEL_NATIVE_SETTINGS
+from ovseg.utils.precision import float32
 from ovseg.methods.base import OVSegMethod, cosine_logits
 from ovseg.methods.clips4.backbones import Backbone, CLIPDenseEncoder
 from ovseg.methods.clips4.dist import gather_detached, gather_with_local_grad
@@ -200,56 +201,59 @@ class CLIPS4(OVSegMethod):
         hp = self.hparams
         batch = views.shape[0]
         z = self.embed(views.flatten(0, 1))  # [2B, D, h, w], order: image0 A, image0 B, image1 A, ...
-        height, width = z.shape[-2:]
-        n, dim = height * width, z.shape[1]
-        zf = z.flatten(2).transpose(1, 2)  # [2B, N, D]
-        k = min(hp.num_segments, n)
-        assign, _ = spherical_kmeans(zf.detach(), k, hp.kmeans_iterations)
-        prototypes = segment_mean(zf if hp.prototype_grad else zf.detach(), assign, k)  # [2B, k, D]
-        valid = segment_sizes(assign, k) > 0  # [2B, k]
-        all_prototypes, offset = gather_with_local_grad(prototypes.reshape(-1, dim))
-        all_valid = gather_detached(valid.flatten())
+        teacher = self.teacher_features(teacher_images)  # the CLIP teacher may run in bf16 (no gradient)
+        # the losses in float32: softmaxes at temperature 0.01-0.1 (see ovseg/utils/precision.py)
+        with float32(z.device):
+            height, width = z.shape[-2:]
+            n, dim = height * width, z.shape[1]
+            zf = z.flatten(2).transpose(1, 2)  # [2B, N, D]
+            k = min(hp.num_segments, n)
+            assign, _ = spherical_kmeans(zf.detach(), k, hp.kmeans_iterations)
+            prototypes = segment_mean(zf if hp.prototype_grad else zf.detach(), assign, k)  # [2B, k, D]
+            valid = segment_sizes(assign, k) > 0  # [2B, k]
+            all_prototypes, offset = gather_with_local_grad(prototypes.reshape(-1, dim))
+            all_valid = gather_detached(valid.flatten())
 
-        # pixel-segment InfoNCE, A->B and B->A
-        assign_v = assign.view(batch, 2, n)
-        zf_v = zf.view(batch, 2, n, dim)
-        image_index = torch.arange(batch, device=z.device)[:, None]
-        pixel_losses, overlap = [], []
-        for src, dst in ((0, 1), (1, 0)):
-            index, inside = correspondence(geometry[:, src], geometry[:, dst], height, width)  # [B, N]
-            target_segment = torch.gather(assign_v[:, dst], 1, index)
-            positive = offset + (image_index * 2 + dst) * k + target_segment
-            own = offset + (image_index * 2 + src) * k + assign_v[:, src]
-            pixel_losses.append(pixel_segment_infonce(
-                zf_v[:, src][inside], all_prototypes, positive[inside], all_valid,
-                own[inside] if hp.own_segment == "exclude" else None, hp.pixel_temperature))
-            overlap.append(inside.float().mean())
-        loss_pixel = (pixel_losses[0] + pixel_losses[1]) / 2
+            # pixel-segment InfoNCE, A->B and B->A
+            assign_v = assign.view(batch, 2, n)
+            zf_v = zf.view(batch, 2, n, dim)
+            image_index = torch.arange(batch, device=z.device)[:, None]
+            pixel_losses, overlap = [], []
+            for src, dst in ((0, 1), (1, 0)):
+                index, inside = correspondence(geometry[:, src], geometry[:, dst], height, width)  # [B, N]
+                target_segment = torch.gather(assign_v[:, dst], 1, index)
+                positive = offset + (image_index * 2 + dst) * k + target_segment
+                own = offset + (image_index * 2 + src) * k + assign_v[:, src]
+                pixel_losses.append(pixel_segment_infonce(
+                    zf_v[:, src][inside], all_prototypes, positive[inside], all_valid,
+                    own[inside] if hp.own_segment == "exclude" else None, hp.pixel_temperature))
+                overlap.append(inside.float().mean())
+            loss_pixel = (pixel_losses[0] + pixel_losses[1]) / 2
 
-        # CLIP teacher features warped into each view, pooled over the model's segments
-        teacher = self.teacher_features(teacher_images)
-        with torch.no_grad():
-            warped = torch.cat([warp_to_view(f[None].expand(2, -1, -1, -1), geometry[b], (height, width))
-                                for b, f in enumerate(teacher)])  # [2B, D, h, w]
-            warped = F.normalize(warped, dim=1).flatten(2).transpose(1, 2)
-            clip_segments = segment_mean(warped, assign, k)  # [2B, k, D]
-            all_clip = gather_detached(clip_segments.reshape(-1, dim))
+            # CLIP teacher features warped into each view, pooled over the model's segments
+            with torch.no_grad():
+                warped = torch.cat([warp_to_view(f[None].expand(2, -1, -1, -1), geometry[b], (height, width))
+                                    for b, f in enumerate(teacher)])  # [2B, D, h, w]
+                warped = F.normalize(warped, dim=1).flatten(2).transpose(1, 2)
+                clip_segments = segment_mean(warped, assign, k)  # [2B, k, D]
+                all_clip = gather_detached(clip_segments.reshape(-1, dim))
 
-        local = prototypes.reshape(-1, dim)
-        positive = offset + torch.arange(local.shape[0], device=z.device)
-        loss_embedding = embedding_consistency(local, all_clip, positive, all_valid, hp.embedding_loss,
-                                               hp.embedding_temperature)
-        targets = torch.cat([self.known_text, self.unknown.active.to(self.known_text.dtype)])
-        loss_semantic = semantic_consistency(local, clip_segments.reshape(-1, dim), targets,
-                                             hp.semantic_temperature, valid.flatten())
-        total = loss_pixel + hp.lambda_embedding * loss_embedding + hp.lambda_semantic * loss_semantic
-        return {"loss": total, "pixel": loss_pixel, "embedding": loss_embedding, "semantic": loss_semantic,
-                "overlap": torch.stack(overlap).mean(), "all_clip": all_clip[all_valid],
-                "segments": valid.sum(dim=1).float().mean()}
+            local = prototypes.reshape(-1, dim)
+            positive = offset + torch.arange(local.shape[0], device=z.device)
+            loss_embedding = embedding_consistency(local, all_clip, positive, all_valid, hp.embedding_loss,
+                                                   hp.embedding_temperature)
+            targets = torch.cat([self.known_text, self.unknown.active.to(self.known_text.dtype)])
+            loss_semantic = semantic_consistency(local, clip_segments.reshape(-1, dim), targets,
+                                                 hp.semantic_temperature, valid.flatten())
+            total = loss_pixel + hp.lambda_embedding * loss_embedding + hp.lambda_semantic * loss_semantic
+            return {"loss": total, "pixel": loss_pixel, "embedding": loss_embedding, "semantic": loss_semantic,
+                    "overlap": torch.stack(overlap).mean(), "all_clip": all_clip[all_valid],
+                    "segments": valid.sum(dim=1).float().mean()}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.compute_losses(batch["image"], batch["geometry"], batch["teacher_image"])
-        unexplained = self.unknown.update(out["all_clip"], self.known_text, self._unknown_generator)
+        with float32(self.device):
+            unexplained = self.unknown.update(out["all_clip"], self.known_text, self._unknown_generator)
         size = batch["image"].shape[0]
         self.log_dict({f"train/{k}": out[k].detach() for k in ("loss", "pixel", "embedding", "semantic")},
                       prog_bar=True, batch_size=size)

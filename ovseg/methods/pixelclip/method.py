@@ -29,6 +29,7 @@ from ovseg.methods.pixelclip.dino import DinoConfig, DinoMasker
 from ovseg.methods.pixelclip.head import ConvHead
 from ovseg.methods.pixelclip.prompts import LearnablePrompts
 from ovseg.methods.pixelclip.sinkhorn import distributed_sinkhorn
+from ovseg.utils.precision import float32
 from ovseg.models.clip import CLIPConfig, DenseCLIP
 from ovseg.models.text import TextBank
 
@@ -97,7 +98,7 @@ def cluster_targets(
     ``masks[i]`` is image i's [N_i, H, W] bool stack (any resolution; nearest-resized to R×R); masks with fewer
     than ``min_mask_pixels`` pixels at R×R are dropped. The Sinkhorn runs over all masks of all processes.
     """
-    with torch.no_grad():
+    with torch.no_grad(), float32(teacher_features.device):  # ε-scaled logits: bf16 would move assignments
         res = (mask_resolution, mask_resolution)
         feats = F.interpolate(teacher_features.float(), size=res, mode="bilinear", align_corners=False)
         prototypes = F.normalize(prototypes.detach().float(), dim=-1)

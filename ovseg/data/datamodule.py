@@ -33,6 +33,10 @@ class OVSegDataModule(L.LightningDataModule):
         predict_classes: class names for ``ovseg predict``: ``"cat,dog,sky"`` or a class-name file.
         train: the training source (see :mod:`ovseg.data.sources`); None for training-free methods.
         batch_size: training samples per process (the global batch is ``batch_size x world size``).
+        pin_memory: page-locked batches for faster, asynchronous host-to-GPU copies; None: on when the run uses a
+            CUDA device.
+        persistent_workers: keep the training loader's workers alive across epochs (no re-spawn, and each keeps
+            its open SA-1B tar files).
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class OVSegDataModule(L.LightningDataModule):
         predict_classes: str | None = None,
         train: TrainSource | None = None,
         batch_size: int = 8,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["train"])
@@ -62,6 +68,7 @@ class OVSegDataModule(L.LightningDataModule):
         self.predict_dataset: ImageFolderDataset | None = None
         self.train_source = train
         self.batch_size = batch_size
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.train_dataset: Dataset | None = None
 
     # -- building ---------------------------------------------------------------------------------
@@ -107,6 +114,12 @@ class OVSegDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def _pin_memory(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _eval_loader(self, dataset: Dataset, collate: Callable = collate_samples) -> DataLoader:
         rank, world = self._rank_world()
         return DataLoader(
@@ -116,6 +129,7 @@ class OVSegDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=False,
+            pin_memory=self._pin_memory(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -132,7 +146,8 @@ class OVSegDataModule(L.LightningDataModule):
             collate_fn=self.train_source.collate,
             worker_init_fn=seed_worker,
             drop_last=True,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self._pin_memory(),
             # the loader's own stream for worker seeds: iterating never draws from the model's torch stream
             generator=torch.Generator().manual_seed(seed),
         )

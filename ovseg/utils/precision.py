@@ -12,6 +12,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+import lightning as L
 import torch
 
 
@@ -22,3 +23,19 @@ def float32(device: torch.device | str) -> Iterator[None]:
     device_type = torch.device(device).type
     with torch.autocast(device_type=device_type, enabled=False):
         yield
+
+
+class Float32MatmulPrecision(L.Callback):
+    """``torch.set_float32_matmul_precision`` for the run: ``high`` lets float32 matmuls use TF32 tensor cores on
+    Ampere and later GPUs (PixelCLIP's train_net.py ``main`` sets it), ``highest`` is torch's default. Set where a
+    Trainer runs (each DDP process), so it is part of the config rather than a global side effect of importing."""
+
+    PRECISIONS = ("highest", "high", "medium")
+
+    def __init__(self, precision: str = "high"):
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"float32 matmul precision must be one of {self.PRECISIONS}, got {precision!r}")
+        self.precision = precision
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        torch.set_float32_matmul_precision(self.precision)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ovseg.data.classnames import read_class_names
-from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, to_uint8_hwc, whole_logits
+from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, to_uint8_hwc
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
 from ovseg.eval.protocols import Protocol, ProtocolSettings
 from ovseg.models.clip import DenseCLIP, DenseOptions
@@ -140,37 +140,55 @@ class Evaluator:
     def predict(self, method: OVSegMethod, entry: DatasetEvaluation, image: torch.Tensor,
                 out_size: tuple[int, int]) -> torch.Tensor:
         """One image ``[3,H,W]`` in [0,1] -> class ids ``[H,W]`` at ``out_size``."""
+        return self.predict_batch(method, entry, [image], [out_size])[0]
+
+    @torch.no_grad()
+    def predict_batch(self, method: OVSegMethod, entry: DatasetEvaluation, images: list[torch.Tensor],
+                      out_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Images ``[3,H,W]`` in [0,1] -> class ids at their ``out_sizes``. Whole-image protocols run the images
+        that are the same size after the protocol's resize as one forward pass; sliding windows are batched
+        within each image."""
         s = entry.settings
         square = method.input_size if s.square == "model" else s.square
-        resized = protocol_resize(image[None], s.short_side, s.long_side_max, square, s.resize_library,
-                                  s.resize_rule)
+        resized = [protocol_resize(image[None], s.short_side, s.long_side_max, square, s.resize_library,
+                                   s.resize_rule) for image in images]
 
-        def dense_fn(images: torch.Tensor) -> torch.Tensor:
-            return method.dense_logits(images, entry.text)
+        def dense_fn(batch: torch.Tensor) -> torch.Tensor:
+            return method.dense_logits(batch, entry.text)
 
+        logits: list[torch.Tensor | None] = [None] * len(images)
         with dense_options(method, s):
             if s.mode == "slide":
-                logits = slide_logits(dense_fn, resized, s.crop, s.stride, self.window_batch_size)
+                for i, image in enumerate(resized):
+                    logits[i] = slide_logits(dense_fn, image, s.crop, s.stride, self.window_batch_size)
             else:
-                logits = whole_logits(dense_fn, resized)
-        via_size = tuple(resized.shape[-2:]) if s.logits_upsample == "image_then_label" else None
-        return labels_from_logits(
-            logits,
-            out_size,
-            entry.vocabulary.query_to_class,
-            logit_scale=s.logit_scale,
-            prob_threshold=s.prob_threshold,
-            area_threshold=s.area_threshold,
-            background_index=entry.background_index,
-            via_size=via_size,
-            max_chunk_bytes=self.max_chunk_bytes,
-        )
+                same_size: dict[tuple[int, ...], list[int]] = {}
+                for i, image in enumerate(resized):
+                    same_size.setdefault(tuple(image.shape), []).append(i)
+                for members in same_size.values():
+                    out = dense_fn(torch.cat([resized[i] for i in members]))
+                    for i, scores in zip(members, out):
+                        logits[i] = scores
+        preds = []
+        for scores, image, out_size in zip(logits, resized, out_sizes):
+            preds.append(labels_from_logits(
+                scores,
+                out_size,
+                entry.vocabulary.query_to_class,
+                logit_scale=s.logit_scale,
+                prob_threshold=s.prob_threshold,
+                area_threshold=s.area_threshold,
+                background_index=entry.background_index,
+                via_size=tuple(image.shape[-2:]) if s.logits_upsample == "image_then_label" else None,
+                max_chunk_bytes=self.max_chunk_bytes,
+            ))
+        return preds
 
     def update(self, method: OVSegMethod, name: str, images: list[torch.Tensor], labels: list[torch.Tensor],
                ids: list[str] | None = None) -> None:
         entry = self.datasets[name]
-        for index, (image, label) in enumerate(zip(images, labels)):
-            pred = self.predict(method, entry, image, tuple(label.shape[-2:]))
+        preds = self.predict_batch(method, entry, images, [tuple(label.shape[-2:]) for label in labels])
+        for index, (image, label, pred) in enumerate(zip(images, labels, preds)):
             entry.metric.update(pred, label)
             entry.num_images += 1
             if len(entry.gallery) < self.gallery_size:

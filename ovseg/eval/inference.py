@@ -94,11 +94,6 @@ def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple
     return windows
 
 
-def whole_logits(dense_fn: DenseFn, image: torch.Tensor) -> torch.Tensor:
-    """``[1,3,h,w]`` -> ``[Q,h',w']`` at the method's output resolution."""
-    return dense_fn(image)[0]
-
-
 def slide_logits(
     dense_fn: DenseFn,
     image: torch.Tensor,
@@ -159,7 +154,8 @@ def labels_from_logits(
     if (prob_threshold is not None or area_threshold is not None) and logit_scale is None:
         raise ValueError("prob_threshold/area_threshold need a logit_scale")
     num_queries = logits.shape[0]
-    query_to_class = query_to_class.to(logits.device)
+    num_classes = int(query_to_class.max()) + 1  # read before the move: the vocabulary's map lives on the CPU
+    query_to_class = query_to_class.to(logits.device, non_blocking=True)
     height, width = out_size
     largest = max(height * width, via_size[0] * via_size[1] if via_size else 0)
     chunk = max(1, min(num_queries, max_chunk_bytes // (largest * 4)))
@@ -187,12 +183,11 @@ def labels_from_logits(
     best, best_value, log_norm = best_query(None)
     pred = query_to_class[best]
     if area_threshold is not None:
-        num_classes = int(query_to_class.max()) + 1
         area = torch.bincount(pred.flatten(), minlength=num_classes).float()
         area[background_index] = 0
         keep = area > area_threshold * area.sum()
         keep[background_index] = True
-        if not bool(keep.all()):
+        if not bool(keep.all()):  # SCLIP's area rule only: one read-back per image decides on a second pass
             best, best_value, log_norm = best_query(keep[query_to_class])
             pred = query_to_class[best]
     if prob_threshold is not None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.eval import inference
-from ovseg.eval.inference import labels_from_logits, slide_logits, slide_windows, whole_logits
+from ovseg.eval.inference import labels_from_logits, slide_logits, slide_windows
 from ovseg.utils.geometry import keep_ratio_size
 
 
@@ -40,7 +40,7 @@ def test_slide_equals_whole_when_one_window_covers_the_image():
     fn = conv_dense_fn()
     image = torch.rand(1, 3, 64, 48)
     slide = slide_logits(fn, image, crop=64, stride=32)
-    whole = F.interpolate(whole_logits(fn, image)[None], size=(64, 48), mode="bilinear", align_corners=False)[0]
+    whole = F.interpolate(fn(image), size=(64, 48), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(slide, whole)
 
 

@@ -83,3 +83,22 @@ def test_rows_are_ground_truth():
 def test_label_out_of_range_is_an_error():
     with pytest.raises(ValueError, match="label values outside"):
         ConfusionMatrix(3).update(torch.tensor([0]), torch.tensor([7]))
+
+
+def test_accelerator_counting_matches_bincount_and_defers_invalid_values():
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 5, 500)
+    label[rng.random(500) < 0.2] = 255
+    pred = rng.integers(0, 5, 500)
+    metric = ConfusionMatrix(5)
+    counts, invalid = metric.count_without_sync(torch.from_numpy(label), torch.from_numpy(pred))
+    keep = label != 255
+    expected = np.bincount(label[keep] * 5 + pred[keep], minlength=25)
+    assert np.array_equal(counts.numpy(), expected) and invalid.tolist() == [0, 0]
+    label[:3], pred[3:7] = 9, -1  # 3 bad labels, 4 bad predictions (not ignored)
+    label[3:7] = 0
+    _, invalid = metric.count_without_sync(torch.from_numpy(label), torch.from_numpy(pred))
+    assert invalid.tolist() == [3, 4]
+    metric.invalid += invalid  # as update() does on a GPU; compute() then refuses
+    with pytest.raises(ValueError, match="3 label values outside"):
+        metric.compute()

@@ -1,7 +1,14 @@
-"""PixelCLIP training step time and where it goes: loading/decoding, teacher, clustering, student, decoder, backward.
+"""PixelCLIP's SA-1B loader speed per core, and the training step time and where it goes (loading/decoding,
+teacher, clustering, student, decoder, backward).
 
-    python benchmarks/bench_pixelclip.py                      # tiny random model, CPU, generated SA-1B folder
-    python benchmarks/bench_pixelclip.py --model vitb16 --device cuda --batch 12 --crop 640
+    python benchmarks/bench_pixelclip.py loader               # samples/s per core at SA-1B's real size
+    python benchmarks/bench_pixelclip.py step                 # tiny random model, CPU, generated SA-1B folder
+    python benchmarks/bench_pixelclip.py step --model vitb16 --device cuda --batch 12 --crop 640
+
+``loader``: one process, one torch thread, generated SA-1B data at the authors' halved size (750×1125 JPEGs, 100
+COCO-RLE masks each, sized like SA-1B's: many small, few large) through ``SA1B(resize_short=1024, crop_size=640,
+mask_resolution=256)``; the full-decode path (every mask decoded at full size first), the crop-decoding path from
+the extracted folder and from the tar files, and the raw 1500×2250 download halved at read time.
 
 Random weights (same speed as real ones). Data: a generated SA-1B-layout folder (``--images N``, ``--size HxW``,
 ``--masks`` per image) decoded by the real loader. "GPU waits for data" is the share of a step spent in loading
@@ -19,6 +26,7 @@ import time
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -40,17 +48,60 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def loader_speed(args) -> None:
+    from ovseg.data.sa1b import write_sa1b_tars
+
+    torch.set_num_threads(1)
+    height, width = (int(v) for v in args.size.split("x"))
+    settings = dict(resize_short=1024, crop_size=640, mask_resolution=256)
+    print(f"SA-1B loader, one process, 1 torch thread: {args.images} images of {height}x{width}, {args.masks} masks "
+          f"each, crop 640, masks at 256")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_sa1b(f"{tmp}/half", args.images, (height, width), (args.masks, args.masks),
+                             images_per_tar=args.images // 2, mask_extent=(0.01, 0.35))
+        write_sa1b_tars(f"{tmp}/half", f"{tmp}/tars")
+        write_synthetic_sa1b(f"{tmp}/raw", args.images, (2 * height, 2 * width), (args.masks, args.masks),
+                             mask_extent=(0.01, 0.35))
+        cases = {
+            "full decode, then crop (before)": dict(folder=f"{tmp}/half", mask_decoding="full"),
+            "crop decoding, extracted folder": dict(folder=f"{tmp}/half"),
+            "crop decoding, tar files": dict(folder=f"{tmp}/tars"),
+            f"crop decoding, raw {2 * height}x{2 * width} halved at read": dict(folder=f"{tmp}/raw", downscale=0.5),
+        }
+        rates = {}
+        for name, source in cases.items():
+            dataset = SA1B(**source, **settings).build(tmp)
+            dataset[0]  # warm-up (imports, page cache)
+            times = []
+            for repeat in range(args.repeats):
+                start = time.perf_counter()
+                for index in range(len(dataset)):
+                    np.random.seed(repeat * 1000 + index)
+                    dataset[index]
+                times.append(time.perf_counter() - start)
+            rates[name] = len(dataset) / min(times)
+            print(f"  {name:48s} {rates[name]:6.1f} samples/s")
+        before, after = rates["full decode, then crop (before)"], rates["crop decoding, extracted folder"]
+        print(f"  speed-up (crop decoding / full decode): {after / before:.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("part", nargs="?", default="step", choices=["loader", "step"])
+    ap.add_argument("--repeats", type=int, default=3, help="loader: best of this many passes")
     ap.add_argument("--model", default="tiny", choices=sorted(MODELS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--crop", type=int, default=128)
-    ap.add_argument("--size", default="375x500", help="generated image size HxW")
-    ap.add_argument("--masks", type=int, default=60, help="masks per generated image (SA-1B: ~100)")
+    ap.add_argument("--size", default=None, help="generated image size HxW (loader: 750x1125, step: 375x500)")
+    ap.add_argument("--masks", type=int, default=None, help="masks per generated image (loader: 100, step: 60)")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
+    if args.part == "loader":
+        args.size, args.masks = args.size or "750x1125", args.masks or 100
+        return loader_speed(args)
+    args.size, args.masks = args.size or "375x500", args.masks or 60
     device = torch.device(args.device)
     torch.manual_seed(0)
     height, width = (int(v) for v in args.size.split("x"))

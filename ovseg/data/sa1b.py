@@ -284,14 +284,26 @@ class SA1BFolder:
         return image, MaskRecord.read(json_path, *image.shape[:2]) if self.annotations else None
 
 
-def _open_files():
-    """An LRU of open shard descriptors (closed when they fall out)."""
-    try:
-        from wids.wids_lru import LRUCache
-    except ImportError:
-        raise ImportError("reading SA-1B tar files needs wids (the WebDataset project's indexed tar reader): "
-                          "pip install 'ovseg[tar]'") from None
-    return LRUCache(MAX_OPEN_SHARDS, release_handler=lambda _, fd: os.close(fd))
+class _OpenShards:
+    """Open shard descriptors of one process, the least recently used closed beyond ``capacity``."""
+
+    def __init__(self, capacity: int):
+        from collections import OrderedDict
+
+        self.capacity, self.fds = capacity, OrderedDict()
+
+    def get(self, path: Path, key: int) -> int:
+        fd = self.fds.pop(key, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+        self.fds[key] = fd  # most recent last
+        while len(self.fds) > self.capacity:
+            os.close(self.fds.popitem(last=False)[1])
+        return fd
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.popitem()[1])
 
 
 TAR_INDEX_VERSION = 1
@@ -313,7 +325,7 @@ class SA1BTars:
     def __init__(self, folder: str | Path, annotations: bool = True, index_dir: str | Path | None = None,
                  skip_bad: bool = True):
         log = logging.getLogger(__name__)
-        self._files = _open_files()
+        self._files = _OpenShards(MAX_OPEN_SHARDS)
         self.folder, self.annotations = Path(folder), annotations
         self.shards = sorted(p for p in self.folder.rglob("*.tar") if p.is_file())
         if not self.shards:
@@ -357,8 +369,12 @@ class SA1BTars:
             if cached.is_file():
                 with np.load(cached) as data:
                     return {k: (list(data[k]) if k == "problems" else data[k]) for k in data.files}
-        from wids.wids import group_by_key, splitname
-        from wids.wids_mmtar import MMIndexedTar
+        try:
+            from wids.wids import group_by_key, splitname
+            from wids.wids_mmtar import MMIndexedTar
+        except ImportError:
+            raise ImportError("reading SA-1B tar files needs wids (the WebDataset project's indexed tar reader): "
+                              "pip install 'ovseg[tar]'") from None
 
         try:
             with open(shard, "rb") as stream:
@@ -403,10 +419,7 @@ class SA1BTars:
 
     def _read(self, shard_id: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of a shard (the last ``MAX_OPEN_SHARDS`` shards stay open per process)."""
-        fd = self._files[shard_id]
-        if fd is None:
-            fd = os.open(self.shards[shard_id], os.O_RDONLY)
-            self._files[shard_id] = fd
+        fd = self._files.get(self.shards[shard_id], shard_id)
         data = os.pread(fd, size, offset)
         if len(data) != size:
             raise DataError(f"{self.where_at(shard_id, offset)}: {len(data)} of {size} bytes left in the tar")
@@ -440,10 +453,10 @@ class SA1BTars:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._files = _open_files()
+        self._files = _OpenShards(MAX_OPEN_SHARDS)
 
     def close(self) -> None:
-        self._files.clear()
+        self._files.close()
 
 
 # -- synthetic data (tests, demo) -----------------------------------------------------------------------------------

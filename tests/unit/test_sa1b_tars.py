@@ -126,3 +126,24 @@ def test_truncated_tar_keeps_what_is_whole_and_names_what_is_not(tmp_path, caplo
     assert f"skipping shard {shards[1]}" in caplog.text
     with pytest.raises(DataError, match=f"{shards[1]}: cannot index the tar"):
         SA1B(folder="tars", skip_bad=False, **SMALL).build(tmp_path)
+
+
+def test_open_shards_close_the_least_recently_used(tmp_path):
+    import os
+
+    from ovseg.data.sa1b import _OpenShards
+
+    paths = [tmp_path / f"{i}.tar" for i in range(3)]
+    for p in paths:
+        p.write_bytes(b"x")
+    shards = _OpenShards(2)
+    first = shards.get(paths[0], 0)
+    assert shards.get(paths[0], 0) == first  # reused, not reopened
+    shards.get(paths[1], 1)
+    shards.get(paths[0], 0)  # 0 is now the most recent: 1 goes next
+    shards.get(paths[2], 2)
+    assert list(shards.fds) == [0, 2]
+    shards.close()
+    assert not shards.fds
+    with pytest.raises(OSError):
+        os.fstat(first)

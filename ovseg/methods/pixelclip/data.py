@@ -269,28 +269,39 @@ def torch_nearest_index(n_in: int, n_out: int) -> np.ndarray:
     return F.interpolate(ramp, size=(1, n_out), mode="nearest")[0, 0, 0].long().numpy()
 
 
-def _runs(index: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted unique ``index`` values as (start, stop) ranges of consecutive values."""
+def _progressions(index: np.ndarray, limit: int = 8) -> list[slice] | None:
+    """Sorted unique ``index`` values as at most ``limit`` slices with a step (arithmetic progressions: a crop
+    upsampled from the source uses a range of rows, one downscaled at read time every other row), or None."""
     values = np.unique(index)
-    if not len(values):
-        return []
-    breaks = np.flatnonzero(np.diff(values) != 1) + 1
-    starts, stops = values[np.r_[0, breaks]], values[np.r_[breaks - 1, len(values) - 1]] + 1
-    return list(zip(starts.tolist(), stops.tolist()))
+    out: list[slice] = []
+    start = 0
+    while start < len(values):
+        if start == len(values) - 1:
+            out.append(slice(int(values[start]), int(values[start]) + 1))
+            break
+        gaps = np.diff(values[start:])
+        step = gaps[0]
+        other = np.flatnonzero(gaps != step)
+        last = start + (int(other[0]) if len(other) else len(gaps))
+        out.append(slice(int(values[start]), int(values[last]) + 1, int(step)))
+        if len(out) > limit:
+            return None
+        start = last + 1
+    return out
 
 
 def _any_in(block: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Per mask of ``block`` [n, H, W]: any pixel set at (r, c) for r in ``rows``, c in ``cols`` — as a few range
-    reductions (upsampled crops use every source row/column in a range) or one gather."""
+    """Per mask of ``block`` [n, H, W]: any pixel set at (r, c) for r in ``rows``, c in ``cols`` — as a few strided
+    views (no copy) or, for irregular index sets, one gather."""
     hit = np.zeros(len(block), dtype=bool)
-    row_runs, col_runs = _runs(rows), _runs(cols)
-    if not len(block) or not row_runs or not col_runs:
+    if not len(block) or not len(rows) or not len(cols):
         return hit
-    if len(row_runs) * len(col_runs) > 8:
+    row_slices, col_slices = _progressions(rows), _progressions(cols)
+    if row_slices is None or col_slices is None:
         return block[:, np.unique(rows)[:, None], np.unique(cols)[None, :]].any(axis=(1, 2))
-    for r0, r1 in row_runs:
-        for c0, c1 in col_runs:
-            hit |= block[:, r0:r1, c0:c1].any(axis=(1, 2))
+    for row_slice in row_slices:
+        for col_slice in col_slices:
+            hit |= block[:, row_slice, col_slice].any(axis=(1, 2))
     return hit
 
 

@@ -3,6 +3,7 @@
     python benchmarks/bench_inference.py                 # tiny model + ViT-B/16 (random weights), CPU
     python benchmarks/bench_inference.py --models tiny   # quick
     python benchmarks/bench_inference.py --device cuda   # on a GPU
+    python benchmarks/bench_inference.py --models vitb16 --protocols --device cuda   # + each protocol's images/s
 
 Numbers go into benchmarks/README.md by hand, with the machine they were measured on. Random weights
 are as fast as real ones, so nothing is downloaded.
@@ -24,7 +25,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from ovseg.eval.evaluator import Evaluator  # noqa: E402
-from ovseg.eval.protocols import load_protocol  # noqa: E402
+from ovseg.eval.protocols import available_protocols, load_protocol  # noqa: E402
 from ovseg.methods import MaskCLIP  # noqa: E402
 from ovseg.models.clip import CLIPConfig  # noqa: E402
 
@@ -94,6 +95,27 @@ def bench_evaluator(method, overrides, image, names, repeats, sync, device) -> t
     return per_image, max(0.0, 1 - calls * dense_time[0] / per_image)
 
 
+def bench_protocols(name: str, device: str, repeats: int, batch: int = 4) -> dict:
+    """MaskCLIP evaluation images/s under each shipped protocol (its own resize, mode, windows; one template), on
+    batches of ``batch`` 375x500 images with the protocol's VOC-21 class names (whole-image protocols run a batch
+    as one forward pass)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    method = MaskCLIP(CLIPConfig(name=MODELS[name], pretrained=None, last_block="vanilla")).to(device).eval()
+    images = [torch.rand(3, 375, 500, device=device) for _ in range(batch)]
+    out = {}
+    for protocol in available_protocols():
+        if protocol == "toyworld":
+            continue
+        evaluator = Evaluator(load_protocol(protocol), {"templates": "single"}, window_batch_size=8)
+        entry = evaluator.add_dataset(method, "voc21", None, 0, torch.device(device))  # its VOC names
+        def predict(evaluator=evaluator, entry=entry):
+            return evaluator.predict_batch(method, entry, images, [(375, 500)] * batch)
+
+        seconds = timed(predict, repeats, sync)
+        out[f"{protocol}_{entry.settings.mode}_images_per_s"] = round(batch / seconds, 2)
+    return {"model": MODELS[name], "device": device, **out}
+
+
 def evaluator_windows(entry, image):
     from ovseg.eval.inference import slide_windows
     from ovseg.utils.geometry import keep_ratio_size
@@ -129,9 +151,12 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,vitb16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--protocols", action="store_true", help="also images/s under each shipped protocol")
     args = parser.parse_args()
     memory = peak_memory_171_classes()
     results = [bench_model(m, args.device, args.repeats) for m in args.models.split(",")]
+    if args.protocols:
+        results += [bench_protocols(m, args.device, args.repeats) for m in args.models.split(",")]
     results.append(memory)
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     results.append({"torch_threads": torch.get_num_threads(), "max_rss_MiB": max_rss})

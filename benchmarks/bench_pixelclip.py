@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from ovseg.data.sa1b import write_synthetic_sa1b  # noqa: E402
 from ovseg.methods.pixelclip.data import SA1B  # noqa: E402
@@ -97,51 +98,65 @@ def main() -> None:
     ap.add_argument("--masks", type=int, default=None, help="masks per generated image (loader: 100, step: 60)")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--resize-short", type=int, default=None, help="step: SA1B resize_short (default: image's)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="step: bf16 = the forward under torch.autocast(bfloat16), as Trainer(precision='bf16-mixed')")
+    ap.add_argument("--matmul-precision", default="high", choices=["highest", "high", "medium"],
+                    help="step: torch.set_float32_matmul_precision (high: TF32, as PixelCLIP's train_net.py)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="step: loader worker processes (0: load in the step); 'load' is then the wait for data")
     args = ap.parse_args()
     if args.part == "loader":
         args.size, args.masks = args.size or "750x1125", args.masks or 100
         return loader_speed(args)
     args.size, args.masks = args.size or "375x500", args.masks or 60
     device = torch.device(args.device)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
     height, width = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_sa1b(tmp, args.images, (height, width), (args.masks, args.masks))
         cfg = MODELS[args.model]
-        source = SA1B(folder=tmp, resize_short=min(height, width), crop_size=args.crop,
+        source = SA1B(folder=tmp, resize_short=args.resize_short or min(height, width), crop_size=args.crop,
                       mask_resolution=cfg["mask_resolution"])
         dataset = source.build(tmp)
+        loader = DataLoader(dataset, batch_size=args.batch, num_workers=args.workers, collate_fn=source.collate,
+                            persistent_workers=args.workers > 0, pin_memory=device.type == "cuda",
+                            sampler=RandomSampler(dataset, replacement=True, num_samples=10**9))
+        batches = iter(loader)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
         model = PixelCLIP(**cfg).to(device).train()
         optimizer = torch.optim.AdamW(model.parameter_groups())
         times: dict[str, list[float]] = {k: [] for k in ("load", "teacher", "cluster", "student", "decoder",
                                                          "backward", "step")}
         for step in range(args.steps + 1):
             t0 = time.perf_counter()
-            batch = source.collate([dataset[(step * args.batch + i) % len(dataset)] for i in range(args.batch)])
-            weak = batch["image"].to(device).float() / 255
-            strong = batch["image_strong"].to(device).float() / 255
-            masks = [m.to(device) for m in batch["masks"]]
+            batch = next(batches)
+            weak = batch["image"].to(device, non_blocking=True).float() / 255
+            strong = batch["image_strong"].to(device, non_blocking=True).float() / 255
+            masks = [m.to(device, non_blocking=True) for m in batch["masks"]]
             sync(device)
             t1 = time.perf_counter()
-            model.update_teacher()
-            with torch.no_grad():
-                tfeat = model.teacher.encode_dense(model.teacher.normalize(model._resize(weak)))
-            sync(device)
-            t2 = time.perf_counter()
-            protos = model.prototypes()
-            targets, _ = cluster_targets(tfeat, masks, protos, model.eps, model.mask_resolution)
-            sync(device)
-            t3 = time.perf_counter()
-            sfeat = model.encoder.encode_dense(model.encoder.normalize(model._resize(strong)))
-            sync(device)
-            t4 = time.perf_counter()
-            cost = torch.einsum("bdhw,kd->bkhw", F.normalize(sfeat, dim=1), F.normalize(protos, dim=-1))
-            b, k, h, w = cost.shape
-            logits = F.interpolate(model.head(cost.reshape(b * k, 1, h, w)), size=targets.shape[-2:],
-                                   mode="bilinear", align_corners=False).reshape(b, k, *targets.shape[-2:])
-            valid = targets.sum(1) > 0
-            loss = F.binary_cross_entropy_with_logits(logits.permute(0, 2, 3, 1)[valid],
-                                                      targets.permute(0, 2, 3, 1)[valid])
+            with autocast:
+                model.update_teacher()
+                with torch.no_grad():
+                    tfeat = model.teacher.encode_dense(model.teacher.normalize(model._resize(weak)))
+                sync(device)
+                t2 = time.perf_counter()
+                protos = model.prototypes()
+                targets, _ = cluster_targets(tfeat, masks, protos, model.eps, model.mask_resolution)
+                sync(device)
+                t3 = time.perf_counter()
+                sfeat = model.encoder.encode_dense(model.encoder.normalize(model._resize(strong)))
+                sync(device)
+                t4 = time.perf_counter()
+                cost = torch.einsum("bdhw,kd->bkhw", F.normalize(sfeat, dim=1), F.normalize(protos, dim=-1))
+                b, k, h, w = cost.shape
+                logits = F.interpolate(model.head(cost.reshape(b * k, 1, h, w)), size=targets.shape[-2:],
+                                       mode="bilinear", align_corners=False).reshape(b, k, *targets.shape[-2:])
+                valid = targets.sum(1) > 0
+                loss = F.binary_cross_entropy_with_logits(logits.permute(0, 2, 3, 1)[valid],
+                                                          targets.permute(0, 2, 3, 1)[valid])
             sync(device)
             t5 = time.perf_counter()
             optimizer.zero_grad()
@@ -157,7 +172,8 @@ def main() -> None:
                                                 (t6, t7))):
                     times[key].append(b_ - a)
         total = sum(statistics.median(v) for v in times.values())
-        print(f"model={args.model} device={args.device} batch={args.batch} crop={args.crop} image={args.size} "
+        print(f"model={args.model} device={args.device} precision={args.precision} workers={args.workers} "
+              f"batch={args.batch} crop={args.crop} image={args.size} "
               f"masks/image={args.masks} threads={torch.get_num_threads()}")
         print(f"step (median parts sum): {total * 1000:.1f} ms  ({args.batch / total:.1f} img/s)")
         for key, values in times.items():

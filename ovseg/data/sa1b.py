@@ -1,11 +1,12 @@
 """SA-1B-format files: images with class-agnostic masks (PixelCLIP's training data; the recipe that turns them into
 training views is :mod:`ovseg.methods.pixelclip.data`).
 
-Layout: any folder (searched recursively) of ``<name>.jpg`` + ``<name>.json`` pairs, as extracted from the
-SA-1B tar files (``sa_000000/sa_1.jpg`` + ``sa_1.json``) or written by ``ovseg masks sam|dino|downscale``.
-Each JSON is ``{"image": {...}, "annotations": [{"segmentation": {"size": [h, w], "counts": str}, ...}]}``.
-Broken files (unreadable JSON, RLE size different from the image, no masks) raise :class:`DataError` naming the
-file.
+Layouts: the SA-1B tar files as downloaded (``sa_000000.tar`` …, each ``sa_N.jpg`` + ``sa_N.json``; read in place
+by :class:`SA1BTars`), or any folder (searched recursively) of ``<name>.jpg`` + ``<name>.json`` pairs, as extracted
+from them (``sa_000000/sa_1.jpg`` + ``sa_1.json``) or written by ``ovseg masks sam|dino|downscale``
+(:class:`SA1BFolder`). Each JSON is ``{"image": {...}, "annotations": [{"segmentation": {"size": [h, w],
+"counts": str}, ...}]}``; :class:`MaskRecord` holds its RLEs undecoded and decodes what a crop needs. Broken files
+(unreadable JSON, RLE size different from the image, no masks) raise :class:`DataError` naming the file or member.
 """
 
 from __future__ import annotations

@@ -12,10 +12,12 @@ A sample (``SA1B`` source, ``PixelCLIPViews`` transform):
 - ``masks``: bool [N, R, R] at ``mask_resolution`` (nearest), largest first, crowd masks dropped, masks emptied by
   the crop/cutout dropped.
 
-RLE is decoded once per sample (one ``pycocotools.mask.decode`` call for all masks, cropped before resizing);
-``cache_dir`` keeps the decoded masks bit-packed so later epochs skip the decoding. Broken samples (unreadable
-image or JSON, RLE size different from the image, no masks) raise :class:`DataError` naming the file, or with
-``skip_bad`` are skipped, counted and logged.
+Masks are decoded lazily (:meth:`PixelCLIPViews.crop_masks`): only those whose RLE box meets the crop, and only the
+crop's columns, with resize, crop, flip and cutout folded into one gather; the result equals decoding everything
+first (``mask_decoding: full``) bit for bit. Samples come from an extracted folder or straight from the SA-1B tar
+files (:class:`~ovseg.data.sa1b.SA1BTars`), optionally halved at read time (``downscale``). Broken samples
+(unreadable image or JSON, RLE size different from the image, no masks) raise :class:`DataError` naming the file
+(or tar member), or with ``skip_bad`` are skipped, counted and logged.
 """
 
 from __future__ import annotations

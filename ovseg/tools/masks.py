@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ovseg.data.sa1b import IMAGE_SUFFIXES, decode_masks, encode_mask, find_pairs
+from ovseg.data.sa1b import IMAGE_SUFFIXES, decode_masks, downscale_image, downscaled_size, encode_mask, find_pairs
 from ovseg.data.files import DataError, read_image
 from ovseg.utils.io import atomic_open
 
@@ -169,7 +169,7 @@ def downscale_folder(src: str | Path, out: str | Path, factor: float = 0.5, prog
             continue
         image = read_image(image_path)
         height, width = image.shape[:2]
-        new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+        new_h, new_w = downscaled_size(height, width, factor)
         record = json.loads(json_path.read_text(encoding="utf-8"))
         anns = record.get("annotations", [])
         rles = [a["segmentation"] for a in anns]
@@ -186,7 +186,7 @@ def downscale_folder(src: str | Path, out: str | Path, factor: float = 0.5, prog
                     entry[key] = (np.asarray(ann[key], dtype=float) * factor).tolist()
             new_anns.append(entry)
         info = dict(record.get("image", {}), width=new_w, height=new_h)
-        resized = Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+        resized = Image.fromarray(downscale_image(image, factor))
         out_image = out / rel
         out_image.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(out_image, "wb") as f:

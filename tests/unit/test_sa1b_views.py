@@ -79,6 +79,19 @@ def _add_awkward_masks(json_path, height, width):
     json_path.write_text(json.dumps(record))
 
 
+def _draws(views: PixelCLIPViews, paths, height: int, width: int, seeds: int):
+    """(ours, reference, dense, all masks) per image and seed: the crop-decoding path on the image's MaskRecord, the
+    reference on pycocotools' full decode, and the views on the full decode given as arrays."""
+    for path in paths:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        record = MaskRecord.read(path.with_suffix(".json"), height, width)
+        full = reference_masks(path.with_suffix(".json"), height, width)
+        for seed in range(seeds):
+            yield (views(image, record, np.random.default_rng(seed)),
+                   reference_views(views, image, full, np.random.default_rng(seed)),
+                   views(image, full, np.random.default_rng(seed)), full)
+
+
 @pytest.mark.parametrize("settings", [
     dict(resize_short=80, crop_size=64, mask_resolution=24),                 # upsampled crop, masks at 24
     dict(resize_short=40, crop_size=32, mask_resolution=None),               # downsampled crop, masks at the crop
@@ -90,25 +103,16 @@ def test_crop_decoding_equals_the_full_decode_reference(tmp_path, settings):
                                  mask_extent=(0.02, 0.4))
     for path in paths:
         _add_awkward_masks(path.with_suffix(".json"), 60, 150)
-    views = PixelCLIPViews(**settings)
     checked = {"dropped": 0, "cut": 0}
-    for path in paths:
-        image = np.asarray(Image.open(path).convert("RGB"))
-        record = MaskRecord.read(path.with_suffix(".json"), 60, 150)
-        full = reference_masks(path.with_suffix(".json"), 60, 150)
-        for seed in range(12):
-            ours = views(image, record, np.random.default_rng(seed))
-            ref = reference_views(views, image, full, np.random.default_rng(seed))
-            assert np.array_equal(ours["image"].numpy().transpose(1, 2, 0), ref["image"])
-            assert np.array_equal(ours["image_strong"].numpy().transpose(1, 2, 0), ref["image_strong"])
-            assert tuple(ours["cutout"].tolist()) == ref["cutout"]
-            assert ours["masks"].dtype == torch.bool and ours["masks"].shape == ref["masks"].shape
-            assert torch.equal(ours["masks"], ref["masks"])
-            # the dense path (masks given as arrays) is the same too
-            dense = views(image, full, np.random.default_rng(seed))
-            assert torch.equal(dense["masks"], ref["masks"])
-            checked["dropped"] += len(ref["masks"]) < len(full)
-            checked["cut"] += ref["cutout"][2] > ref["cutout"][0]
+    for ours, ref, dense, full in _draws(PixelCLIPViews(**settings), paths, 60, 150, seeds=12):
+        assert np.array_equal(ours["image"].numpy().transpose(1, 2, 0), ref["image"])
+        assert np.array_equal(ours["image_strong"].numpy().transpose(1, 2, 0), ref["image_strong"])
+        assert tuple(ours["cutout"].tolist()) == ref["cutout"]
+        assert ours["masks"].dtype == torch.bool and ours["masks"].shape == ref["masks"].shape
+        assert torch.equal(ours["masks"], ref["masks"])
+        assert torch.equal(dense["masks"], ref["masks"])  # masks given as arrays: the same
+        checked["dropped"] += len(ref["masks"]) < len(full)
+        checked["cut"] += ref["cutout"][2] > ref["cutout"][0]
     assert checked["dropped"] > 0 and checked["cut"] > 0
 
 
@@ -117,14 +121,8 @@ def test_flip_and_no_cutout_paths(tmp_path):
     for flip_prob, cutout_prob in ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0)):
         views = PixelCLIPViews(resize_short=64, crop_size=48, mask_resolution=16, flip_prob=flip_prob,
                                cutout_prob=cutout_prob)
-        for path in paths:
-            image = np.asarray(Image.open(path).convert("RGB"))
-            record = MaskRecord.read(path.with_suffix(".json"), 50, 70)
-            full = reference_masks(path.with_suffix(".json"), 50, 70)
-            for seed in range(5):
-                ours = views(image, record, np.random.default_rng(seed))
-                ref = reference_views(views, image, full, np.random.default_rng(seed))
-                assert torch.equal(ours["masks"], ref["masks"])
+        for ours, ref, dense, _ in _draws(views, paths, 50, 70, seeds=5):
+            assert torch.equal(ours["masks"], ref["masks"]) and torch.equal(dense["masks"], ref["masks"])
 
 
 def test_rle_column_decoding_matches_pycocotools():

@@ -6,9 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["pixel_segment_infonce", "embedding_consistency", "semantic_consistency"]
+__all__ = ["pixel_segment_infonce", "pixel_segment_multi_positive", "embedding_consistency", "semantic_consistency",
+           "reduce"]
 
 _NEG_INF = -1e4  # masked logits (finite so fully masked rows stay finite)
+
+
+def reduce(losses: Tensor, reduction: str) -> Tensor:
+    """``mean`` (0 with a graph when empty) or ``none`` (the per-item losses)."""
+    if reduction == "none":
+        return losses
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return losses.mean() if losses.numel() else losses.sum() * 0.0
 
 
 def pixel_segment_infonce(
@@ -18,8 +28,9 @@ def pixel_segment_infonce(
     valid_prototypes: Tensor | None = None,
     exclude: Tensor | None = None,
     temperature: float = 0.1,
+    reduction: str = "mean",
 ) -> Tensor:
-    """InfoNCE of pixels against segment prototypes (SegSort/HSG style).
+    """InfoNCE of pixels against segment prototypes, one positive each (``pixel_loss: infonce``).
 
     Args:
         pixels: ``[P, D]`` pixel embeddings.
@@ -29,10 +40,10 @@ def pixel_segment_infonce(
         exclude: ``[P]`` index of one more prototype to leave out of each pixel's negatives (the pixel's
             own segment in its own view), or None.
         temperature: τ_pix.
-    Returns the mean loss over pixels (0 with a graph when there are none).
+    Returns the mean loss over pixels (0 with a graph when there are none), or per pixel (``reduction="none"``).
     """
     if pixels.shape[0] == 0:
-        return pixels.sum() * 0.0 + prototypes.sum() * 0.0
+        return reduce(pixels.sum(-1) * 0.0 + prototypes.sum() * 0.0, reduction)
     logits = pixels @ prototypes.t() / temperature  # [P, S]
     mask = torch.zeros_like(logits, dtype=torch.bool)
     if valid_prototypes is not None:
@@ -41,7 +52,36 @@ def pixel_segment_infonce(
         mask.scatter_(1, exclude[:, None], True)
     mask.scatter_(1, positive[:, None], False)  # the positive is never masked
     logits = logits.masked_fill(mask, _NEG_INF)
-    return F.cross_entropy(logits, positive)
+    return reduce(F.cross_entropy(logits, positive, reduction="none"), reduction)
+
+
+def pixel_segment_multi_positive(
+    pixels: Tensor,
+    prototypes: Tensor,
+    positives: Tensor,
+    valid_prototypes: Tensor | None = None,
+    concentration: float = 16.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """SegSort's multi-positive pixel-segment loss (``pixel_loss: segsort_multi_positive``):
+    ``L(p) = −log Σ_{s∈S+} exp(κ·cos(p, s)) / Σ_{s∈S+∪S−} exp(κ·cos(p, s))``.
+
+    Args:
+        pixels: ``[P, D]`` pixel embeddings.
+        prototypes: ``[S, D]`` all segment prototypes (both views, all images, all processes).
+        positives: ``[P, M]`` indices into ``prototypes`` of each pixel's positive set S+ (−1: unused slot).
+        valid_prototypes: ``[S]`` bool; empty segments are left out of the sums.
+        concentration: κ (HSG: 16, i.e. τ = 1/16).
+    Every other valid prototype is in S−. Returns the mean over pixels, or per pixel (``reduction="none"``).
+    """
+    if pixels.shape[0] == 0:
+        return reduce(pixels.sum(-1) * 0.0 + prototypes.sum() * 0.0, reduction)
+    logits = concentration * (pixels @ prototypes.t())  # [P, S]
+    if valid_prototypes is not None:
+        logits = logits.masked_fill(~valid_prototypes[None, :], _NEG_INF)
+    used = positives >= 0
+    positive_logits = torch.gather(logits, 1, positives.clamp_min(0)).masked_fill(~used, _NEG_INF)
+    return reduce(torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1), reduction)
 
 
 def embedding_consistency(
@@ -51,6 +91,7 @@ def embedding_consistency(
     valid: Tensor | None = None,
     mode: str = "infonce",
     temperature: float = 0.1,
+    reduction: str = "mean",
 ) -> Tensor:
     """Model segment embeddings must match CLIP's pooled over the same segments.
 
@@ -65,32 +106,39 @@ def embedding_consistency(
     """
     clip_segments = clip_segments.detach()
     keep = torch.ones_like(positive, dtype=torch.bool) if valid is None else valid[positive]
-    if not keep.any():
-        return model_segments.sum() * 0.0
-    model_segments, positive = model_segments[keep], positive[keep]
-    if mode == "cosine":
-        return (1 - (model_segments * clip_segments[positive]).sum(-1)).mean()
-    if mode != "infonce":
+    if mode not in ("infonce", "cosine"):
         raise ValueError(f"embedding_loss must be 'infonce' or 'cosine', got {mode!r}")
+    model_segments, positive = model_segments[keep], positive[keep]
+    if not len(positive):
+        return reduce(model_segments.sum(-1) * 0.0, reduction)
+    if mode == "cosine":
+        return reduce(1 - (model_segments * clip_segments[positive]).sum(-1), reduction)
     logits = model_segments @ clip_segments.t() / temperature
     if valid is not None:
         logits = logits.masked_fill(~valid[None, :], _NEG_INF)
-    return F.cross_entropy(logits, positive)
+    return reduce(F.cross_entropy(logits, positive, reduction="none"), reduction)
 
 
 def semantic_consistency(
     model_segments: Tensor, clip_segments: Tensor, targets: Tensor, temperature: float = 0.01,
-    valid: Tensor | None = None,
+    valid: Tensor | None = None, allowed: Tensor | None = None, reduction: str = "mean",
 ) -> Tensor:
     """KL(p_CLIP ‖ p_model) over the target classes, averaged over segments.
 
-    ``p = softmax(cos(segment, targets) / τ_s)``; CLIP's side is a detached teacher.
+    ``p = softmax(cos(segment, targets) / τ_s)``; CLIP's side is a detached teacher. ``allowed`` ``[S, T]`` bool
+    restricts each segment's softmaxes to some targets (the unknown-prototype gate).
     """
     if valid is not None:
         model_segments, clip_segments = model_segments[valid], clip_segments[valid]
+        allowed = allowed[valid] if allowed is not None else None
     if model_segments.shape[0] == 0 or targets.shape[0] == 0:
-        return model_segments.sum() * 0.0
+        return reduce(model_segments.sum(-1) * 0.0, reduction)
     targets = targets.detach()
-    log_p_clip = F.log_softmax(clip_segments.detach() @ targets.t() / temperature, dim=-1)
-    log_p_model = F.log_softmax(model_segments @ targets.t() / temperature, dim=-1)
-    return F.kl_div(log_p_model, log_p_clip, log_target=True, reduction="batchmean")
+    clip_logits = clip_segments.detach() @ targets.t() / temperature
+    model_logits = model_segments @ targets.t() / temperature
+    if allowed is not None:
+        clip_logits, model_logits = clip_logits.masked_fill(~allowed, _NEG_INF), model_logits.masked_fill(~allowed,
+                                                                                                          _NEG_INF)
+    log_p_clip, log_p_model = F.log_softmax(clip_logits, dim=-1), F.log_softmax(model_logits, dim=-1)
+    per_segment = F.kl_div(log_p_model, log_p_clip, log_target=True, reduction="none").sum(-1)
+    return reduce(per_segment, reduction)

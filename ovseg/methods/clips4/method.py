@@ -21,14 +21,21 @@ from ovseg.eval.protocols import MODEL_NATIVE_SETTINGS
 from ovseg.utils.precision import float32
 from ovseg.methods.base import OVSegMethod, cosine_logits
 from ovseg.methods.clips4.backbones import Backbone, CLIPDenseEncoder
-from ovseg.methods.clips4.dist import gather_detached, gather_with_local_grad
-from ovseg.methods.clips4.losses import embedding_consistency, pixel_segment_infonce, semantic_consistency
-from ovseg.methods.clips4.prototypes import UnknownPrototypes
-from ovseg.methods.clips4.segments import segment_mean, segment_sizes, spherical_kmeans
+from ovseg.methods.clips4.dist import gather_detached, gather_with_grad, global_mean
+from ovseg.methods.clips4.losses import (embedding_consistency, pixel_segment_infonce, pixel_segment_multi_positive,
+                                         semantic_consistency)
+from ovseg.methods.clips4.prototypes import UnknownPrototypes, unexplained
+from ovseg.methods.clips4.segments import SEGMENTATIONS, segment_mean, segment_pixels, segment_sizes
 from ovseg.models.clip import CLIPConfig, DenseCLIP
 from ovseg.models.text import TextBank
 
 __all__ = ["CLIPS4", "vocabulary_split_scores"]
+
+#: ``pixel_loss``: SegSort's multi-positive form (the paper's), or InfoNCE with one cross-view positive
+PIXEL_LOSSES = ("segsort_multi_positive", "infonce")
+#: ``unknown_targets``: ``gated`` = segments the known classes explain never see the unknown prototypes; ``shared``
+#: = one softmax over known and unknown prototypes for every segment
+UNKNOWN_TARGETS = ("gated", "shared")
 
 
 
@@ -36,25 +43,35 @@ class CLIPS4(OVSegMethod):
     """CLIP-S4: pixel-segment contrastive learning across two views, tied to a frozen CLIP teacher by
     embedding consistency and semantic consistency (known + unknown prototypes).
 
-    Training step (spec "Data flow"): the backbone embeds both views (L2-normalised, stride 8); spherical
-    k-means on the detached embeddings gives ``num_segments`` segments per view (R: 36, 20 iterations);
-    a pixel of view A inside the A∩B overlap has as positive the prototype of the view-B segment holding
-    its corresponding pixel, negatives are the other segment prototypes of both views of all images on
-    all processes (gathered, gradient kept for the local part) — InfoNCE at ``pixel_temperature`` (R: 0.1),
-    symmetric. The frozen CLIP teacher's MaskCLIP features of the un-augmented image are warped into each
-    view; pooled over the model's segments they give CLIP segment embeddings. Embedding consistency: the
-    model's segment embedding must pick its own CLIP segment embedding among the batch's (R: InfoNCE,
-    τ 0.1; or ``cosine``). Semantic consistency: KL(p_CLIP ‖ p_model) over K known prototypes (text
-    embeddings of the training vocabulary, ``train_templates``) and M unknown prototypes (R: 32, see
-    :mod:`ovseg.methods.clips4.prototypes`), softmax at τ_s (R: 0.01). Total (R): L_pix + λ_emb L_emb +
-    λ_sem L_sem with λ = 1, 1. SGD (momentum 0.9, weight decay 1e-3; confirmed), lr 0.01 poly-0.9 for the
-    head and ×0.1 for the backbone (R).
+    Training step (spec "Data flow"): the backbone embeds both views (L2-normalised, stride 8) and each view is cut
+    into ``num_segments`` segments by the clustering the paper cites, SegSort's (``segments: segsort``: spherical
+    k-means on embeddings plus normalised coordinates from a 6 × 6 grid, 20 iterations; see
+    :mod:`ovseg.methods.clips4.segments`). Pixel-segment loss (``pixel_loss: segsort_multi_positive``, the
+    paper's SegSort form at concentration κ = 16 as HSG): a pixel's positives are its own segment and, inside the
+    views' overlap, the other view's segment holding the same point; every other segment of both views of all
+    images on all processes is a negative; pixels outside the overlap keep the within-view part. The frozen CLIP
+    teacher's MaskCLIP features of the un-augmented image are warped into each view; pooled over the model's
+    segments they give CLIP segment embeddings. Embedding consistency: the model's segment embedding must pick
+    its own CLIP segment embedding among the batch's (R: InfoNCE, τ 0.1; or ``cosine``). Semantic consistency:
+    KL(p_CLIP ‖ p_model) over K known prototypes (text embeddings of the training vocabulary,
+    ``train_templates``) and M unknown prototypes (R: 32, see :mod:`ovseg.methods.clips4.prototypes`), softmax at
+    τ_s (R: 0.01); segments the known classes explain never see the unknown prototypes (``unknown_targets:
+    gated``: unknown prototypes are CLIP *image* means, which sit closer to any image segment than text
+    embeddings do, so in one shared softmax they take over known segments; logged as
+    ``train/known_lost_to_unknown``). Total (R): L_pix + λ_emb L_emb + λ_sem L_sem with λ = 1, 1. SGD (momentum
+    0.9, weight decay 1e-3; confirmed), poly-0.9, the backbone at ×0.1 (R). Under DDP the segment prototypes
+    are gathered with gradient and the losses divided by global counts, so N processes train as one process
+    with the N-fold batch (:mod:`ovseg.methods.clips4.dist`).
+
+    Earlier reconstructions stay settings: ``segments: embedding`` (k-means on embeddings only, random starts),
+    ``pixel_loss: infonce`` (one cross-view positive per overlapping pixel at ``pixel_temperature``, the pixel's
+    own segment excluded from its negatives by ``own_segment``), ``unknown_targets: shared``.
 
     Inference: per-pixel cosine between the backbone's embeddings and the class text embeddings (the
     teacher's text encoder, the protocol's templates), like MaskCLIP.
 
     Reconstructed settings (R) and their defaults: ``num_segments=36``, ``kmeans_iterations=20``,
-    ``pixel_temperature=0.1``, ``own_segment="exclude"`` (the pixel's own segment in its own view is not a
+    ``location_weight=1`` (HSG), ``concentration=16`` (HSG), ``pixel_temperature=0.1``, ``own_segment="exclude"`` (the pixel's own segment in its own view is not a
     negative; ``"negative"`` keeps it), ``prototype_grad=True`` (gradients flow through segment
     prototypes), ``embedding_loss="infonce"``, ``embedding_temperature=0.1``, ``semantic_temperature=0.01``,
     ``num_unknown=32``, ``unknown_threshold=0.5``, ``unknown_momentum=0.99``, ``unknown_init_segments=None``
@@ -92,6 +109,10 @@ class CLIPS4(OVSegMethod):
         train_templates: str = "maskclip85",
         num_segments: int = 36,
         kmeans_iterations: int = 20,
+        segments: Literal["segsort", "embedding"] = "segsort",
+        location_weight: float = 1.0,
+        pixel_loss: Literal["segsort_multi_positive", "infonce"] = "segsort_multi_positive",
+        concentration: float = 16.0,
         pixel_temperature: float = 0.1,
         own_segment: Literal["exclude", "negative"] = "exclude",
         prototype_grad: bool = True,
@@ -103,6 +124,7 @@ class CLIPS4(OVSegMethod):
         unknown_momentum: float = 0.99,
         unknown_init_segments: int | None = None,
         unknown_seed: int = 0,
+        unknown_targets: Literal["gated", "shared"] = "gated",
         lambda_embedding: float = 1.0,
         lambda_semantic: float = 1.0,
         lr: float = 0.01,
@@ -114,6 +136,12 @@ class CLIPS4(OVSegMethod):
         **evaluation: Any,
     ):
         super().__init__(**evaluation)
+        if segments not in SEGMENTATIONS:
+            raise ValueError(f"segments must be one of {SEGMENTATIONS}, got {segments!r}")
+        if pixel_loss not in PIXEL_LOSSES:
+            raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {pixel_loss!r}")
+        if unknown_targets not in UNKNOWN_TARGETS:
+            raise ValueError(f"unknown_targets must be one of {UNKNOWN_TARGETS}, got {unknown_targets!r}")
         if own_segment not in ("exclude", "negative"):
             raise ValueError(f"own_segment must be 'exclude' or 'negative', got {own_segment!r}")
         if embedding_loss not in ("infonce", "cosine"):
@@ -199,7 +227,6 @@ class CLIPS4(OVSegMethod):
     def compute_losses(self, views: Tensor, geometry: Tensor, teacher_images: list[Tensor]) -> dict[str, Tensor]:
         """views ``[B, 2, 3, S, S]`` in [0, 1], geometry ``[B, 2, 5]`` -> the loss terms and diagnostics."""
         hp = self.hparams
-        batch = views.shape[0]
         z = self.embed(views.flatten(0, 1))  # [2B, D, h, w], order: image0 A, image0 B, image1 A, ...
         teacher = self.teacher_features(teacher_images)  # the CLIP teacher may run in bf16 (no gradient)
         # the losses in float32: softmaxes at temperature 0.01-0.1 (see ovseg/utils/precision.py)
@@ -208,47 +235,83 @@ class CLIPS4(OVSegMethod):
             n, dim = height * width, z.shape[1]
             zf = z.flatten(2).transpose(1, 2)  # [2B, N, D]
             k = min(hp.num_segments, n)
-            assign, _ = spherical_kmeans(zf.detach(), k, hp.kmeans_iterations)
+            assign = segment_pixels(zf.detach(), height, width, k, hp.kmeans_iterations, hp.segments,
+                                    hp.location_weight)
             prototypes = segment_mean(zf if hp.prototype_grad else zf.detach(), assign, k)  # [2B, k, D]
             valid = segment_sizes(assign, k) > 0  # [2B, k]
-            all_prototypes, offset = gather_with_local_grad(prototypes.reshape(-1, dim))
+            all_prototypes, offset = gather_with_grad(prototypes.reshape(-1, dim))
             all_valid = gather_detached(valid.flatten())
-
-            # pixel-segment InfoNCE, A->B and B->A
-            assign_v = assign.view(batch, 2, n)
-            zf_v = zf.view(batch, 2, n, dim)
-            image_index = torch.arange(batch, device=z.device)[:, None]
-            pixel_losses, overlap = [], []
-            for src, dst in ((0, 1), (1, 0)):
-                index, inside = correspondence(geometry[:, src], geometry[:, dst], height, width)  # [B, N]
-                target_segment = torch.gather(assign_v[:, dst], 1, index)
-                positive = offset + (image_index * 2 + dst) * k + target_segment
-                own = offset + (image_index * 2 + src) * k + assign_v[:, src]
-                pixel_losses.append(pixel_segment_infonce(
-                    zf_v[:, src][inside], all_prototypes, positive[inside], all_valid,
-                    own[inside] if hp.own_segment == "exclude" else None, hp.pixel_temperature))
-                overlap.append(inside.float().mean())
-            loss_pixel = (pixel_losses[0] + pixel_losses[1]) / 2
+            loss_pixel, overlap = self._pixel_loss(zf, assign, geometry, all_prototypes, offset, all_valid,
+                                                   (height, width), k)
 
             # CLIP teacher features warped into each view, pooled over the model's segments
             with torch.no_grad():
                 warped = torch.cat([warp_to_view(f[None].expand(2, -1, -1, -1), geometry[b], (height, width))
                                     for b, f in enumerate(teacher)])  # [2B, D, h, w]
                 warped = F.normalize(warped, dim=1).flatten(2).transpose(1, 2)
-                clip_segments = segment_mean(warped, assign, k)  # [2B, k, D]
-                all_clip = gather_detached(clip_segments.reshape(-1, dim))
+                clip_segments = segment_mean(warped, assign, k).reshape(-1, dim)  # [2B·k, D]
+                all_clip = gather_detached(clip_segments)
 
             local = prototypes.reshape(-1, dim)
             positive = offset + torch.arange(local.shape[0], device=z.device)
-            loss_embedding = embedding_consistency(local, all_clip, positive, all_valid, hp.embedding_loss,
-                                                   hp.embedding_temperature)
-            targets = torch.cat([self.known_text, self.unknown.active.to(self.known_text.dtype)])
-            loss_semantic = semantic_consistency(local, clip_segments.reshape(-1, dim), targets,
-                                                 hp.semantic_temperature, valid.flatten())
+            loss_embedding = global_mean(embedding_consistency(
+                local, all_clip, positive, all_valid, hp.embedding_loss, hp.embedding_temperature, reduction="none"))
+            targets, allowed, lost = self._semantic_targets(clip_segments, valid.flatten())
+            loss_semantic = global_mean(semantic_consistency(local, clip_segments, targets, hp.semantic_temperature,
+                                                             valid.flatten(), allowed, reduction="none"))
             total = loss_pixel + hp.lambda_embedding * loss_embedding + hp.lambda_semantic * loss_semantic
             return {"loss": total, "pixel": loss_pixel, "embedding": loss_embedding, "semantic": loss_semantic,
-                    "overlap": torch.stack(overlap).mean(), "all_clip": all_clip[all_valid],
+                    "overlap": overlap, "all_clip": all_clip[all_valid], "known_lost_to_unknown": lost,
                     "segments": valid.sum(dim=1).float().mean()}
+
+    def _pixel_loss(self, zf: Tensor, assign: Tensor, geometry: Tensor, all_prototypes: Tensor, offset: int,
+                    all_valid: Tensor, grid: tuple[int, int], k: int) -> tuple[Tensor, Tensor]:
+        """The pixel-segment loss (``pixel_loss``) of this process's share, and the views' mean overlap."""
+        hp = self.hparams
+        batch, n, dim = zf.shape[0] // 2, zf.shape[1], zf.shape[2]
+        assign_v, zf_v = assign.view(batch, 2, n), zf.view(batch, 2, n, dim)
+        image_index = torch.arange(batch, device=zf.device)[:, None]
+        per_view_losses, positives, overlap = [], [], []
+        for src, dst in ((0, 1), (1, 0)):
+            index, inside = correspondence(geometry[:, src], geometry[:, dst], *grid)  # [B, N]
+            other = offset + (image_index * 2 + dst) * k + torch.gather(assign_v[:, dst], 1, index)
+            own = offset + (image_index * 2 + src) * k + assign_v[:, src]
+            overlap.append(inside.float().mean())
+            if hp.pixel_loss == "segsort_multi_positive":
+                # S+: the pixel's segment in its view and, inside the overlap, the other view's segment holding
+                # the same point; outside the overlap only the within-view part remains
+                positives.append(torch.stack([own, torch.where(inside, other, torch.full_like(other, -1))], -1))
+            else:
+                per_view_losses.append(global_mean(pixel_segment_infonce(
+                    zf_v[:, src][inside], all_prototypes, other[inside], all_valid,
+                    own[inside] if hp.own_segment == "exclude" else None, hp.pixel_temperature, reduction="none")))
+        if hp.pixel_loss == "segsort_multi_positive":
+            # zf's order is image0 A, image0 B, ...: positives per image, then view
+            positive_sets = torch.stack(positives, dim=1).reshape(-1, 2)
+            loss = global_mean(pixel_segment_multi_positive(zf.reshape(-1, dim), all_prototypes, positive_sets,
+                                                            all_valid, hp.concentration, reduction="none"))
+        else:
+            loss = (per_view_losses[0] + per_view_losses[1]) / 2
+        return loss, torch.stack(overlap).mean()
+
+    def _semantic_targets(self, clip_segments: Tensor, valid: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Known + unknown prototypes, the targets each segment may use (``unknown_targets``), and the fraction of
+        valid known-explained segments whose CLIP target is an unknown prototype."""
+        hp = self.hparams
+        unknown = self.unknown.active.to(self.known_text.dtype)
+        targets = torch.cat([self.known_text, unknown])
+        explained = ~unexplained(clip_segments, self.known_text, hp.semantic_temperature, hp.unknown_threshold)
+        allowed = None
+        if hp.unknown_targets == "gated" and len(unknown):
+            # a segment the known classes explain (CLIP's best known probability ≥ unknown_threshold, the rule
+            # that keeps it out of the unknown bank) never sees the unknown prototypes
+            allowed = torch.ones(len(clip_segments), len(targets), dtype=torch.bool, device=targets.device)
+            allowed[:, len(self.known_text):] = ~explained[:, None]
+        logits = clip_segments @ targets.t()
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, -torch.inf)
+        lost = (logits.argmax(dim=-1) >= len(self.known_text)) & explained & valid
+        return targets, allowed, lost.sum() / (explained & valid).sum().clamp_min(1)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.compute_losses(batch["image"], batch["geometry"], batch["teacher_image"])
@@ -258,6 +321,7 @@ class CLIPS4(OVSegMethod):
         self.log_dict({f"train/{k}": out[k].detach() for k in ("loss", "pixel", "embedding", "semantic")},
                       prog_bar=True, batch_size=size)
         self.log_dict({"train/overlap": out["overlap"], "train/segments": out["segments"],
+                       "train/known_lost_to_unknown": out["known_lost_to_unknown"],
                        "train/unexplained": float(unexplained),
                        "train/unknown_ready": float(bool(self.unknown.initialized))}, batch_size=size)
         return out["loss"]

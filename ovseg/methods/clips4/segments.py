@@ -1,4 +1,13 @@
-"""Pixel segments: batched spherical k-means and segment pooling (CLIP-S4 steps 3 and 6)."""
+"""Pixel segments: batched spherical k-means and segment pooling (CLIP-S4 steps 3 and 6).
+
+Two ways to cut a view into segments (``segments`` setting of CLIP-S4 and its k-NN probe):
+
+- ``segsort`` (default): SegSort/HSG's clustering, which CLIP-S4 cites for its segments — spherical k-means over
+  ``[embedding, w · ((y, x) − 0.5)]`` re-normalised (y, x in [0, 1] over the grid; ``location_weight`` w = 1 in
+  HSG), started from a regular grid of ``ky × kx`` cells (6 × 6 for 36), M-step then E-step each iteration
+  (HSG ``segsort/common.py``: ``segment_by_kmeans``, ``kmeans_with_initial_labels``). Segments are compact regions.
+- ``embedding``: spherical k-means on the embeddings alone from k random pixels (segments may be scattered).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["spherical_kmeans", "segment_mean", "segment_sizes"]
+__all__ = ["SEGMENTATIONS", "spherical_kmeans", "grid_shape", "grid_labels", "segsort_kmeans", "segment_pixels",
+           "segment_mean", "segment_sizes"]
+
+SEGMENTATIONS = ("segsort", "embedding")
 
 
 @torch.no_grad()
@@ -39,6 +51,60 @@ def spherical_kmeans(
         centres = torch.where(norms > 0, sums / norms.clamp_min(1e-12), centres)
     assign = torch.einsum("bnd,bkd->bnk", x, centres).argmax(dim=-1)
     return assign, centres
+
+
+def grid_shape(k: int) -> tuple[int, int]:
+    """(rows, columns) of the start grid for ``k`` segments: the most square factorisation (36 -> 6 × 6)."""
+    rows = max(d for d in range(1, int(k**0.5) + 1) if k % d == 0)
+    return rows, k // rows
+
+
+def grid_labels(height: int, width: int, k: int, device: torch.device | str = "cpu") -> Tensor:
+    """``[height * width]`` start labels: a ``grid_shape(k)`` grid of cells (HSG's ``initialize_cluster_labels``:
+    ``round(linspace(0, cells - 1, side))`` per axis, label = row + rows · column)."""
+    rows, cols = grid_shape(k)
+    y = torch.linspace(0, rows - 1, height, device=device).round().long()
+    x = torch.linspace(0, cols - 1, width, device=device).round().long()
+    return (y[:, None] + rows * x[None, :]).flatten()
+
+
+@torch.no_grad()
+def segsort_kmeans(x: Tensor, height: int, width: int, k: int, iterations: int = 20,
+                   location_weight: float = 1.0) -> Tensor:
+    """SegSort/HSG segments: ``x [B, N = height·width, D]`` (row-major grid) -> assignments ``[B, N]`` in [0, k).
+
+    Points are ``normalize([normalize(x), location_weight · ((y, x) − 0.5)])``; labels start from
+    :func:`grid_labels`; each iteration sets every segment's centre to the normalised sum of its points, then
+    every point to its most similar centre (an emptied segment's centre is 0 and takes no points back).
+    """
+    batch, n, _ = x.shape
+    if n != height * width:
+        raise ValueError(f"{n} points are not a {height}x{width} grid")
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= N, got k={k}, N={n}")
+    y = torch.linspace(0, 1, height, device=x.device)
+    xs = torch.linspace(0, 1, width, device=x.device)
+    location = torch.stack(torch.meshgrid(y, xs, indexing="ij"), dim=-1).reshape(1, n, 2) - 0.5
+    points = torch.cat([F.normalize(x.float(), dim=-1), location_weight * location.expand(batch, -1, -1)], dim=-1)
+    points = F.normalize(points, dim=-1)
+    assign = grid_labels(height, width, k, x.device)[None].expand(batch, -1)
+    for _ in range(max(1, iterations)):
+        sums = torch.zeros(batch, k, points.shape[-1], device=x.device)
+        centres = F.normalize(sums.scatter_add_(1, assign[..., None].expand_as(points), points), dim=-1)
+        assign = torch.einsum("bnd,bkd->bnk", points, centres).argmax(dim=-1)
+    return assign
+
+
+@torch.no_grad()
+def segment_pixels(x: Tensor, height: int, width: int, k: int, iterations: int = 20, method: str = "segsort",
+                   location_weight: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """``[B, N, D]`` pixel embeddings of ``height × width`` grids -> segment assignments ``[B, N]`` by ``method``
+    (:data:`SEGMENTATIONS`; ``generator``: the random starts of ``embedding``)."""
+    if method == "segsort":
+        return segsort_kmeans(x, height, width, k, iterations, location_weight)
+    if method == "embedding":
+        return spherical_kmeans(x, k, iterations, generator)[0]
+    raise ValueError(f"segments must be one of {SEGMENTATIONS}, got {method!r}")
 
 
 def segment_sizes(assign: Tensor, k: int, weight: Tensor | None = None) -> Tensor:

@@ -110,7 +110,7 @@ def bench_step(args) -> None:
 def _gather_worker(rank, world, args, port, queue):
     import torch.distributed as dist
 
-    from ovseg.methods.clips4.dist import gather_detached, gather_with_local_grad
+    from ovseg.methods.clips4.dist import gather_detached, gather_with_grad
     from ovseg.methods.clips4.losses import pixel_segment_infonce
 
     torch.set_num_threads(1)
@@ -124,7 +124,7 @@ def _gather_worker(rank, world, args, port, queue):
         pixels = torch.nn.functional.normalize(torch.randn(args.pixels, args.dim, generator=g), dim=-1)
         dist.barrier()
         t0 = time.perf_counter()
-        all_protos, offset = gather_with_local_grad(protos)
+        all_protos, offset = gather_with_grad(protos)
         valid = gather_detached(torch.ones(s_local, dtype=torch.bool))
         t1 = time.perf_counter()
         positive = offset + torch.randint(0, s_local, (args.pixels,), generator=g)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ovseg.eval.protocols import MODEL_NATIVE_SETTINGS
 from ovseg.methods.base import OVSegMethod
-from ovseg.methods.clips4.segments import segment_mean, spherical_kmeans
+from ovseg.methods.clips4.segments import segment_mean, segment_pixels
 
 __all__ = ["KNNProbe", "LinearProbe", "pixel_embeddings", "segment_bank", "knn_votes", "fit_linear_probe",
            "resize_short_side"]
@@ -65,13 +65,15 @@ def resize_short_side(image: Tensor, label: Tensor | None, short_side: int | Non
     return image, label
 
 
-def _segments(embeddings: Tensor, num_segments: int, iterations: int) -> tuple[Tensor, Tensor]:
-    """``[D, h, w]`` -> (assignments ``[h, w]``, segment embeddings ``[k, D]``), deterministic."""
+def _segments(embeddings: Tensor, num_segments: int, iterations: int, method: str = "segsort",
+              location_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``[D, h, w]`` -> (assignments ``[h, w]``, segment embeddings ``[k, D]``), deterministic (``method``: see
+    :func:`ovseg.methods.clips4.segments.segment_pixels`)."""
     dim, height, width = embeddings.shape
     flat = embeddings.flatten(1).t()[None]
     k = min(num_segments, flat.shape[1])
-    generator = torch.Generator().manual_seed(0)
-    assign, _ = spherical_kmeans(flat, k, iterations, generator)
+    assign = segment_pixels(flat, height, width, k, iterations, method, location_weight,
+                            generator=torch.Generator().manual_seed(0))
     return assign[0].view(height, width), segment_mean(flat, assign, k)[0]
 
 
@@ -86,7 +88,8 @@ def _majority(assign: Tensor, label: Tensor, k: int, num_classes: int) -> Tensor
 
 
 def segment_bank(embed: Embed, samples, num_classes: int, num_segments: int = 36, iterations: int = 20,
-                 short_side: int | None = None, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+                 short_side: int | None = None, device: torch.device | str = "cpu", segments: str = "segsort",
+                 location_weight: float = 1.0) -> tuple[Tensor, Tensor]:
     """Training samples (``image`` uint8/float ``[3, H, W]``, ``label`` ``[H, W]``) -> segment embeddings
     ``[S, D]`` and their majority labels ``[S]`` (segments without labelled pixels dropped)."""
     feats, labels = [], []
@@ -96,7 +99,7 @@ def segment_bank(embed: Embed, samples, num_classes: int, num_segments: int = 36
         image, label = resize_short_side(image, sample["label"].to(device), short_side)
         with torch.no_grad():
             emb = embed(image[None])[0]
-        assign, seg = _segments(emb, num_segments, iterations)
+        assign, seg = _segments(emb, num_segments, iterations, segments, location_weight)
         seg_labels = _majority(assign, label, seg.shape[0], num_classes)
         keep = seg_labels >= 0
         feats.append(seg[keep])
@@ -265,14 +268,18 @@ class _Probe(OVSegMethod):
 
 class KNNProbe(_Probe):
     """k-NN over segments (spec: 36 k-means segments per image, 20 iterations, 20 nearest training segments,
-    majority vote). Args beyond :class:`_Probe`: ``num_segments``, ``kmeans_iterations``, ``neighbours``."""
+    majority vote; the segments SegSort's, which the paper cites for this protocol: ``segments: segsort``, or
+    ``embedding``). Args beyond :class:`_Probe`: ``num_segments``, ``kmeans_iterations``, ``neighbours``,
+    ``segments``, ``location_weight``."""
 
     def __init__(self, embedder: OVSegMethod, checkpoint: str | None = None, train_dataset: str = "voc21",
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,
-                 num_segments: int = 36, kmeans_iterations: int = 20, neighbours: int = 20, **evaluation: Any):
+                 num_segments: int = 36, kmeans_iterations: int = 20, neighbours: int = 20,
+                 segments: str = "segsort", location_weight: float = 1.0, **evaluation: Any):
         super().__init__(embedder, checkpoint, train_dataset, train_split, train_limit, train_short_side,
                          **evaluation)
         self.num_segments, self.kmeans_iterations, self.neighbours = num_segments, kmeans_iterations, neighbours
+        self.segments, self.location_weight = segments, location_weight
         self.bank: Tensor | None = None
         self.bank_labels: Tensor | None = None
 
@@ -281,7 +288,7 @@ class KNNProbe(_Probe):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         shard = (dataset[i] for i in range(rank, len(dataset), world))
         bank, labels = segment_bank(self.embed, shard, self.num_classes, self.num_segments, self.kmeans_iterations,
-                                    self.train_short_side, self.device)
+                                    self.train_short_side, self.device, self.segments, self.location_weight)
         self.bank = _gather_variable(bank, 0.0)
         self.bank_labels = _gather_variable(labels, -1)
         rank_zero_info(f"k-NN bank: {self.bank.shape[0]} labelled segments from {len(dataset)} images")
@@ -289,7 +296,8 @@ class KNNProbe(_Probe):
     def scores(self, images: Tensor) -> Tensor:
         out = []
         for emb in self.embed(images):
-            assign, segments = _segments(emb, self.num_segments, self.kmeans_iterations)
+            assign, segments = _segments(emb, self.num_segments, self.kmeans_iterations, self.segments,
+                                         self.location_weight)
             votes = knn_votes(segments, self.bank, self.bank_labels, self.num_classes, self.neighbours)
             out.append(votes[assign].permute(2, 0, 1))  # [C, h, w]
         return torch.stack(out)

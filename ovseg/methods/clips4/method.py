@@ -71,8 +71,9 @@ class CLIPS4(OVSegMethod):
     teacher's text encoder, the protocol's templates), like MaskCLIP.
 
     Reconstructed settings (R) and their defaults: ``num_segments=36``, ``kmeans_iterations=20``,
-    ``location_weight=1`` (HSG), ``concentration=16`` (HSG), ``pixel_temperature=0.1``, ``own_segment="exclude"`` (the pixel's own segment in its own view is not a
-    negative; ``"negative"`` keeps it), ``prototype_grad=True`` (gradients flow through segment
+    ``location_weight=1`` (HSG), ``concentration=16`` (HSG), ``pixel_temperature=0.1`` and ``own_segment="exclude"``
+    (``pixel_loss: infonce`` only: the pixel's own segment in its own view is not a negative; ``"negative"`` keeps
+    it), ``prototype_grad=True`` (gradients flow through segment
     prototypes), ``embedding_loss="infonce"``, ``embedding_temperature=0.1``, ``semantic_temperature=0.01``,
     ``num_unknown=32``, ``unknown_threshold=0.5``, ``unknown_momentum=0.99``, ``unknown_init_segments=None``
     (4 × M), ``lambda_embedding=1``, ``lambda_semantic=1``, ``lr=0.01``, ``backbone_lr_mult=0.1``,

@@ -1,4 +1,4 @@
-"""``ovseg toyworld generate | pretrain | zeroshot | leaderboard``."""
+"""``ovseg toyworld generate | pretrain | zeroshot | leaderboard | clips4-study``."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def _leaderboard(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _clips4_study(ns: argparse.Namespace) -> int:
+    from ovseg.toyworld.clips4_study import main
+
+    return main(ns)
+
+
 def register(commands) -> None:
     toy = commands.add_parser("toyworld", help="the toy world: generate it, pretrain a toy CLIP, zero-shot check")
     sub = toy.add_subparsers(dest="toyworld_command", required=True)
@@ -130,3 +136,16 @@ def register(commands) -> None:
     lb.add_argument("--reuse", action="store_true", help="keep stages whose results/checkpoint exist (resume)")
     lb.add_argument("extra", nargs="*", help="more `ovseg fit/test` arguments for every stage (after --)")
     lb.set_defaults(func=_leaderboard)
+
+    st = sub.add_parser("clips4-study", help="CLIP-S4 training variants over seeds: fine-tuned mIoU, 4-fold hIoU, "
+                                             "known segments lost to unknown prototypes")
+    st.add_argument("--root", default=default.root)
+    st.add_argument("--out", default="outputs/clips4_study")
+    st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    st.add_argument("--steps", type=int, default=default.clips4_steps, help="fine-tuning and per-fold steps")
+    st.add_argument("--variant", action="append", required=True,
+                    help="'name: --model.init_args.X value ...' (repeatable; 'name:' = the config's defaults)")
+    st.add_argument("--no-folds", action="store_true", help="fine-tuned mIoU only")
+    st.add_argument("--reuse", action="store_true", help="keep stages whose results/checkpoint exist (resume)")
+    st.add_argument("extra", nargs="*", help="more `ovseg fit/test` arguments for every stage (after --)")
+    st.set_defaults(func=_clips4_study)

@@ -2,14 +2,17 @@
 data recipe (the ``TwoViewImages`` training source)."""
 
 from ovseg.methods.clips4.backbones import Backbone, CLIPDenseEncoder, UpsampleHead
-from ovseg.methods.clips4.losses import embedding_consistency, pixel_segment_infonce, semantic_consistency
+from ovseg.methods.clips4.losses import (embedding_consistency, pixel_segment_infonce, pixel_segment_multi_positive,
+                                         semantic_consistency)
 from ovseg.methods.clips4.method import CLIPS4, vocabulary_split_scores
 from ovseg.methods.clips4.prototypes import UnknownPrototypes, unexplained
-from ovseg.methods.clips4.segments import segment_mean, segment_sizes, spherical_kmeans
+from ovseg.methods.clips4.segments import (segment_mean, segment_pixels, segment_sizes, segsort_kmeans,
+                                           spherical_kmeans)
 from ovseg.methods.clips4.views import TwoViewImages, TwoViews
 
 __all__ = [
     "CLIPS4", "Backbone", "CLIPDenseEncoder", "UpsampleHead", "UnknownPrototypes", "unexplained",
-    "pixel_segment_infonce", "embedding_consistency", "semantic_consistency", "spherical_kmeans", "segment_mean",
-    "segment_sizes", "vocabulary_split_scores", "TwoViews", "TwoViewImages",
+    "pixel_segment_infonce", "pixel_segment_multi_positive", "embedding_consistency", "semantic_consistency",
+    "spherical_kmeans", "segsort_kmeans", "segment_pixels", "segment_mean", "segment_sizes",
+    "vocabulary_split_scores", "TwoViews", "TwoViewImages",
 ]

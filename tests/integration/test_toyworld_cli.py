@@ -109,6 +109,30 @@ def test_leaderboard_plumbing(tmp_path, capsys):
         main(["toyworld", "leaderboard", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "lb2")])
 
 
+def test_clips4_study_plumbing(tmp_path, capsys):
+    """`ovseg toyworld clips4-study`: one row per variant, the per-seed mIoU from each tuned run's results, the
+    logged fraction of known segments lost to unknown prototypes from each fit's metrics."""
+    root, out = tmp_path / "toy", tmp_path / "study"
+    main(["toyworld", "generate", "--root", str(root), "--num-train", "16", "--num-val", "3", "--no-masks"])
+    assert main(["toyworld", "clips4-study", "--root", str(root), "--out", str(out), "--seeds", "0", "1",
+                 "--steps", "2", "--no-folds", "--variant", "now:", "--variant",
+                 "before: --model.init_args.segments embedding --model.init_args.unknown_targets shared", "--",
+                 "--data.batch_size", "2", "--trainer.enable_progress_bar", "false",
+                 "--trainer.log_every_n_steps", "1", "--model.init_args.unknown_init_segments", "4"]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert list(study["variants"]) == ["now", "before"]
+    assert study["variants"]["before"]["args"][:2] == ["--model.init_args.segments", "embedding"]
+    for name, variant in study["variants"].items():
+        assert [run["seed"] for run in variant["runs"]] == [0, 1]
+        for run in variant["runs"]:
+            own = json.loads((out / name / f"seed{run['seed']}" / "tuned" / "results.json").read_text())
+            assert run["mIoU"] == own["datasets"]["toyworld"]["mIoU"]
+            assert run["known_lost_to_unknown"] is not None and 0 <= run["known_lost_to_unknown"] <= 1
+    assert all(run["known_lost_to_unknown"] == 0 for run in study["variants"]["now"]["runs"])  # gated
+    markdown = (out / "study.md").read_text()
+    assert markdown.count("\n| ") == 2 and "| before |" in markdown and "study.md" in capsys.readouterr().out
+
+
 # Fine-tuning gains on the default world, seeds 0/1/2, 2 torch threads (measured with `ovseg toyworld leaderboard`;
 # ovseg/toyworld/README.md), augmentations drawn per (seed, epoch, sample): CLIP-S4 200 steps +0.99 / +1.35 / +0.67
 # mIoU, +2.44 / +3.19 / +1.54 pAcc; PixelCLIP 100 steps +0.21 / -0.07 / -0.64 mIoU (mean -0.17), within seed noise on

@@ -381,7 +381,7 @@ class SA1BTars:
             with open(shard, "rb") as stream:
                 tar = MMIndexedTar(stream)
                 members = list(tar.by_index)
-                tar.mmapped_file.close()
+                tar.close()
         except Exception as e:  # wids raises struct/Value/Unicode errors on a cut or garbled header
             raise DataError(f"{shard}: cannot index the tar ({type(e).__name__}: {e}); truncated or corrupt?") \
                 from None
@@ -427,12 +427,13 @@ class SA1BTars:
         return data
 
     def where_at(self, shard_id: int, data_offset: int) -> str:
-        """"<shard>:<member name>" of the member whose data starts at ``data_offset``."""
+        """"<shard>:<member name>" of the member whose data starts at ``data_offset`` (its header, read through the
+        shard's open descriptor: names are not kept in memory, SA-1B has 11 M of them)."""
         from wids.wids_mmtar import parse_tar_header
 
-        with open(self.shards[shard_id], "rb") as f:
-            f.seek(data_offset - 512)
-            name = parse_tar_header(f.read(512)[:500]).name.decode("utf-8", "replace").strip("\x00")
+        fd = self._files.get(self.shards[shard_id], shard_id)
+        header = os.pread(fd, 500, data_offset - 512)
+        name = parse_tar_header(header).name.decode("utf-8", "replace").strip("\x00")
         return f"{self.shards[shard_id]}:{name}"
 
     def where(self, index: int) -> str:

@@ -95,10 +95,12 @@ def test_accelerator_counting_matches_bincount_and_defers_invalid_values():
     keep = label != 255
     expected = np.bincount(label[keep] * 5 + pred[keep], minlength=25)
     assert np.array_equal(counts.numpy(), expected) and invalid.tolist() == [0, 0]
-    label[:3], pred[3:7] = 9, -1  # 3 bad labels, 4 bad predictions (not ignored)
-    label[3:7] = 0
-    _, invalid = metric.count_without_sync(torch.from_numpy(label), torch.from_numpy(pred))
-    assert invalid.tolist() == [3, 4]
+    label[:3], pred[3:7], pred[7:9] = 9, -1, 5  # 3 bad labels, 6 bad predictions (not ignored)
+    label[3:9] = 0
+    counts, invalid = metric.count_without_sync(torch.from_numpy(label), torch.from_numpy(pred))
+    assert invalid.tolist() == [3, 6]
+    keep = (label != 255) & (label < 5) & (pred >= 0) & (pred < 5)  # invalid pixels land in no bin
+    assert np.array_equal(counts.numpy(), np.bincount(label[keep] * 5 + pred[keep], minlength=25))
     metric.invalid += invalid  # as update() does on a GPU; compute() then refuses
     with pytest.raises(ValueError, match="3 label values outside"):
         metric.compute()

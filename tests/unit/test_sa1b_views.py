@@ -97,6 +97,7 @@ def _draws(views: PixelCLIPViews, paths, height: int, width: int, seeds: int):
     dict(resize_short=40, crop_size=32, mask_resolution=None),               # downsampled crop, masks at the crop
     dict(resize_short=64, crop_size=64, mask_resolution=64, resize_long_max=90),  # long side capped: crop > side
     dict(resize_short=80, crop_size=64, mask_resolution=24, resize_library="cv2"),
+    dict(resize_short=64, crop_size=64, mask_resolution=64, resize_long_max=90, resize_library="cv2"),
 ])
 def test_crop_decoding_equals_the_full_decode_reference(tmp_path, settings):
     paths = write_synthetic_sa1b(tmp_path, num_images=3, size=(60, 150), masks_per_image=(15, 25), seed=1,
@@ -114,6 +115,31 @@ def test_crop_decoding_equals_the_full_decode_reference(tmp_path, settings):
         checked["dropped"] += len(ref["masks"]) < len(full)
         checked["cut"] += ref["cutout"][2] > ref["cutout"][0]
     assert checked["dropped"] > 0 and checked["cut"] > 0
+
+
+def test_cv2_views_of_an_image_whose_capped_short_side_is_below_the_crop(tmp_path):
+    """200x700 at the defaults (short side 1024, long side capped at 1333, crop 640): the resized image is 381x1333,
+    so the crop takes its whole height and a 640-wide stretch, stretched to 640x640 (it raised ValueError before,
+    which skip_bad did not catch)."""
+    scale = 1333 / 700
+    views = PixelCLIPViews(resize_library="cv2")
+    for seed in range(6):
+        x0, y0, x1, y1 = views.crop_window(200, 700, np.random.default_rng(seed))
+        assert (y0, y1) == (0, 200) and 0 <= x0 < x1 <= 700 and abs((x1 - x0) - 640 / scale) <= 1
+    # through the dataset: a band over rows 50-99 comes out over rows 64-127 of 256, in every view
+    image_path = tmp_path / "sa_0" / "sa_1.jpg"
+    image_path.parent.mkdir()
+    Image.fromarray(np.full((200, 700, 3), 90, np.uint8)).save(image_path)
+    band = np.zeros((200, 700), bool)
+    band[50:100] = True
+    image_path.with_suffix(".json").write_text(json.dumps({"annotations": [{"segmentation": encode_mask(band)}]}))
+    dataset = SA1B(folder=str(tmp_path), resize_library="cv2", skip_bad=False, cutout_prob=0.0).build(tmp_path)
+    for seed in range(3):
+        np.random.seed(seed)
+        sample = dataset[0]
+        assert sample["image"].shape == (3, 640, 640) and sample["masks"].shape == (1, 256, 256)
+        assert sample["masks"][0].any(dim=1).nonzero().flatten().tolist() == list(range(64, 128))
+        assert sample["masks"][0, 64:128].all()
 
 
 def test_flip_and_no_cutout_paths(tmp_path):

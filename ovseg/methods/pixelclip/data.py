@@ -146,14 +146,13 @@ class PixelCLIPViews:
 
     def crop_window(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """The crop of the resized image, in original pixel coordinates (x0, y0, x1, y1) (``resize_library="cv2"``:
-        one scale for both sides, the long-side cap folded into it, sides rounded)."""
+        one scale for both sides, the long-side cap folded into it, sides rounded). A resized side below the crop
+        (aspect above ~2 with the cap) is taken whole, as :meth:`crop_offset` does, and stretched to the crop."""
         scale = self.resize_short / min(height, width)
         if self.resize_long_max is not None:
             scale = min(scale, self.resize_long_max / max(height, width))
-        rh, rw = round(height * scale), round(width * scale)
-        y0 = int(rng.integers(0, rh - self.crop_size + 1))
-        x0 = int(rng.integers(0, rw - self.crop_size + 1))
-        box = (x0 / scale, y0 / scale, (x0 + self.crop_size) / scale, (y0 + self.crop_size) / scale)
+        y0, x0, ch, cw = self.crop_offset(round(height * scale), round(width * scale), rng)
+        box = (x0 / scale, y0 / scale, (x0 + cw) / scale, (y0 + ch) / scale)
         x_0, y_0 = int(np.floor(box[0])), int(np.floor(box[1]))
         x_1, y_1 = min(width, max(x_0 + 1, int(round(box[2])))), min(height, max(y_0 + 1, int(round(box[3]))))
         return x_0, y_0, x_1, y_1

@@ -51,6 +51,7 @@ import yaml
 from ovseg import __version__
 from ovseg.bench.metafile import Metafile, default_metafile_dir, load_metafiles
 from ovseg.eval.results import aggregate_folds, fold_markdown, version_sort_key
+from ovseg.eval.session import EvaluationSettings
 from ovseg.utils.cli_args import read_lightning_config
 from ovseg.utils.io import atomic_write_json, atomic_write_text
 
@@ -64,7 +65,7 @@ NON_RESULT_KEYS = (
     "data.root", "data.num_workers", "data.eval_batch_size", "data.datasets",
     "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.devices",
     "trainer.strategy", "trainer.num_nodes", "trainer.default_root_dir", "trainer.callbacks",
-    "model.results_dir", "model.predict_dir", "model.gallery_size", "model.window_batch_size",
+    *(f"model.{name}" for name in EvaluationSettings.score_free()),
 )
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ENTRY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

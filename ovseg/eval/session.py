@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from ovseg.methods.base import OVSegMethod
 
 
+#: field metadata of :class:`EvaluationSettings`: False on a setting that changes no score (where files go, how
+#: many windows share a forward pass, how many pictures are drawn)
+SCORES = "scores"
+
+
 @dataclasses.dataclass
 class EvaluationSettings:
     """How a method is evaluated; given once, as the method's ``protocol`` … ``gallery_size`` arguments.
@@ -42,10 +47,15 @@ class EvaluationSettings:
 
     protocol: str
     protocol_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    window_batch_size: int = 8
-    results_dir: str | None = None
-    predict_dir: str | None = None
-    gallery_size: int = 4
+    window_batch_size: int = dataclasses.field(default=8, metadata={SCORES: False})
+    results_dir: str | None = dataclasses.field(default=None, metadata={SCORES: False})
+    predict_dir: str | None = dataclasses.field(default=None, metadata={SCORES: False})
+    gallery_size: int = dataclasses.field(default=4, metadata={SCORES: False})
+
+    @classmethod
+    def score_free(cls) -> tuple[str, ...]:
+        """The settings that change no score."""
+        return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get(SCORES, True))
 
     def __post_init__(self):
         load_protocol(self.protocol)  # fail at construction on an unknown protocol

@@ -16,6 +16,7 @@ prediction pictures — lives in :mod:`ovseg.eval`: the Lightning evaluation hoo
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning as L
@@ -48,8 +49,8 @@ class OVSegMethod(L.LightningModule):
     """
 
     default_protocol: str = "maskclip"
-    #: settings that belong to the evaluation command, not to the trained weights
-    EVAL_TIME_SETTINGS = ("protocol", "protocol_overrides", "window_batch_size", "results_dir", "predict_dir")
+    #: settings that belong to the evaluation command, not to the trained weights: every evaluation setting
+    EVAL_TIME_SETTINGS = tuple(f.name for f in dataclasses.fields(EvaluationSettings))
     #: constructor arguments left out of the hyper-parameters (modules: record their settings instead)
     HPARAMS_IGNORE: tuple[str, ...] = ()
     #: protocol settings a method pins because they describe how its own weights read images, not the benchmark

@@ -29,10 +29,11 @@ from ovseg.utils import random_state
 
 
 def cosine_logits(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Dense features ``[B,D,h,w]`` x text ``[Q,D]`` -> cosine similarities ``[B,Q,h,w]``."""
+    """Dense features ``[B,D,h,w]`` x text ``[Q,D]`` -> cosine similarities ``[B,Q,h,w]`` (contiguous: the einsum
+    gives channels-last strides, on which the upsampling to label size runs several times slower)."""
     features = F.normalize(features, dim=1)
     text = F.normalize(text.to(features.dtype), dim=-1)
-    return torch.einsum("bdhw,qd->bqhw", features, text)
+    return torch.einsum("bdhw,qd->bqhw", features, text).contiguous()
 
 
 class OVSegMethod(L.LightningModule):

@@ -33,3 +33,16 @@ def test_batched_predictions_equal_single_image_predictions(name):
     assert sorted(calls) == [1, 3]
     for image, size, pred in zip(images, sizes, batched):
         assert torch.equal(pred, evaluator.predict(method, entry, image, size))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_batched_scores_reach_the_upsampler_contiguous(name):
+    """A batch's scores come out in [B,Q,h,w] memory order: the einsum of ``cosine_logits`` gave channels-last
+    strides, on which the upsampling to label size ran 3.8x slower (benchmarks/README.md)."""
+    method = OVSegCLI(args=["--config", str(REPO / f"configs/tiny/{name}.yaml")], run=False).model.eval()
+    evaluator = Evaluator(load_protocol("maskclip"), {"short_side": 64, "templates": "single", "mode": "whole"})
+    entry = evaluator.add_dataset(method, "voc21", None, 0, torch.device("cpu"))
+    with torch.no_grad():
+        scores = method.dense_logits(torch.rand(3, 3, 64, 96), entry.text)
+    assert scores.shape[:2] == (3, len(entry.text)) and scores.is_contiguous()
+    assert all(one.is_contiguous() for one in scores)

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "weights": "ovseg.tools.weights",
     "folds": "ovseg.bench.folds",
     "parity": "ovseg.parity.commands",
+    "list": "ovseg.tools.listing",
 }
 
 

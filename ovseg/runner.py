@@ -116,6 +116,14 @@ class OVSegCLI(LightningCLI):
             check_checkpoint_method(ckpt_path, self.config[subcommand].model.class_path)
         super()._parse_ckpt_path()
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # jsonargparse reports a constructor's own error (an unknown last_block or protocol, naming the valid
+            # choices) inside a multi-line "Does not validate against any of the Union subtypes" listing
+            raise constructor_error(err) from err
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         trainer = config.trainer
@@ -124,6 +132,17 @@ class OVSegCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and getattr(init_args, "save_dir", None) == DEFAULT_ROOT_DIR:
                 init_args.save_dir = trainer.default_root_dir or "outputs"
+
+
+#: how jsonargparse words a value that fits none of an argument's types; the constructor's own error is its cause
+_UNION_ERROR = "Does not validate against any of the Union subtypes"
+
+
+def constructor_error(err: ValueError) -> ValueError:
+    """The error a constructor raised, unwrapped from jsonargparse's union-type report; ``err`` itself otherwise."""
+    while str(err).startswith(_UNION_ERROR) and isinstance(err.__cause__, ValueError):
+        err = err.__cause__
+    return err
 
 
 def read_checkpoint_hparams(path: str | Path) -> dict:

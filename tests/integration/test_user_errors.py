@@ -221,3 +221,18 @@ def test_class_names_outside_ascii_are_drawn(tmp_path):
 
     assert not np.array_equal(drawn("é"), drawn("□")) and not np.array_equal(drawn("é"), drawn("e"))
     assert not np.array_equal(drawn("ж"), drawn("□"))
+
+
+@pytest.mark.parametrize("setting, typo, choices", [
+    ("clip.last_block", "valu", "['kk', 'naclip', 'qq', 'qq_kk', 'value', 'vanilla']"),
+    ("protocol", "maskclp", "maskclip, naclip, pixelclip, sclip, toyworld"),
+])
+def test_a_misspelt_choice_is_one_line_naming_the_valid_ones(setting, typo, choices, synthetic_root, monkeypatch,
+                                                             capsys):
+    monkeypatch.setattr(sys, "argv", ["ovseg", "test", "--config", TINY, "--data.root", str(synthetic_root),
+                                      f"--model.init_args.{setting}", typo])
+    assert main() == 1
+    stderr = capsys.readouterr().err
+    error = stderr[stderr.index("ovseg: error: "):].strip().splitlines()  # Lightning's log lines come before
+    assert choices in error[0] and repr(typo) in error[0]
+    assert error[1:] == ["(set OVSEG_DEBUG=1 for the traceback)"]

@@ -26,10 +26,12 @@ DEFAULT_ROOT_DIR = "<trainer.default_root_dir>"
 
 class SaveRunConfig(SaveConfigCallback):
     """LightningCLI's ``config.yaml``, written atomically into the run's own folder (with wandb, Lightning's
-    default is the logger's ``save_dir``, which every run shares and overwrites)."""
+    default is the logger's ``save_dir``, which every run shares and overwrites). A run without a logger
+    (``--trainer.logger false``) has no folder of its own and writes none: it rewrote ``<default_root_dir>/config.yaml``
+    (``outputs/config.yaml`` in the checkout) on every run."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.already_saved:
+        if self.already_saved or trainer.logger is None:
             return
         if trainer.is_global_zero:
             from ovseg.eval.session import run_dir

@@ -149,6 +149,18 @@ def test_every_wandb_run_keeps_its_own_config(synthetic_root, tmp_path, monkeypa
     assert sorted("limit: 1" in p.read_text() for p in configs) == [False, True]
 
 
+def test_a_run_without_logger_leaves_the_config_in_outputs_alone(synthetic_root, tmp_path, monkeypatch):
+    """`ovseg test --trainer.logger false` from the checkout rewrote its (git-ignored) outputs/config.yaml."""
+    monkeypatch.chdir(tmp_path)
+    kept = tmp_path / "outputs/config.yaml"
+    kept.parent.mkdir()
+    kept.write_text("# an earlier run's config\n")
+    main(["test", "--config", TINY, "--data.root", str(synthetic_root), "--data.datasets", "[voc21]",
+          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+    assert (tmp_path / "outputs/results.json").is_file()  # the run did run
+    assert kept.read_text() == "# an earlier run's config\n"
+
+
 def test_synthetic_splits_never_overwrite_each_other(tmp_path):
     """Finding 9: VOC's val and train+aug share JPEGImages; a second split overwrote the first's images."""
     val_ids = write_synthetic("voc21", tmp_path, split="val", num_images=3, seed=1)

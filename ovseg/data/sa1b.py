@@ -24,8 +24,8 @@ from ovseg.data.files import DataError, read_image
 from ovseg.utils.io import atomic_open
 
 __all__ = ["IMAGE_SUFFIXES", "find_pairs", "encode_mask", "decode_masks", "rle_run_lengths", "decode_rle_columns",
-           "MaskRecord", "load_masks", "downscaled_size", "downscale_image", "cv2_nearest_index", "SA1BFolder",
-           "SA1BTars", "write_synthetic_sa1b", "write_sa1b_tars"]
+           "decode_rle_grid", "MaskRecord", "load_masks", "downscaled_size", "downscale_image", "cv2_nearest_index",
+           "SA1BFolder", "SA1BTars", "write_synthetic_sa1b", "write_sa1b_tars"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -111,26 +111,46 @@ def decode_rle_columns(counts: list[bytes], height: int, width: int, col_start: 
     ``[N, col_stop - col_start, height]`` (column-major, as the RLE runs; ``.transpose(0, 2, 1)`` is the [N, H, W]
     view). Equal to ``pycocotools.mask.decode`` on those columns; a run total other than ``height`` × ``width``
     raises :class:`DataError` naming ``source``."""
-    n, span = len(counts), (col_stop - col_start) * height
-    if not n or span <= 0:
-        return np.zeros((n, max(col_stop - col_start, 0), height), dtype=np.uint8)
+    return decode_rle_grid(counts, height, width, np.arange(col_start, max(col_start, col_stop)), None, source)
+
+
+def decode_rle_grid(counts: list[bytes], height: int, width: int, cols: np.ndarray, rows: np.ndarray | None = None,
+                    source: str = "RLE") -> np.ndarray:
+    """Pixels (``rows[i]``, ``cols[j]``) of COCO compressed RLE masks, decoding nothing else: uint8
+    ``[N, len(cols), len(rows)]`` (column-major; ``rows`` None: every row). ``cols`` and ``rows`` are strictly
+    increasing. Equal to ``pycocotools.mask.decode(...)[rows][:, cols]``; with every other row and column (a mask
+    halved at read time, :meth:`MaskRecord.decode_columns`) it writes a quarter of the pixels of the full block.
+    A run total other than ``height`` × ``width`` raises :class:`DataError` naming ``source``.
+
+    Each selected column of each mask is cut into the pieces of the runs that cross it (run ends found by
+    ``searchsorted``); a piece contributes as many output pixels as selected rows it covers.
+    """
+    n, cols = len(counts), np.asarray(cols, dtype=np.int64)
+    out_rows = height if rows is None else len(rows)
+    if not n or not len(cols) or not out_rows:
+        return np.zeros((n, len(cols), out_rows), dtype=np.uint8)
     lengths, mask_of_run = rle_run_lengths(counts)
     if (lengths < 0).any():
         raise DataError(f"{source}: malformed RLE counts (negative run length)")
+    size = height * width
     totals = np.bincount(mask_of_run, weights=lengths, minlength=n).astype(np.int64)
-    if (totals != height * width).any():
-        bad = int(np.flatnonzero(totals != height * width)[0])
-        raise DataError(f"{source}: RLE of mask {bad} covers {int(totals[bad])} pixels, the image has "
-                        f"{height * width}")
+    if (totals != size).any():
+        bad = int(np.flatnonzero(totals != size)[0])
+        raise DataError(f"{source}: RLE of mask {bad} covers {int(totals[bad])} pixels, the image has {size}")
+    ends = np.cumsum(lengths)  # masks back to back: mask m's pixel p is at m * size + p
     runs_per_mask = np.bincount(mask_of_run, minlength=n)
     first_run = np.concatenate(([0], np.cumsum(runs_per_mask)[:-1]))
-    # run ends within their own mask: the running total minus the masks before
-    end_in_mask = np.cumsum(lengths) - np.repeat(np.arange(n) * (height * width), runs_per_mask)
-    begin, stop = col_start * height, col_stop * height
-    clipped = np.clip(end_in_mask, begin, stop) - np.clip(end_in_mask - lengths, begin, stop)
-    run_in_mask = np.arange(len(lengths)) - np.repeat(first_run, runs_per_mask)
-    values = (run_in_mask % 2).astype(np.uint8)  # runs alternate, starting with zeros
-    return np.repeat(values, clipped).reshape(n, col_stop - col_start, height)
+    value = ((np.arange(len(lengths)) - np.repeat(first_run, runs_per_mask)) % 2).astype(np.uint8)  # 0 first
+    top = (np.arange(n)[:, None] * size + cols[None, :] * height).ravel()  # each (mask, column)'s first pixel
+    first = np.searchsorted(ends, top, side="right")
+    pieces = np.searchsorted(ends, top + height - 1, side="right") - first + 1
+    piece_top = np.repeat(top, pieces)
+    run = np.repeat(first, pieces) + np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    start = np.maximum(ends[run] - lengths[run], piece_top) - piece_top  # rows of the piece in its column
+    stop = np.minimum(ends[run], piece_top + height) - piece_top
+    if rows is not None:
+        start, stop = np.searchsorted(rows, start), np.searchsorted(rows, stop)
+    return np.repeat(value[run], stop - start).reshape(n, len(cols), out_rows)
 
 
 class MaskRecord:
@@ -223,11 +243,15 @@ class MaskRecord:
         return masks
 
     def decode_columns(self, indices: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
-        """Masks ``indices``, columns ``col_start:col_stop`` only: uint8 [n, H, col_stop - col_start] (a
-        transposed view of the column-major decode)."""
-        block = decode_rle_columns([self.rles[i]["counts"] for i in indices], self.height, self.width,
-                                   col_start, col_stop, self.source)
-        return block.transpose(0, 2, 1)
+        """Masks ``indices``, columns ``col_start:col_stop`` of the image only: uint8 [n, h, col_stop - col_start]
+        (a transposed view of the column-major decode). ``h`` and the columns are the image's: with
+        ``pixel_rows``/``pixel_cols`` set (a mask resized at read time) only the pixels they pick are decoded."""
+        counts = [self.rles[i]["counts"] for i in indices]
+        if self.pixel_rows is None:
+            cols, rows = np.arange(col_start, col_stop), None
+        else:
+            cols, rows = self.pixel_cols[col_start:col_stop], self.pixel_rows
+        return decode_rle_grid(counts, self.height, self.width, cols, rows, self.source).transpose(0, 2, 1)
 
 
 def load_masks(json_path: str | Path, height: int, width: int) -> np.ndarray:

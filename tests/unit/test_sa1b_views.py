@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ovseg.data.files import DataError
-from ovseg.data.sa1b import MaskRecord, decode_rle_columns, encode_mask, write_synthetic_sa1b
+from ovseg.data.sa1b import MaskRecord, decode_rle_columns, decode_rle_grid, encode_mask, write_synthetic_sa1b
 from ovseg.methods.pixelclip.data import SA1B, PixelCLIPViews, pil_nearest_index, ssd_color_augment
 
 
@@ -172,6 +172,44 @@ def test_rle_column_decoding_matches_pycocotools():
     big[5, :] = True
     count = encode_mask(big)["counts"].encode()
     assert np.array_equal(decode_rle_columns([count], 700, 1100, 0, 1100)[0].T, big)
+
+
+def test_rle_grid_decoding_matches_pycocotools_on_row_and_column_subsets():
+    """Every other row and column (a mask halved at read time), irregular subsets, single rows and columns."""
+    rng = np.random.default_rng(1)
+    height, width = 41, 58
+    masks = [rng.random((height, width)) < p for p in (0.0, 0.03, 0.5, 1.0)]
+    for _ in range(8):
+        mask = np.zeros((height, width), bool)
+        y, x = rng.integers(0, height), rng.integers(0, width)
+        mask[y:y + rng.integers(1, 40), x:x + rng.integers(1, 50)] = True
+        masks.append(mask)
+    counts = [encode_mask(m)["counts"].encode() for m in masks]
+    full = mask_utils.decode([{"size": [height, width], "counts": c} for c in counts]).transpose(2, 0, 1)
+    subsets = [np.arange(0, 41, 2), np.arange(1, 41, 2), np.sort(rng.choice(41, 13, replace=False)), np.array([40])]
+    for rows in subsets:
+        for cols in (np.arange(0, 58, 2), np.arange(9, 30, 3), np.sort(rng.choice(58, 20, replace=False)),
+                     np.array([0]), np.arange(58)):
+            block = decode_rle_grid(counts, height, width, cols, rows)
+            assert block.shape == (len(masks), len(cols), len(rows))
+            assert np.array_equal(block.transpose(0, 2, 1), full[:, rows][:, :, cols])
+
+
+def test_a_mask_halved_at_read_time_is_decoded_at_the_halved_size(tmp_path):
+    """With ``downscale`` the crop's block is decoded at the image's (halved) size, not at the RLE's and then
+    subsampled: a quarter of the pixels, as cheap as masks halved ahead of time."""
+    from ovseg.data.sa1b import cv2_nearest_index
+
+    write_synthetic_sa1b(tmp_path, num_images=1, size=(61, 90), masks_per_image=(9, 9), seed=5)
+    path = next(tmp_path.rglob("*.json"))
+    record = MaskRecord.read(path, 61, 90)
+    record.pixel_rows, record.pixel_cols = cv2_nearest_index(61, 31), cv2_nearest_index(90, 45)
+    halved = record.decode_at_image_size()  # largest first: every mask decoded, then nearest-resized
+    order = record.largest_first()
+    for start, stop in ((0, 45), (7, 30), (44, 45)):
+        block = record.decode_columns(order, start, stop)
+        assert block.shape == (9, 31, stop - start)
+        assert np.array_equal(block, halved[:, :, start:stop])
 
 
 def test_rle_covering_the_wrong_size_raises_naming_the_source():

@@ -234,14 +234,17 @@ class PixelCLIPViews:
         """
         res = self.mask_resolution or self.crop_size
         if isinstance(masks, MaskRecord):
-            if masks.pixel_rows is not None:
-                rows, cols = masks.pixel_rows[rows], masks.pixel_cols[cols]
             order = masks.largest_first()
-            x, y, w, h = masks.boxes()[order].T
-            meets = (w > 0) & (x <= cols.max()) & (x + w > cols.min()) & (y <= rows.max()) & (y + h > rows.min())
+            x, y, w, h = masks.boxes()[order].T  # in the RLE's pixels (the image's before a read-time resize)
+            top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+            if masks.pixel_rows is not None:
+                top, bottom = masks.pixel_rows[top], masks.pixel_rows[bottom]
+                left, right = masks.pixel_cols[left], masks.pixel_cols[right]
+            meets = (w > 0) & (x <= right) & (x + w > left) & (y <= bottom) & (y + h > top)
             order = order[meets]
             col_start, col_stop = int(cols.min()), int(cols.max()) + 1
-            # [n, H, C] view of column-major memory: the gathers below read down columns
+            # [n, H, C] view of column-major memory (the image's rows and columns): the gathers below read down
+            # columns
             block = masks.decode_columns(order, col_start, col_stop)
         else:
             areas = masks.reshape(len(masks), -1).sum(axis=1)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-from pathlib import Path
 
 from ovseg import __version__
 
@@ -56,7 +54,7 @@ def build_command_parser(only: str | None = None) -> argparse.ArgumentParser:
 TRAINER_HELP = {
     "fit": "train a method (a config from configs/; checkpoints, logs and results under --trainer.default_root_dir)",
     "validate": "score a method on the validation datasets",
-    "test": "score a method and write results.json/.md (a suite file runs every evaluation of the suite)",
+    "test": "score a method and write results.json/.md (a suite of evaluations: ovseg bench run)",
     "predict": "label your own images with your own words: --images DIR --classes 'cat,dog;puppy,sky'",
 }
 
@@ -115,32 +113,7 @@ def _main(argv: list[str]) -> int | None:
         print(f"ovseg: unknown command {argv[0]!r}; use one of {', '.join(TRAINER_SUBCOMMANDS + tuple(COMMANDS))}",
               file=sys.stderr)
         return 2
-    if argv[:1] == ["test"] and (suite := _suite_config(argv[1:])) is not None:
-        # `ovseg test --config benchmarks/suites/<suite>.yaml`: every evaluation of the suite
-        from ovseg.bench.commands import run_suite
-
-        config, rest = suite
-        return run_suite(config, extra=rest)
     from ovseg.runner import run_trainer
 
     run_trainer(argv[0], argv[1:])
     return 0
-
-
-#: a suite file's top-level ``suite:`` key; ordinary configs have ``model:``/``data:``/``trainer:`` instead
-_SUITE_KEY = re.compile(r"^suite\s*:", re.MULTILINE)
-
-
-def _suite_config(args: list[str]) -> tuple[str, list[str]] | None:
-    """``(suite file, the other arguments)`` when the first ``--config`` is an evaluation suite, else None. Looks
-    for the top-level key in the text; the config itself is parsed once, by LightningCLI."""
-    from ovseg.utils.cli_args import config_arguments
-
-    configs = config_arguments(args)
-    if not configs:
-        return None
-    value, rest = configs[0]
-    path = Path(value)
-    if path.suffix not in (".yaml", ".yml") or not path.is_file():
-        return None
-    return (value, rest) if _SUITE_KEY.search(path.read_text(encoding="utf-8", errors="replace")) else None

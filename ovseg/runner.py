@@ -13,6 +13,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 # Importing albumentations otherwise asks PyPI for a newer version on every start.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -134,6 +135,43 @@ class OVSegCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and getattr(init_args, "save_dir", None) == DEFAULT_ROOT_DIR:
                 init_args.save_dir = trainer.default_root_dir or "outputs"
+
+
+class _ParseOnly(OVSegCLI):
+    """Parses a command line as :class:`OVSegCLI` does; reads no checkpoint, seeds, builds and runs nothing."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        return super().init_parser(**kwargs, exit_on_error=False)
+
+    def _parse_ckpt_path(self) -> None:
+        pass
+
+    def _set_seed(self) -> None:
+        pass
+
+    def _add_instantiators(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def parse_command(command: str, args: list[str]) -> dict[str, Any]:
+    """The settings ``ovseg <command> <args>`` runs with, as LightningCLI reads them (config files, their fragments,
+    the classes' defaults, the command line), as plain data; a line that does not parse raises ValueError."""
+    from jsonargparse import ArgumentError
+
+    try:
+        cli = _ParseOnly(args=[command, *expand_aliases(command, args)])
+    except ArgumentError as err:
+        raise ValueError(str(err).strip()) from err
+    return cli.config[command].as_dict()
 
 
 #: how jsonargparse words a value that fits none of an argument's types; the constructor's own error is its cause

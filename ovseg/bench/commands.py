@@ -1,8 +1,7 @@
-"""``ovseg bench run | report | validate`` and ``ovseg test --config <suite>.yaml``.
+"""``ovseg bench run | report | validate``.
 
     ovseg bench run baselines --data-root /data/ovseg          # every entry; finished ones are skipped
     ovseg bench run paper --var weights_dir=/ckpt --only 'pixelclip*' --set trainer.devices=1
-    ovseg test --config benchmarks/suites/baselines.yaml --data.root /data/ovseg   # the same, as `ovseg test`
     ovseg bench report --results outputs/bench --out benchmarks/
     ovseg bench validate                                       # metafiles, their cited numbers, suites
 """
@@ -46,7 +45,8 @@ def run_suite(suite: str, extra: list[str] | None = None, variables: dict | None
               force: bool = False, isolate: bool = False, only: list[str] | None = None, fail_fast: bool = False,
               dry_run: bool = False, report: str | None = None, metafiles: str | None = None) -> int:
     from ovseg.bench.metafile import load_metafiles
-    from ovseg.bench.suite import SuiteRunner, load_suite, resolve_suite_path
+    from ovseg.bench.suite import load_suite, resolve_suite_path
+    from ovseg.bench.suite_runner import SuiteRunner
 
     path = resolve_suite_path(suite)
     extra_configs, extra_args = _split_extra(extra or [])

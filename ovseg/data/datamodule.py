@@ -18,6 +18,9 @@ from ovseg.data.samplers import EpochSeededSamples, ResumableShuffleSampler, Unr
 from ovseg.data.seg_dataset import ImageFolderDataset, SegFileDataset, collate_samples
 from ovseg.data.sources import TrainSource, seed_worker
 
+#: the datasets scored when ``datasets`` is not given
+DEFAULT_DATASETS: tuple[str, ...] = ("voc21",)
+
 
 class OVSegDataModule(L.LightningDataModule):
     """
@@ -57,7 +60,7 @@ class OVSegDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["train"])
         self.root = root
-        self.dataset_entries = list(datasets) if datasets is not None else ["voc21"]
+        self.dataset_entries = list(datasets if datasets is not None else DEFAULT_DATASETS)
         self.split = split
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers

@@ -6,7 +6,7 @@ class_names, class_names_source, num_images, confusion_matrix (C×C ints, rows =
 pAcc, mAcc, per_class: {class_name: {IoU, Acc}}}}``. Scores in percent, rounded to 2 decimals;
 undefined (NaN) scores are ``null``.
 
-Files written by ``ovseg bench run`` (:mod:`ovseg.bench.suite`) add a ``bench`` record (suite, entry,
+Files written by ``ovseg bench run`` (:mod:`ovseg.bench.suite_runner`) add a ``bench`` record (suite, entry,
 evaluations = the metafile rows it reproduces, role ``entry`` | ``fold`` | ``part``, config_hash,
 complete); a k-fold entry's file holds, per dataset, the mean over the folds with ``std`` and ``folds``
 (each fold's scores) instead of a confusion matrix.

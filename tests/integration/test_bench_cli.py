@@ -1,4 +1,4 @@
-"""`ovseg bench run` / `ovseg test --config <suite>` end to end with the tiny random CLIP on synthetic
+"""`ovseg bench run` end to end with the tiny random CLIP on synthetic
 data; the result pictures with the CSV logger and with wandb (offline)."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-import ovseg.bench.suite as suite_module
+import ovseg.bench.suite_runner as suite_module
 from ovseg.cli import main
 from ovseg.data.synthetic import write_synthetic
 
@@ -54,11 +54,11 @@ def test_suite_resume_reruns_only_the_missing_entry(voc_root, tmp_path, monkeypa
     pred = np.array(Image.open(media / "gallery_0_2008_000001_pred.png"))
     assert pred.shape == label.shape and pred.max() < 20  # voc20: 20 classes, no background
 
-    # lose one entry (as if it never finished): only it runs again, through `ovseg test --config <suite>`
+    # lose one entry (as if it never finished): only it runs again
     (out / "clip/results.json").unlink()
     (out / "clip/parts/voc21/results.json").unlink()
     calls.clear()
-    assert main(["test", "--config", str(suite), "--data.root", str(voc_root)]) == 0
+    assert main(["bench", "run", str(suite), "--data-root", str(voc_root)]) == 0
     assert len(calls) == 1 and f"--model.init_args.results_dir={out / 'clip/parts/voc21'}" in calls[0]
     assert (out / "maskclip/results.json").stat().st_mtime_ns == first["maskclip"]
     assert (out / "clip/results.json").stat().st_mtime_ns != first["clip"]

@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from ovseg.bench.metafile import load_metafiles
-from ovseg.bench.suite import SuiteError, SuiteRunner, load_suite, parse_cli_pairs
+from ovseg.bench.fingerprint import parse_cli_pairs
+from ovseg.bench.suite import SuiteError, load_suite
+from ovseg.bench.suite_runner import SuiteRunner
 from ovseg.eval.results import aggregate_folds
 from ovseg.eval.metrics import scores_from_confusion
 from ovseg.eval.results import build_results, dataset_entry
@@ -34,7 +36,7 @@ class FakeTest:
             raise KeyboardInterrupt
         if datasets[0] in self.fail_on:
             raise RuntimeError(f"no images for {datasets[0]}")
-        seed = int(pairs.get("seed", config.get("seed", 1)))
+        seed = int(pairs.get("seed_everything", config.get("seed_everything", 1)))
         entries = {}
         for name in datasets:
             cm = np.array([[seed + len(name), 1], [2, 5]])
@@ -49,7 +51,7 @@ def make_suite(tmp_path, entries, **top):
     cfg = tmp_path / "cfg.yaml"
     if not cfg.exists():
         cfg.write_text("model: {class_path: ovseg.methods.MaskCLIP, init_args: {protocol: maskclip}}\n"
-                       "data: {init_args: {datasets: [voc21], num_workers: 0}}\nseed: 1\n")
+                       "data: {init_args: {datasets: [voc21], num_workers: 0}}\nseed_everything: 1\n")
     suite = {"suite": "t", "vars": {"data_root": "/data"}, "defaults": {"data.init_args.root": "${data_root}"},
              "output": str(tmp_path / "out"), "entries": entries, **top}
     path = tmp_path / "suite.yaml"
@@ -132,7 +134,8 @@ def test_config_hash_covers_settings_not_locations(tmp_path):
     # a changed configuration reruns and never leaves the old numbers looking current
     fake = FakeTest()
     run(path, fake)
-    (tmp_path / "cfg.yaml").write_text((tmp_path / "cfg.yaml").read_text().replace("seed: 1", "seed: 7"))
+    cfg_text = (tmp_path / "cfg.yaml").read_text()
+    (tmp_path / "cfg.yaml").write_text(cfg_text.replace("seed_everything: 1", "seed_everything: 7"))
     fake = FakeTest(fail_on={"voc21"})
     run(path, fake)
     assert len(fake.calls) == 1 and not (tmp_path / "out/a/results.json").exists()
@@ -140,7 +143,8 @@ def test_config_hash_covers_settings_not_locations(tmp_path):
 
 def test_fold_entry_is_one_entry_reported_as_mean_and_std(tmp_path):
     cfg = str(tmp_path / "cfg.yaml")
-    folds = [{"name": f"fold{i}", "config": cfg, "overrides": {"seed": s}} for i, s in enumerate([1, 3, 5, 7])]
+    folds = [{"name": f"fold{i}", "config": cfg, "overrides": {"seed_everything": s}}
+             for i, s in enumerate([1, 3, 5, 7])]
     path = make_suite(tmp_path, [{"name": "kfold", "folds": folds,
                                   "overrides": {"data.init_args.datasets": ["context59"]}}])
     fake = FakeTest()
@@ -257,3 +261,37 @@ def test_results_are_reused_only_for_the_same_data_and_weights(tmp_path):
     assert calls(tmp_path / "data") == 1
     shutil.copytree(tmp_path / "data", tmp_path / "moved")  # copy2: sizes and times kept
     assert calls(tmp_path / "moved") == 0
+
+
+def test_a_run_scores_the_datasets_ovseg_test_parses(tmp_path):
+    """The data group given as a file (``--data FILE``): the suite reads it as ``ovseg test`` does, through
+    LightningCLI's parser, and scores its datasets (not the DataModule's default voc21)."""
+    data = tmp_path / "data.yaml"
+    data.write_text("class_path: ovseg.data.datamodule.OVSegDataModule\n"
+                    "init_args: {datasets: [voc20, ade150], root: /d, num_workers: 0}\n")
+    path = make_suite(tmp_path, [{"name": "a", "config": str(tmp_path / "cfg.yaml"), "overrides": {"data": str(data)}}])
+    assert load_suite(path).entries[0].runs[0].datasets == ["voc20", "ade150"]
+    fake = FakeTest()
+    run(path, fake)
+    assert [c["datasets"] for c in fake.calls] == [["voc20"], ["ade150"]]
+
+
+def test_settings_ovseg_test_refuses_make_the_entry_not_runnable(tmp_path):
+    cfg = str(tmp_path / "cfg.yaml")
+    path = make_suite(tmp_path, [{"name": "typo", "config": cfg, "overrides": {"model.init_args.protocl": "sclip"}},
+                                 {"name": "ok", "config": cfg}])
+    typo, ok = load_suite(path).entries
+    assert "ovseg test refuses its settings" in typo.not_runnable and "'protocl' is not accepted" in typo.not_runnable
+    assert ok.not_runnable is None
+    fake = FakeTest()
+    _, outcomes = run(path, fake)
+    assert [o.status for o in outcomes] == ["not runnable", "done"] and len(fake.calls) == 1
+
+
+def test_ovseg_test_takes_configs_only_suites_are_bench_run(tmp_path, capsys):
+    path = make_suite(tmp_path, [{"name": "a", "config": str(tmp_path / "cfg.yaml")}])
+    from ovseg.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(path)])
+    assert "does not accept option" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -1,0 +1,110 @@
+"""What a suite's results depend on, and so what decides whether finished results are reused: the settings that
+change a score (:data:`NON_RESULT_KEYS` are the ones that do not), the checkpoint files' contents, the evaluated
+data files. Hashed with :func:`sha`.
+
+The settings hashed are the ones written down, as written: each config file's content (its group fragments
+expanded), the overrides, the extra arguments; the values a run gets (defaults included) are LightningCLI's, see
+:meth:`ovseg.bench.suite.Run.setting`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ovseg.eval.session import EvaluationSettings
+
+#: settings (canonical dotted keys, ``init_args`` removed) that never change a number
+NON_RESULT_KEYS = (
+    "data.root", "data.num_workers", "data.eval_batch_size", "data.datasets",
+    "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.devices",
+    "trainer.strategy", "trainer.num_nodes", "trainer.default_root_dir", "trainer.callbacks",
+    *(f"model.{name}" for name in EvaluationSettings.score_free()),
+)
+
+
+def canonical_key(key: str) -> str:
+    """``--model.init_args.clip.name`` -> ``model.clip.name`` (both spellings set the same thing)."""
+    return re.sub(r"\.init_args(?=\.|$)", "", key.lstrip("-"))
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings -> ``{canonical dotted key: value}``."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {canonical_key(prefix): data} if prefix else {}
+
+
+def changes_no_score(key: str) -> bool:
+    """``key`` (canonical) is a setting of :data:`NON_RESULT_KEYS` or inside one."""
+    return any(key == k or key.startswith(k + ".") for k in NON_RESULT_KEYS)
+
+
+def parse_cli_pairs(args: list[str]) -> list[tuple[str, Any]]:
+    """``--a.b=1 --c x --flag`` -> ``[("a.b", 1), ("c", "x"), ("flag", True)]`` (values read as YAML)."""
+    pairs = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"extra argument {arg!r}: expected --key value or --key=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            key, value = arg[2:], "true"
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        pairs.append((key, parsed))
+        i += 1
+    return pairs
+
+
+def sha(obj: Any) -> str:
+    """The SHA-256 of ``obj`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file (cached per path, size and mtime in this process); ``missing`` if there is none."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return "missing"
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def dataset_fingerprint(dataset: str, root: str, split: str) -> str:
+    """:func:`ovseg.data.seg_dataset.split_fingerprint`, or ``unreadable`` (a result made from readable files is then
+    not reused; the run itself reports the problem)."""
+    from ovseg.data.seg_dataset import split_fingerprint
+    from ovseg.data.specs import SPECS
+
+    if dataset not in SPECS:
+        return f"unknown dataset {dataset}"
+    try:
+        return split_fingerprint(dataset, root, split)
+    except (OSError, ValueError):
+        return "unreadable"

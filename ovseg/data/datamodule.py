@@ -23,24 +23,7 @@ DEFAULT_DATASETS: tuple[str, ...] = ("voc21",)
 
 
 class OVSegDataModule(L.LightningDataModule):
-    """
-    Args:
-        root: data root holding the datasets in their mmsegmentation layouts.
-        datasets: evaluation datasets by spec name (``voc21``, ``context59``, ...) or, for a user's
-            own labelled set, a dict understood by :func:`ovseg.data.hf.build_hf_dataset`.
-        split: evaluation split.
-        eval_batch_size: images per evaluation batch (images keep their own sizes).
-        num_workers: loader worker processes.
-        limit: evaluate only the first N images of each dataset (smoke tests).
-        predict_images: image file or folder for ``ovseg predict``.
-        predict_classes: class names for ``ovseg predict``: ``"cat,dog,sky"`` or a class-name file.
-        train: the training source (see :mod:`ovseg.data.sources`); None for training-free methods.
-        batch_size: training samples per process (the global batch is ``batch_size x world size``).
-        pin_memory: page-locked batches for faster, asynchronous host-to-GPU copies; None: on when the run uses a
-            CUDA device.
-        persistent_workers: keep the training loader's workers alive across epochs (no re-spawn, and each keeps
-            its open SA-1B tar files).
-    """
+    """The evaluation datasets, the images to predict on and the training source of a run."""
 
     def __init__(
         self,
@@ -57,6 +40,25 @@ class OVSegDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
     ):
+        """Datasets under one data root, and how they are loaded.
+
+        Args:
+            root: data root holding the datasets in their mmsegmentation layouts.
+            datasets: evaluation datasets by spec name (``voc21``, ``context59``, ...) or, for a user's
+                own labelled set, a dict understood by :func:`ovseg.data.hf.build_hf_dataset`.
+            split: evaluation split.
+            eval_batch_size: images per evaluation batch (images keep their own sizes).
+            num_workers: loader worker processes.
+            limit: evaluate only the first N images of each dataset (smoke tests).
+            predict_images: image file or folder for ``ovseg predict``.
+            predict_classes: class names for ``ovseg predict``: ``"cat,dog,sky"`` or a class-name file.
+            train: the training source (see :mod:`ovseg.data.sources`); None for training-free methods.
+            batch_size: training samples per process (the global batch is ``batch_size x world size``).
+            pin_memory: page-locked batches for faster, asynchronous host-to-GPU copies; None: on when the run uses a
+                CUDA device.
+            persistent_workers: keep the training loader's workers alive across epochs (no re-spawn, and each keeps
+                its open SA-1B tar files).
+        """
         super().__init__()
         self.save_hyperparameters(ignore=["train"])
         self.root = root
@@ -191,6 +193,13 @@ class ResumableLoader(DataLoader):
     sampler skip exactly those."""
 
     def __init__(self, *args: Any, position: Callable[[], tuple[int, int]], **kwargs: Any):
+        """A DataLoader.
+
+        Args:
+            *args: :class:`~torch.utils.data.DataLoader`'s.
+            position: the current ``(epoch, batches done in it)``, recorded by ``state_dict``.
+            **kwargs: :class:`~torch.utils.data.DataLoader`'s.
+        """
         super().__init__(*args, **kwargs)
         self._position = position
 

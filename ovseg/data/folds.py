@@ -3,7 +3,7 @@
 The 59 PC-59 classes, in the standard (alphabetical) order of ``classnames/context59.txt``, are split
 into four folds of 15/15/15/14 consecutive classes. For fold ``i`` a model trains with the other three
 folds' names as its known classes (fold ``i``'s names never reach it) and is evaluated on PC-59 val
-with all 59 names. The names below are the spec's; the class-name file spells "airplane" as
+with all 59 names. The names below are PC-59's usual spellings; the class-name file spells "airplane" as
 "aeroplane" (:data:`ALIASES`), and the training vocabulary uses the class-name file's spelling, which
 is what the evaluator encodes at test time.
 

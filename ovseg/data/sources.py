@@ -61,6 +61,14 @@ class SpecImages(TrainSource):
 
     def __init__(self, dataset: str = "voc_aug", split: str = "trainaug", limit: int | None = None,
                  transform: Transform | None = None):
+        """The images of a benchmark split.
+
+        Args:
+            dataset: a dataset name (``ovseg list datasets``).
+            split: its split.
+            limit: use the first N images only (None: all).
+            transform: a callable each sample goes through (None: samples as read).
+        """
         self.dataset, self.split, self.limit, self.transform = dataset, split, limit, transform
 
     def build(self, root: str | Path) -> Dataset:
@@ -72,6 +80,13 @@ class ImageFolder(TrainSource):
     """Any folder of images (searched recursively), relative to the data root or absolute."""
 
     def __init__(self, folder: str, limit: int | None = None, transform: Transform | None = None):
+        """The images of a folder.
+
+        Args:
+            folder: the folder, relative to the data root or absolute (searched recursively).
+            limit: use the first N images only (None: all, in path order).
+            transform: a callable each sample goes through (None: samples as read).
+        """
         self.folder, self.limit, self.transform = folder, limit, transform
 
     def build(self, root: str | Path) -> Dataset:

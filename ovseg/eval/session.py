@@ -31,19 +31,8 @@ SCORES = "scores"
 
 @dataclasses.dataclass
 class EvaluationSettings:
-    """How a method is evaluated; given once, as the method's ``protocol`` … ``gallery_size`` arguments.
-
-    Args:
-        protocol: evaluation protocol name or YAML path.
-        protocol_overrides: settings replacing the protocol's for every dataset, e.g.
-            ``{mode: slide, crop: 448, stride: 224}``.
-        window_batch_size: sliding windows per forward pass.
-        results_dir: where ``ovseg test`` writes results.json/.md (default: the logger's folder).
-        predict_dir: where ``ovseg predict`` writes its pictures (default: ``<log dir>/predictions``).
-        gallery_size: after ``ovseg test``, predictions for this many first images of each dataset
-            (image | ground truth | prediction) go to wandb, or as PNGs under ``<log dir>/media`` with the
-            CSV logger, beside per-class IoU charts; 0 turns the gallery off.
-    """
+    """How a method is evaluated; given once, as the method's ``protocol`` … ``gallery_size`` arguments (each field
+    is documented there, :class:`~ovseg.methods.base.OVSegMethod`, where ``--help`` shows it)."""
 
     protocol: str
     protocol_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -37,17 +37,7 @@ def cosine_logits(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 class OVSegMethod(L.LightningModule):
-    """
-    Args (the evaluation settings, :class:`~ovseg.eval.session.EvaluationSettings`; subclasses take them as
-    ``**evaluation`` and pass them on):
-        protocol: evaluation protocol name or YAML path (default: the method's own).
-        protocol_overrides: settings replacing the protocol's for every dataset, e.g.
-            ``{mode: slide, crop: 448, stride: 224}``.
-        window_batch_size: sliding windows per forward pass.
-        results_dir: where ``ovseg test`` writes results.json/.md (default: the logger's folder).
-        predict_dir: where ``ovseg predict`` writes its pictures (default: ``<log dir>/predictions``).
-        gallery_size: predictions of this many first images per dataset pictured after ``ovseg test``; 0: none.
-    """
+    """The base of every method: the contract above, the evaluation settings, the hand-over to the evaluation."""
 
     default_protocol: str = "maskclip"
     #: settings that belong to the evaluation command, not to the trained weights: every evaluation setting
@@ -69,6 +59,20 @@ class OVSegMethod(L.LightningModule):
         predict_dir: str | None = None,
         gallery_size: int = 4,
     ):
+        """The evaluation settings (:class:`~ovseg.eval.session.EvaluationSettings`); subclasses take them as
+        ``**evaluation`` and pass them on.
+
+        Args:
+            protocol: evaluation protocol name or YAML path (default: the method's own; ``ovseg list protocols``).
+            protocol_overrides: settings replacing the protocol's for every dataset, e.g.
+                ``{mode: slide, crop: 448, stride: 224}``.
+            window_batch_size: sliding windows per forward pass.
+            results_dir: where ``ovseg test`` writes results.json/.md (default: the logger's folder).
+            predict_dir: where ``ovseg predict`` writes its pictures (default: ``<log dir>/predictions``).
+            gallery_size: after ``ovseg test``, predictions for this many first images of each dataset
+                (image | ground truth | prediction) go to wandb, or as PNGs under ``<log dir>/media`` with the
+                CSV logger, beside per-class IoU charts; 0 turns the gallery off.
+        """
         super().__init__()
         self.save_hyperparameters(ignore=list(self.HPARAMS_IGNORE))
         self.evaluation = EvaluationSession(EvaluationSettings(

@@ -21,5 +21,10 @@ class ClearCLIP(ZeroShotCLIP):
         clip: CLIPConfig = CLIPConfig(last_block="qq", residual="none", ffn=False),
         **evaluation: Any,
     ):
-        """``evaluation``: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …)."""
+        """A dense CLIP, ClearCLIP's last block.
+
+        Args:
+            clip: the CLIP and its last block (default: ``qq`` attention, no residual, no MLP).
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+        """
         super().__init__(clip, **evaluation)

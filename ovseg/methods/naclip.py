@@ -60,5 +60,10 @@ class NACLIP(ZeroShotCLIP):
         clip: CLIPConfig = CLIPConfig(last_block="naclip", residual="none", ffn=False),
         **evaluation: Any,
     ):
-        """``evaluation``: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …)."""
+        """A dense CLIP, NACLIP's last block.
+
+        Args:
+            clip: the CLIP and its last block (default: neighbourhood attention, no residual, no MLP).
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+        """
         super().__init__(clip, **evaluation)

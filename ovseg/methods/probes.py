@@ -15,7 +15,7 @@ the shared confusion matrix and results files.
   labelled by the majority of its ground-truth pixels; a test segment takes the majority vote of its 20
   nearest training segments (cosine).
 - :class:`LinearProbe`: a 1×1 conv on frozen embeddings, logits upsampled to the crop; SGD lr 0.1 poly-0.9,
-  60k iterations, 512×512 crops, batch 16 (spec); momentum 0.9 and no weight decay (R).
+  60k iterations, 512×512 crops, batch 16; momentum 0.9 and no weight decay.
 
     ovseg test --config configs/eval/clips4_knn_voc.yaml --model.init_args.checkpoint run/last.ckpt
 """
@@ -196,6 +196,17 @@ class _Probe(OVSegMethod):
     def __init__(self, embedder: OVSegMethod, checkpoint: str | None = None, train_dataset: str = "voc21",
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,
                  **evaluation: Any):
+        """The probed embedder and the labelled split the probe fits on.
+
+        Args:
+            embedder: the embedding method probed (any method with ``embed(images01) -> [B, D, h, w]``, e.g. CLIPS4).
+            checkpoint: a checkpoint of the embedder to load (None: its weights as built).
+            train_dataset: the labelled dataset the probe fits on (a dataset name, ``ovseg list datasets``).
+            train_split: its split.
+            train_limit: fit on the first N images only (None: all).
+            train_short_side: training images are resized so their short side is this (None: kept).
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+        """
         super().__init__(**evaluation)
         self.embedder = embedder
         self.embedder.requires_grad_(False)
@@ -267,15 +278,31 @@ class _Probe(OVSegMethod):
 
 
 class KNNProbe(_Probe):
-    """k-NN over segments (spec: 36 k-means segments per image, 20 iterations, 20 nearest training segments,
-    majority vote; the segments SegSort's, which the paper cites for this protocol: ``segments: segsort``, or
-    ``embedding``). Args beyond :class:`_Probe`: ``num_segments``, ``kmeans_iterations``, ``neighbours``,
-    ``segments``, ``location_weight``."""
+    """k-NN over segments (36 k-means segments per image, 20 iterations, 20 nearest training segments, majority
+    vote; the segments SegSort's, which the CLIP-S4 paper cites for this protocol: ``segments: segsort``, or
+    ``embedding``)."""
 
     def __init__(self, embedder: OVSegMethod, checkpoint: str | None = None, train_dataset: str = "voc21",
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,
                  num_segments: int = 36, kmeans_iterations: int = 20, neighbours: int = 20,
                  segments: str = "segsort", location_weight: float = 1.0, **evaluation: Any):
+        """A k-NN segment probe.
+
+        Args:
+            embedder: the embedding method probed (any method with ``embed(images01) -> [B, D, h, w]``, e.g. CLIPS4).
+            checkpoint: a checkpoint of the embedder to load (None: its weights as built).
+            train_dataset: the labelled dataset the probe fits on (a dataset name, ``ovseg list datasets``).
+            train_split: its split.
+            train_limit: fit on the first N images only (None: all).
+            train_short_side: training images are resized so their short side is this (None: kept).
+            num_segments: k-means segments per image (36).
+            kmeans_iterations: k-means iterations (20).
+            neighbours: training segments that vote for a test segment (20).
+            segments: how images are cut: ``segsort`` (SegSort's k-means on embeddings and pixel locations) or
+                ``embedding`` (spherical k-means on the embeddings alone).
+            location_weight: weight of the pixel locations beside the embeddings (``segments: segsort``).
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+        """
         super().__init__(embedder, checkpoint, train_dataset, train_split, train_limit, train_short_side,
                          **evaluation)
         self.num_segments, self.kmeans_iterations, self.neighbours = num_segments, kmeans_iterations, neighbours
@@ -304,13 +331,30 @@ class KNNProbe(_Probe):
 
 
 class LinearProbe(_Probe):
-    """Linear classifier on frozen pixel embeddings (spec: 60k iterations, lr 0.1 poly, 512 crops, batch 16 —
-    ``probe_batch_size``, named apart from the DataModule's ``batch_size``)."""
+    """Linear classifier on frozen pixel embeddings (60k iterations, lr 0.1 poly, 512 crops, batch 16)."""
 
     def __init__(self, embedder: OVSegMethod, checkpoint: str | None = None, train_dataset: str = "voc21",
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,
                  iterations: int = 60000, lr: float = 0.1, crop_size: int = 512, probe_batch_size: int = 16,
                  momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0, **evaluation: Any):
+        """A linear probe.
+
+        Args:
+            embedder: the embedding method probed (any method with ``embed(images01) -> [B, D, h, w]``, e.g. CLIPS4).
+            checkpoint: a checkpoint of the embedder to load (None: its weights as built).
+            train_dataset: the labelled dataset the probe fits on (a dataset name, ``ovseg list datasets``).
+            train_split: its split.
+            train_limit: fit on the first N images only (None: all).
+            train_short_side: training images are resized so their short side is this (None: kept).
+            iterations: SGD iterations (60k).
+            lr: SGD learning rate, poly-0.9 decayed (0.1).
+            crop_size: random training crops of this square (512).
+            probe_batch_size: crops per SGD step (16; named apart from the DataModule's ``batch_size``).
+            momentum: SGD momentum (0.9).
+            weight_decay: SGD weight decay (0).
+            seed: seed of the crop draws (each process adds its rank).
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+        """
         super().__init__(embedder, checkpoint, train_dataset, train_split, train_limit, train_short_side,
                          **evaluation)
         self.probe_settings = dict(iterations=iterations, lr=lr, crop=crop_size, batch_size=probe_batch_size,

@@ -22,5 +22,10 @@ class SCLIP(ZeroShotCLIP):
         clip: CLIPConfig = CLIPConfig(last_block="qq_kk", residual="token", ffn=True),
         **evaluation: Any,
     ):
-        """``evaluation``: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …)."""
+        """A dense CLIP, SCLIP's last block.
+
+        Args:
+            clip: the CLIP and its last block (default: ``qq_kk`` attention, token residual, MLP kept).
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+        """
         super().__init__(clip, **evaluation)

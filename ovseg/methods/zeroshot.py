@@ -24,8 +24,13 @@ class ZeroShotCLIP(OVSegMethod):
         clip: CLIPConfig,
         **evaluation: Any,
     ):
-        """``clip``: the CLIP and its last block; ``evaluation``: the evaluation settings of
-        :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, ``protocol_overrides``, …), never re-typed here."""
+        """A frozen dense CLIP.
+
+        Args:
+            clip: the CLIP and how its last block makes dense features.
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …),
+                never re-typed here.
+        """
         super().__init__(**evaluation)
         self.encoder = DenseCLIP(clip)
         self.encoder.requires_grad_(False)
@@ -68,7 +73,12 @@ class CLIP(ZeroShotCLIP):
         clip: CLIPConfig = CLIPConfig(last_block="vanilla", residual="token", ffn=True),
         **evaluation: Any,
     ):
-        """``evaluation``: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …)."""
+        """A dense CLIP, its last block as trained.
+
+        Args:
+            clip: the CLIP and its last block (default: the last block as trained).
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+        """
         super().__init__(clip, **evaluation)
 
 
@@ -82,5 +92,10 @@ class MaskCLIP(ZeroShotCLIP):
         clip: CLIPConfig = CLIPConfig(last_block="value", residual="token", ffn=True),
         **evaluation: Any,
     ):
-        """``evaluation``: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …)."""
+        """A dense CLIP, MaskCLIP's last block.
+
+        Args:
+            clip: the CLIP and its last block (default: value-only attention, token residual, MLP kept).
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+        """
         super().__init__(clip, **evaluation)

@@ -1,4 +1,4 @@
-"""The pixel-embedding backbone interface (CLIP-S4's model f, spec "Backbone"): images in [0, 1] ``[B, 3, H, W]``
+"""The pixel-embedding backbone interface (CLIP-S4's model f): images in [0, 1] ``[B, 3, H, W]``
 -> embeddings ``[B, D, H/s, W/s]`` in CLIP's joint space. It lives in ``models/`` so backbones of any method
 (``ovseg.methods.clips4.CLIPDenseEncoder``, ``ovseg.models.deeplab.DeepLabResNet``) depend downwards only.
 """

@@ -60,20 +60,23 @@ TEXT_BATCH = 256
 class CLIPConfig:
     """Which CLIP to load and how its last ViT block produces dense features.
 
-    name: an open_clip model name (including ``tiny-vit`` / ``tiny-convnext``), ``"local-dir:/path"``
-        (open_clip folder schema), ``"hf-hub:org/repo"``, or ``"hf:/path"`` (a transformers ``CLIPModel``
-        saved with ``save_pretrained``).
-    pretrained: an open_clip tag (``openai``, ``laion2b_s34b_b79k`` …), a local weights file, or None for random
-        init. Ignored for the folder/hub schemas.
-    last_block: the last block's attention, a name registered in :mod:`ovseg.models.attention` (``vanilla``:
-        unchanged; ``value``: MaskCLIP/PixelCLIP, v -> out_proj, q·k skipped; ``qq_kk``: SCLIP; ``qq``: ClearCLIP;
-        ``kk``; ``naclip`` once :mod:`ovseg.methods.naclip` is imported) or ``"module:function"``.
-    residual: the last block's attention residual: ``token`` (each token's own input), ``cls`` (the class token's
-        input, broadcast; PixelCLIP) or ``none`` (SCLIP/ClearCLIP).
-    ffn: keep the last block's MLP (``x + mlp(ln_2(x))``).
-    precision: open_clip precision (``fp32``, ``fp16``, ``bf16``, ``amp`` …).
-    quick_gelu: None follows the pretrained tag (OpenAI weights need QuickGELU); set True when loading OpenAI
-        weights from a file under a plain name such as ``ViT-B-16``.
+    Args:
+        name: an open_clip model name (including ``tiny-vit`` / ``tiny-convnext``), ``"local-dir:/path"``
+            (open_clip folder schema), ``"hf-hub:org/repo"``, or ``"hf:/path"`` (a transformers ``CLIPModel``
+            saved with ``save_pretrained``).
+        pretrained: an open_clip tag (``openai``, ``laion2b_s34b_b79k`` …), a local weights file, or None for random
+            init. Ignored for the folder/hub schemas.
+        cache_dir: where open_clip / the hub keep downloaded weights (None: their default cache).
+        last_block: the last block's attention, a name registered in :mod:`ovseg.models.attention` (``vanilla``:
+            unchanged; ``value``: MaskCLIP/PixelCLIP, v -> out_proj, q·k skipped; ``qq_kk``: SCLIP; ``qq``: ClearCLIP;
+            ``kk``; ``naclip`` once :mod:`ovseg.methods.naclip` is imported; ``ovseg list attentions``) or
+            ``"module:function"``.
+        residual: the last block's attention residual: ``token`` (each token's own input), ``cls`` (the class token's
+            input, broadcast; PixelCLIP) or ``none`` (SCLIP/ClearCLIP).
+        ffn: keep the last block's MLP (``x + mlp(ln_2(x))``).
+        precision: open_clip precision (``fp32``, ``fp16``, ``bf16``, ``amp`` …).
+        quick_gelu: None follows the pretrained tag (OpenAI weights need QuickGELU); set True when loading OpenAI
+            weights from a file under a plain name such as ``ViT-B-16``.
     """
 
     name: str = "ViT-B-16"
@@ -243,6 +246,11 @@ class DenseCLIP(nn.Module):
     std: Tensor
 
     def __init__(self, config: CLIPConfig | None = None) -> None:
+        """The CLIP loaded.
+
+        Args:
+            config: which CLIP and its last block (None: :class:`CLIPConfig`'s defaults).
+        """
         super().__init__()
         self.config = config = config if config is not None else CLIPConfig()
         self._tokenizer: Callable[[list[str]], Tensor] | None = None

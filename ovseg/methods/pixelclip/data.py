@@ -114,6 +114,27 @@ class PixelCLIPViews:
         resize_long_max: int | None = 1333,
         resize_library: str = "pil",
     ):
+        """The augmentation settings (PixelCLIP's by default).
+
+        Args:
+            resize_short: the shortest edge is resized to this (1024) ...
+            crop_size: ... then a random square of this side is cropped (640).
+            ssd_color: SSD colour augmentation of the weak view (brightness, contrast, saturation, hue).
+            flip_prob: probability of a horizontal flip (both views and the masks).
+            strong: make the strong view (False: ``image_strong`` is the weak view).
+            color_jitter: the strong view's colour jitter (brightness, contrast, saturation, hue).
+            color_jitter_prob: probability of the colour jitter.
+            grayscale_prob: probability of turning the strong view grey.
+            blur_prob: probability of the strong view's Gaussian blur.
+            blur_sigma: the blur's sigma range.
+            cutout_scale: the cutout box's side range, as fractions of the crop.
+            cutout_prob: probability of a cutout box (filled with 0 in the strong view).
+            cutout_removes_masks: remove the cutout box from every mask (it is then unsupervised).
+            mask_resolution: masks are resized (nearest) to this square (None: the crop's size).
+            resize_long_max: the long side is capped at this in the shortest-edge resize (None: no cap).
+            resize_library: ``pil`` (detectron2's resize then the crop, as the authors' mapper) or ``cv2`` (the crop
+                cut in original coordinates, then cv2-resized).
+        """
         if resize_short < crop_size:
             raise ValueError(f"resize_short ({resize_short}) must be at least crop_size ({crop_size})")
         if resize_library not in RESIZE_LIBRARIES:
@@ -324,6 +345,16 @@ class SA1BDataset(Dataset):
 
     def __init__(self, name: str, files: SA1BFolder | SA1BTars, views: PixelCLIPViews, skip_bad: bool = True,
                  downscale: float | None = None, mask_decoding: str = "crop"):
+        """The samples of a reader, through the views.
+
+        Args:
+            name: the dataset's name in the samples' ``meta``.
+            files: the sample reader.
+            views: the augmentations each sample goes through.
+            skip_bad: skip, count and log broken samples (False: raise naming the file).
+            downscale: resize images and masks by this factor at read time (None: as stored).
+            mask_decoding: ``crop`` (decode what the crop needs) or ``full`` (decode every mask first).
+        """
         if not len(files):
             raise DataError(f"training source {name!r}: no images with mask JSONs")
         if mask_decoding not in MASK_DECODINGS:
@@ -382,23 +413,7 @@ MASK_DECODINGS = ("crop", "full")
 
 
 class SA1B(TrainSource):
-    """SA-1B (or SAM/DINO-generated, same JSON format) images with masks, as PixelCLIP trains on them.
-
-    Args:
-        folder: the data folder, relative to the data root or absolute (searched recursively).
-        layout: ``folder`` (extracted image/JSON pairs), ``tar`` (the SA-1B tar files as downloaded, read in
-            place), or ``auto``.
-        annotations: read the masks (False: images only, e.g. for ``masks: dino`` PixelCLIP runs).
-        limit: use the first N images (sorted by path / tar order).
-        downscale: resize images and masks by this factor at read time, as ``ovseg masks downscale`` does ahead
-            of time (0.5: the authors' halving of SA-1B).
-        tar_index_dir: keep each tar's member index here (relative to the root or absolute), so later runs skip
-            scanning the tar headers.
-        mask_decoding: ``crop`` (decode what the crop needs) or ``full`` (decode every mask first); same output.
-        skip_bad: skip, count and log broken samples (False: raise naming the file).
-        views: the :class:`PixelCLIPViews` settings (``resize_short``, ``crop_size``, ``resize_long_max``,
-            ``resize_library``, …; PixelCLIP's defaults).
-    """
+    """SA-1B (or SAM/DINO-generated, same JSON format) images with masks, as PixelCLIP trains on them."""
 
     def __init__(
         self,
@@ -412,6 +427,23 @@ class SA1B(TrainSource):
         skip_bad: bool = True,
         **views: Any,
     ):
+        """Where the images and masks are, how they are read.
+
+        Args:
+            folder: the data folder, relative to the data root or absolute (searched recursively).
+            layout: ``folder`` (extracted image/JSON pairs), ``tar`` (the SA-1B tar files as downloaded, read in
+                place), or ``auto``.
+            annotations: read the masks (False: images only, e.g. for ``masks: dino`` PixelCLIP runs).
+            limit: use the first N images (sorted by path / tar order).
+            downscale: resize images and masks by this factor at read time, as ``ovseg masks downscale`` does ahead
+                of time (0.5: the authors' halving of SA-1B).
+            tar_index_dir: keep each tar's member index here (relative to the root or absolute), so later runs skip
+                scanning the tar headers.
+            mask_decoding: ``crop`` (decode what the crop needs) or ``full`` (decode every mask first); same output.
+            skip_bad: skip, count and log broken samples (False: raise naming the file).
+            **views: the :class:`PixelCLIPViews` settings (``resize_short``, ``crop_size``, ``resize_long_max``,
+                ``resize_library``, …; PixelCLIP's defaults).
+        """
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if mask_decoding not in MASK_DECODINGS:

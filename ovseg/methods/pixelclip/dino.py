@@ -20,11 +20,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class DinoConfig:
     """DINO ViT for k-means masks.
 
-    name: a timm model name (DINO ViT-S/16: ``vit_small_patch16_224.dino``).
-    weights: ``"hub"`` (timm downloads or reads its Hugging Face cache), a local weights file (``.pth``/
-        ``.safetensors``: timm's or the original DINO checkpoint), or None for random weights (tests).
-    clusters: k-means clusters per image (PixelCLIP: 16). iterations: k-means iterations (Euclidean).
-    model_kwargs: extra ``timm.create_model`` arguments (tiny test models: ``{depth: 1, embed_dim: 32}``).
+    Args:
+        name: a timm model name (DINO ViT-S/16: ``vit_small_patch16_224.dino``).
+        weights: ``"hub"`` (timm downloads or reads its Hugging Face cache), a local weights file (``.pth``/
+            ``.safetensors``: timm's or the original DINO checkpoint), or None for random weights (tests).
+        clusters: k-means clusters per image (PixelCLIP: 16).
+        iterations: k-means iterations (Euclidean).
+        model_kwargs: extra ``timm.create_model`` arguments (tiny test models: ``{depth: 1, embed_dim: 32}``).
     """
 
     name: str = "vit_small_patch16_224.dino"
@@ -62,6 +64,11 @@ class DinoMasker(nn.Module):
     """Images in [0,1] [B,3,H,W] -> k-means masks [B, k, H, W] (bool; every pixel in exactly one mask)."""
 
     def __init__(self, config: DinoConfig | None = None):
+        """The DINO model.
+
+        Args:
+            config: which DINO and how it clusters (None: :class:`DinoConfig`'s defaults).
+        """
         super().__init__()
         import timm
 

@@ -11,6 +11,13 @@ class DoubleConv(nn.Module):
     """[conv3×3 (no bias), GroupNorm, ReLU] × 2; GroupNorm groups = channels // ``group_channels``."""
 
     def __init__(self, in_channels: int, out_channels: int, group_channels: int = 16):
+        """The two convolutions.
+
+        Args:
+            in_channels: input channels.
+            out_channels: output channels (of both convolutions).
+            group_channels: GroupNorm channels per group.
+        """
         super().__init__()
         groups = max(1, out_channels // group_channels)
         self.double_conv = nn.Sequential(
@@ -35,6 +42,14 @@ class ConvHead(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, channels: tuple[int, int, int] = (64, 64, 32),
                  group_channels: int = 16):
+        """The decoder's layers.
+
+        Args:
+            in_channels: input channels (one cost map).
+            out_channels: output channels.
+            channels: the widths c0, c1, c2.
+            group_channels: GroupNorm channels per group.
+        """
         super().__init__()
         c0, c1, c2 = channels
         self.conv0 = nn.Conv2d(in_channels, c0, kernel_size=3, padding=1)

@@ -131,38 +131,7 @@ def cluster_targets(
 
 
 class PixelCLIP(OVSegMethod):
-    """PixelCLIP. Defaults are the paper's ViT-B/16 settings; see ``configs/pixelclip_*.yaml``.
-
-    Args:
-        clip: the CLIP (student; the teacher is a copy of its visual encoder). Dense path: value-only last block,
-            class-token residual.
-        trainable: visual parameters that train: ``auto`` (ViT: ``attention``; ConvNeXt: ``full``).
-        clip_resolution: both views are resized to this square before the encoders (ViT-B/16: 320; ConvNeXt-B:
-            640); also the evaluation square of the ``pixelclip`` protocol.
-        mask_resolution: masks, teacher features and predictions meet at this square (256).
-        num_clusters / prompt_length / prompt_template / prompt_seed: learnable prompts (64 × 4 tokens).
-        prompt_init_words: draw the prompts' initial token embeddings from these words' tokens instead of the
-            whole vocabulary (None, the authors' choice) — for a CLIP trained on a small vocabulary (the toy CLIP).
-        eps: Sinkhorn score scale (``eps · cos``); None: 100 for ViTs, 1 for ConvNeXt.
-        sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
-        min_mask_pixels: masks with fewer pixels at ``mask_resolution`` are dropped (2: "≤ 1 pixel dropped").
-        ema_momentum: teacher θ_t ← γ θ_t + (1−γ) θ_s before each teacher pass (0.999).
-        decoder_channels / decoder_group_channels: ConvHead widths (64, 64, 32) and GroupNorm channels per group.
-        masks: ``batch`` (SA-1B / SAM masks from the data) or ``dino`` (k-means on DINO features of the weak view).
-        dino: the DINO model for ``masks: dino``.
-        lr: base learning rate (decoder); ``clip_lr_multiplier`` (0.01) and ``prompt_lr_multiplier`` (10) for
-            the visual encoder and the prompts.
-        weight_decay: AdamW weight decay (1e-4); ``weight_decay_norm_embed`` (0) for norm layers and embeddings.
-        weight_decay_rule: which parameters decay: ``detectron2`` (the authors' train_net.py ``build_optimizer``:
-            all but norm layers and ``nn.Embedding``, so the ViT positional embedding and the prompt tokens decay)
-            or ``norm_embed`` (ovseg's old rule: neither of those two decays).
-        betas: AdamW betas.
-        lr_end_factor: cosine decay from 1× to this × each group's LR (0.5), no warm-up.
-        max_steps: schedule length; None: the trainer's ``max_steps`` (10,000 in the paper).
-        inference_feature_size: dense features are bilinearly upsampled to this square before the cosine (64).
-        eval_templates: default template set for ``encode_text`` when the protocol gives none.
-        **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
-    """
+    """PixelCLIP. Defaults are the paper's ViT-B/16 settings; see ``configs/pixelclip_*.yaml``."""
 
     default_protocol = "pixelclip"
 
@@ -198,6 +167,44 @@ class PixelCLIP(OVSegMethod):
         inference_feature_size: int = 64,
         **evaluation: Any,
     ):
+        """PixelCLIP on ``clip``, its prompts, decoder, masks and optimiser settings.
+
+        Args:
+            clip: the CLIP (student; the teacher is a copy of its visual encoder). Dense path: value-only last block,
+                class-token residual.
+            trainable: visual parameters that train: ``auto`` (ViT: ``attention``; ConvNeXt: ``full``).
+            clip_resolution: both views are resized to this square before the encoders (ViT-B/16: 320; ConvNeXt-B:
+                640); also the evaluation square of the ``pixelclip`` protocol.
+            mask_resolution: masks, teacher features and predictions meet at this square (256).
+            num_clusters: learnable prompts, one per mask cluster (64).
+            prompt_length: learnable token embeddings per prompt (4).
+            prompt_template: the text each prompt's tokens are inserted into (at ``{}``).
+            prompt_seed: seed of the prompts' initial token draw.
+            prompt_init_words: draw the prompts' initial token embeddings from these words' tokens instead of the
+                whole vocabulary (None, the authors' choice) — for a CLIP trained on a small vocabulary (the toy CLIP).
+            eps: Sinkhorn score scale (``eps · cos``); None: 100 for ViTs, 1 for ConvNeXt.
+            sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
+            min_mask_pixels: masks with fewer pixels at ``mask_resolution`` are dropped (2: "≤ 1 pixel dropped").
+            ema_momentum: teacher θ_t ← γ θ_t + (1−γ) θ_s before each teacher pass (0.999).
+            decoder_channels: ConvHead widths (64, 64, 32).
+            decoder_group_channels: ConvHead GroupNorm channels per group.
+            masks: ``batch`` (SA-1B / SAM masks from the data) or ``dino`` (k-means on DINO features of the weak view).
+            dino: the DINO model for ``masks: dino``.
+            lr: base learning rate (decoder).
+            clip_lr_multiplier: the visual encoder's learning rate, times ``lr`` (0.01).
+            prompt_lr_multiplier: the prompts' learning rate, times ``lr`` (10).
+            weight_decay: AdamW weight decay (1e-4).
+            weight_decay_norm_embed: the weight decay of the parameters ``weight_decay_rule`` exempts (norm layers,
+                embeddings; 0).
+            weight_decay_rule: which parameters decay: ``detectron2`` (the authors' train_net.py ``build_optimizer``:
+                all but norm layers and ``nn.Embedding``, so the ViT positional embedding and the prompt tokens decay)
+                or ``norm_embed`` (ovseg's old rule: neither of those two decays).
+            betas: AdamW betas.
+            lr_end_factor: cosine decay from 1× to this × each group's LR (0.5), no warm-up.
+            max_steps: schedule length; None: the trainer's ``max_steps`` (10,000 in the paper).
+            inference_feature_size: dense features are bilinearly upsampled to this square before the cosine (64).
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+        """
         super().__init__(**evaluation)
         self.skipped_samples = 0  # broken SA-1B samples left out of batches in this process
         if not 0.0 <= ema_momentum <= 1.0:

@@ -61,6 +61,17 @@ class LearnablePrompts(nn.Module):
 
     def __init__(self, clip_model: nn.Module, tokenizer, num_prompts: int = 64, length: int = 4,
                  template: str = "A photo of a {} in the scene", seed: int = 0, init_words: list[str] | None = None):
+        """The prompts' tokens and their initial embeddings.
+
+        Args:
+            clip_model: the open_clip CLIP whose text tower embeds the prompts.
+            tokenizer: its tokenizer.
+            num_prompts: how many prompts.
+            length: learnable token embeddings per prompt.
+            template: the text the tokens are inserted into (at ``{}``).
+            seed: seed of the initial token draw.
+            init_words: draw the initial tokens from these words' tokens (None: the whole vocabulary).
+        """
         super().__init__()
         if template.count(PLACEHOLDER) != 1:
             raise ValueError(f"the prompt template needs exactly one '{{}}', got {template!r}")

@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -125,24 +126,27 @@ def evaluator_windows(entry, image):
     return slide_windows(h, w, s.crop, s.stride)
 
 
-def peak_memory_171_classes() -> dict:
-    """Peak RSS of a fresh process turning 171-class scores into labels at 2048x1024: ovseg's chunked
-    path vs materialising all full-resolution logits (what a naive evaluator does)."""
+def peak_memory_171_classes(height: int = 1024, width: int = 2048) -> dict:
+    """Peak RSS of a fresh process turning 171-class scores into labels at ``width``x``height`` (2048x1024: a
+    Cityscapes-size label): ovseg's chunked path vs materialising all full-resolution logits (what a naive
+    evaluator does)."""
     code = (
         "import sys, torch, torch.nn.functional as F\n"
         "from ovseg.eval.inference import labels_from_logits\n"
-        "logits = torch.randn(171, 128, 256)\n"
+        "h, w = int(sys.argv[2]), int(sys.argv[3])\n"
+        "logits = torch.randn(171, h // 8, w // 8)\n"
         "if sys.argv[1] == 'chunked':\n"
-        "    pred = labels_from_logits(logits, (1024, 2048), torch.arange(171), logit_scale=40.0)\n"
+        "    pred = labels_from_logits(logits, (h, w), torch.arange(171), logit_scale=40.0)\n"
         "elif sys.argv[1] == 'naive':\n"
-        "    pred = (F.interpolate(logits[None], size=(1024, 2048), mode='bilinear') * 40.0).softmax(1).argmax(1)\n"
+        "    pred = (F.interpolate(logits[None], size=(h, w), mode='bilinear') * 40.0).softmax(1).argmax(1)\n"
         # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork + exec
         "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)\n"
     )
     peak = {}
     for mode in ("baseline", "chunked", "naive"):  # baseline: imports + the low-resolution scores only
-        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
-        peak[f"peak_rss_MiB_171cls_2048x1024_{mode}"] = round(float(run.stdout), 1)
+        run = subprocess.run([sys.executable, "-c", code, mode, str(height), str(width)], capture_output=True,
+                             text=True, check=True)
+        peak[f"peak_rss_MiB_171cls_{width}x{height}_{mode}"] = round(float(run.stdout), 1)
     return peak
 
 
@@ -152,8 +156,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--protocols", action="store_true", help="also images/s under each shipped protocol")
+    parser.add_argument("--memory-size", default="1024x2048", help="HxW of the 171-class peak-memory measure")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
-    memory = peak_memory_171_classes()
+    memory = peak_memory_171_classes(*(int(v) for v in args.memory_size.split("x")))
     results = [bench_model(m, args.device, args.repeats) for m in args.models.split(",")]
     if args.protocols:
         results += [bench_protocols(m, args.device, args.repeats) for m in args.models.split(",")]
@@ -161,6 +167,9 @@ def main() -> None:
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     results.append({"torch_threads": torch.get_num_threads(), "max_rss_MiB": max_rss})
     print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from typing import Any
 
 from ovseg.eval.results import aggregate_folds
 from ovseg.utils.io import atomic_write_json, atomic_write_text
+from ovseg.utils.project import project_path
 
 __all__ = ["METRICS", "fold_table", "format_table", "run_folds", "register"]
 
 #: (results key, column title)
 METRICS = (("mIoU", "mIoU"), ("pAcc", "pAcc"), ("mAcc", "mAcc"), ("unknown_mIoU", "mIoU unknown"),
            ("known_mIoU", "mIoU known"), ("hIoU", "hIoU"))
-REPO = Path(__file__).resolve().parents[2]
 
 
 def fold_table(results: list[dict[str, Any] | str | Path], dataset: str = "context59", ddof: int = 0) -> dict:
@@ -77,7 +77,7 @@ def run_folds(root: str, ckpts: list[str], out: str | Path, configs: list[str] |
         if trained_on != f"context59-fold{i}":
             raise ValueError(f"{ckpt}: given as fold {i}, but trained with known_classes {trained_on!r} (expected "
                              f"'context59-fold{i}'); pass the checkpoints in fold order 0..3")
-    configs = configs or [str(REPO / "configs/clips4_context.yaml")] * 4
+    configs = configs or [str(project_path("configs/clips4_context.yaml"))] * 4
     out = Path(out)
     paths = []
     for i, (config, ckpt) in enumerate(zip(configs, ckpts)):

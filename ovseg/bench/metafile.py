@@ -383,11 +383,10 @@ def load_metafile(path: str | Path) -> Metafile:
 
 
 def default_metafile_dir() -> Path:
-    """``benchmarks/metafiles`` of the checkout ovseg runs from (or of the current directory)."""
-    here = Path.cwd() / "benchmarks" / "metafiles"
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parents[2] / "benchmarks" / "metafiles"
+    """``benchmarks/metafiles`` of the project (:func:`ovseg.utils.project.project_path`)."""
+    from ovseg.utils.project import project_path
+
+    return project_path("benchmarks/metafiles")
 
 
 def load_metafiles(directory: str | Path | None = None) -> dict[str, Metafile]:

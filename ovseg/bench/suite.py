@@ -50,6 +50,7 @@ from ovseg.bench.fingerprint import (canonical_key, changes_no_score, dataset_fi
                                      parse_cli_pairs, sha)
 from ovseg.bench.metafile import Metafile, default_metafile_dir, load_metafiles
 from ovseg.utils.cli_args import read_lightning_config
+from ovseg.utils.project import project_path
 
 
 class SuiteError(ValueError):
@@ -235,10 +236,9 @@ def resolve_suite_path(name_or_path: str) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"suite file not found: {path}")
         return path
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = base / "benchmarks" / "suites" / f"{name_or_path}.yaml"
-        if candidate.is_file():
-            return candidate
+    candidate = project_path(f"benchmarks/suites/{name_or_path}.yaml")
+    if candidate.is_file():
+        return candidate
     raise FileNotFoundError(
         f"suite {name_or_path!r} not found: neither a file nor benchmarks/suites/{name_or_path}.yaml")
 

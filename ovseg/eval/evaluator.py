@@ -2,7 +2,8 @@
 
 It owns protocol resize, whole/slide tiling, synonym reduction, logit scale and background rules,
 upsampling to the label size, argmax, the confusion matrices (exact under DDP) and the scores.
-Methods never touch this module; :class:`~ovseg.methods.base.OVSegMethod` drives it.
+Methods never touch this module; :class:`~ovseg.eval.session.EvaluationSession` drives it (a method's Lightning
+hooks hand over to the session).
 """
 
 from __future__ import annotations

@@ -39,13 +39,13 @@ import torch
 
 from ovseg.parity.common import (TRAINING_TOLERANCE, ParityRecord, generated_image, git_commit, label_record,
                                  max_rel_diff, random_openai_clip, reference_imports, stub_module, tensor_record)
+from ovseg.utils.project import project_path
 
 __all__ = ["training_records", "reference_pixelclip", "ovseg_pixelclip", "training_batch", "SMALL_VIT"]
 
 REFERENCE = "PixelCLIP"
-REPO = Path(__file__).resolve().parents[2]
 REFERENCE_CONFIG = "configs/pixelclip_vit_base.yaml"
-OVSEG_CONFIG = REPO / "configs/pixelclip_vitb16_sa1b.yaml"
+OVSEG_CONFIG = project_path("configs/pixelclip_vitb16_sa1b.yaml")
 #: a small ViT in the OpenAI layout (64-wide heads, as OpenAI's ``build_model`` assumes) for quick runs
 SMALL_VIT = "parity-vit-small"
 _SMALL_VIT_CONFIG = {

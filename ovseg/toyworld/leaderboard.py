@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ovseg.utils.project import project_path
+
 __all__ = ["LeaderboardSettings", "run_leaderboard", "leaderboard_table", "format_leaderboard"]
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs" / "toyworld"
+CONFIGS = project_path("configs/toyworld")
 DATASET = "toyworld"
 METRICS = ("mIoU", "pAcc", "mAcc")
 

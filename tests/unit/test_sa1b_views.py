@@ -151,20 +151,24 @@ def test_flip_and_no_cutout_paths(tmp_path):
             assert torch.equal(ours["masks"], ref["masks"]) and torch.equal(dense["masks"], ref["masks"])
 
 
-def test_rle_column_decoding_matches_pycocotools():
-    rng = np.random.default_rng(0)
-    height, width = 37, 53
-    masks = [rng.random((height, width)) < p for p in (0.0, 0.02, 0.5, 0.98, 1.0)]
-    for _ in range(10):
+def _rle_masks(rng: np.random.Generator, height: int, width: int, densities: tuple[float, ...], boxes: int):
+    """RLE counts of noise masks of the given densities and of random boxes, and pycocotools' decode [N, H, W]."""
+    masks = [rng.random((height, width)) < p for p in densities]
+    for _ in range(boxes):
         mask = np.zeros((height, width), bool)
         y, x = rng.integers(0, height), rng.integers(0, width)
-        mask[y:y + rng.integers(1, 30), x:x + rng.integers(1, 40)] = True
+        mask[y:y + rng.integers(1, height - 6), x:x + rng.integers(1, width - 12)] = True
         masks.append(mask)
     counts = [encode_mask(m)["counts"].encode() for m in masks]
-    full = mask_utils.decode([{"size": [height, width], "counts": c} for c in counts]).transpose(2, 0, 1)
+    return counts, mask_utils.decode([{"size": [height, width], "counts": c} for c in counts]).transpose(2, 0, 1)
+
+
+def test_rle_column_decoding_matches_pycocotools():
+    height, width = 37, 53
+    counts, full = _rle_masks(np.random.default_rng(0), height, width, (0.0, 0.02, 0.5, 0.98, 1.0), boxes=10)
     for start, stop in ((0, width), (0, 1), (width - 1, width), (11, 29), (20, 20)):
         block = decode_rle_columns(counts, height, width, start, stop)
-        assert block.shape == (len(masks), stop - start, height)
+        assert block.shape == (len(full), stop - start, height)
         assert np.array_equal(block.transpose(0, 2, 1), full[:, :, start:stop])
     # long runs need several 5-bit groups and negative differences: a big image
     big = np.zeros((700, 1100), bool)
@@ -178,20 +182,13 @@ def test_rle_grid_decoding_matches_pycocotools_on_row_and_column_subsets():
     """Every other row and column (a mask halved at read time), irregular subsets, single rows and columns."""
     rng = np.random.default_rng(1)
     height, width = 41, 58
-    masks = [rng.random((height, width)) < p for p in (0.0, 0.03, 0.5, 1.0)]
-    for _ in range(8):
-        mask = np.zeros((height, width), bool)
-        y, x = rng.integers(0, height), rng.integers(0, width)
-        mask[y:y + rng.integers(1, 40), x:x + rng.integers(1, 50)] = True
-        masks.append(mask)
-    counts = [encode_mask(m)["counts"].encode() for m in masks]
-    full = mask_utils.decode([{"size": [height, width], "counts": c} for c in counts]).transpose(2, 0, 1)
+    counts, full = _rle_masks(rng, height, width, (0.0, 0.03, 0.5, 1.0), boxes=8)
     subsets = [np.arange(0, 41, 2), np.arange(1, 41, 2), np.sort(rng.choice(41, 13, replace=False)), np.array([40])]
     for rows in subsets:
         for cols in (np.arange(0, 58, 2), np.arange(9, 30, 3), np.sort(rng.choice(58, 20, replace=False)),
                      np.array([0]), np.arange(58)):
             block = decode_rle_grid(counts, height, width, cols, rows)
-            assert block.shape == (len(masks), len(cols), len(rows))
+            assert block.shape == (len(full), len(cols), len(rows))
             assert np.array_equal(block.transpose(0, 2, 1), full[:, rows][:, :, cols])
 
 

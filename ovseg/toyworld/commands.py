@@ -137,8 +137,8 @@ def register(commands) -> None:
     lb.add_argument("extra", nargs="*", help="more `ovseg fit/test` arguments for every stage (after --)")
     lb.set_defaults(func=_leaderboard)
 
-    st = sub.add_parser("clips4-study", help="CLIP-S4 training variants over seeds: fine-tuned mIoU, 4-fold hIoU, "
-                                             "known segments lost to unknown prototypes")
+    st = sub.add_parser("clips4-study", help="CLIP-S4 training variants over seeds: fine-tuned mIoU, 4-fold known / "
+                                             "unknown mIoU, where the unknown prototypes go")
     st.add_argument("--root", default=default.root)
     st.add_argument("--out", default="outputs/clips4_study")
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -146,6 +146,9 @@ def register(commands) -> None:
     st.add_argument("--variant", action="append", required=True,
                     help="'name: --model.init_args.X value ...' (repeatable; 'name:' = the config's defaults)")
     st.add_argument("--no-folds", action="store_true", help="fine-tuned mIoU only")
+    st.add_argument("--no-tune", action="store_true", help="the 4-fold protocol only (no full-vocabulary fine-tune)")
+    st.add_argument("--diagnostic-images", type=int, default=200,
+                    help="labelled train images behind each fold's unknown-prototype shares")
     st.add_argument("--reuse", action="store_true", help="keep stages whose results/checkpoint exist (resume)")
     st.add_argument("extra", nargs="*", help="more `ovseg fit/test` arguments for every stage (after --)")
     st.set_defaults(func=_clips4_study)

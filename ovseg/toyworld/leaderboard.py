@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +155,9 @@ def run_leaderboard(s: LeaderboardSettings, log=print) -> dict[str, Any]:
     return table
 
 
-def _run_folds(s: LeaderboardSettings, out: Path, log) -> dict[str, Any]:
-    """CLIP-S4 per toy fold: the fold's names held out of training (strict vocabulary), all 18 scored."""
+def _run_folds(s: LeaderboardSettings, out: Path, log, frozen_out: Path | None = None) -> dict[str, Any]:
+    """CLIP-S4 per toy fold: the fold's names held out of training (strict vocabulary), all 18 scored. The frozen
+    starts go under ``frozen_out`` (default ``out``), kept when present there: a study shares them."""
     from ovseg.bench.folds import fold_table
 
     config = CONFIGS / "clips4.yaml"
@@ -165,11 +166,12 @@ def _run_folds(s: LeaderboardSettings, out: Path, log) -> dict[str, Any]:
         fold_args = ("--model.init_args.known_classes", f"{DATASET}-fold{fold}")
         base = out / "clips4_folds" / f"fold{fold}"
         log(f"[leaderboard] CLIP-S4 toy fold {fold}: frozen, fine-tune {s.fold_steps} steps, tuned")
-        _test(config, base / "frozen", s, *fold_args)
+        frozen = (frozen_out or out) / "clips4_folds" / f"fold{fold}" / "frozen"
+        _test(config, frozen, replace(s, reuse=s.reuse or frozen_out is not None), *fold_args)
         ckpt, fit_seconds = _fit(config, base / "fit", s.fold_steps, s, *fold_args,
                                  "--model.init_args.strict_vocabulary", "true")
         _test(config, base / "tuned", s, *fold_args, "--ckpt_path", str(ckpt))
-        frozen_paths.append(base / "frozen" / "results.json")
+        frozen_paths.append(frozen / "results.json")
         tuned_paths.append(base / "tuned" / "results.json")
         seconds.append(fit_seconds)
     return {"steps": s.fold_steps, "fit_seconds": seconds,

@@ -51,7 +51,7 @@ def main(out: str, pixel_loss: str = "segsort_multi_positive") -> None:
     mine = global_batch()[rank * per_rank:(rank + 1) * per_rank]
     views = torch.stack([s["image"] for s in mine]).float() / 255
     geometry = torch.stack([s["geometry"] for s in mine])
-    losses = model.compute_losses(views, geometry, [s["teacher_image"] for s in mine])
+    losses = model.compute_losses(views, geometry, [s["teacher_image"] for s in mine], [s["regions"] for s in mine])
     losses["loss"].backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     if world > 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -101,36 +102,88 @@ def test_multi_positive_loss_equals_a_naive_per_pixel_loop():
     torch.testing.assert_close(mean, torch.tensor(expected).mean(), rtol=1e-5, atol=1e-5)
 
 
-def test_gated_semantic_targets_keep_unknown_prototypes_off_explained_segments():
-    """Segments CLIP puts confidently on a known class never get an unknown-prototype target, however close an
-    unknown prototype (an image-space mean) sits; unexplained segments still do."""
+def unknown_rule_world():
+    """A hand-built CLIP space with CLIP's image–text gap: known text prototypes ``t_c``, and image segments that all
+    share an image direction ``g`` (cos ≈ 0.8 among any two images, ≈ 0.3-0.5 to their class text). Segments 0-19
+    are of known classes (``t_c``); 20-39 of a held-out class ``h`` that no name covers, leaning slightly to "car"
+    (0.1), so the τ 0.01 known softmax calls them explained as "car", as CLIP does with held-out classes. Unknown
+    prototypes are image means: one at each known class's segments (where a shared softmax takes them over) and
+    one at the held-out class's."""
     from ovseg.methods.clips4.method import CLIPS4
     from ovseg.models.clip import CLIPConfig
 
     torch.manual_seed(0)
     model = CLIPS4(clip=CLIPConfig(name="tiny-vit", pretrained=None, last_block="value", residual="token"),
                    known_classes=["cat", "dog", "car"], train_templates="single", num_unknown=4)
-    known = model.known_text  # [3, D] unit
-    dim = known.shape[1]
+    dim = model.known_text.shape[1]
     generator = torch.Generator().manual_seed(3)
-    noise = F.normalize(torch.randn(40, dim, generator=generator), dim=-1)
-    # 20 segments near a known class (explained at τ 0.01), 20 orthogonal to every class name (uniform over the
-    # known prototypes: unexplained)
-    basis = torch.linalg.qr(known.t()).Q  # [D, 3]
-    orthogonal = F.normalize(noise[20:] - (noise[20:] @ basis) @ basis.t(), dim=-1)
-    segments = F.normalize(torch.cat([known[torch.arange(20) % 3] + 0.05 * noise[:20], orthogonal]), dim=-1)
-    # unknown prototypes *at* some explained segments: in a shared softmax they win those segments
-    model.unknown.prototypes.copy_(segments[[0, 1, 2, 25]])
+    directions = torch.linalg.qr(torch.randn(dim, 5, generator=generator)).Q.t()  # orthonormal
+    model.known_text.copy_(directions[:3])  # three well-separated names
+    known, image_direction, held_out = directions[:3], directions[3], directions[4]
+    noise = 0.05 * F.normalize(torch.randn(40, dim, generator=generator), dim=-1)
+    known_segments = 0.6 * known[torch.arange(20) % 3] + 1.2 * image_direction + noise[:20]
+    held_segments = 0.6 * held_out + 0.1 * known[2] + 1.2 * image_direction + noise[20:]
+    segments = F.normalize(torch.cat([known_segments, held_segments]), dim=-1)
+    means = [F.normalize(segments[i:20:3].mean(0), dim=-1) for i in range(3)]
+    means.append(F.normalize(segments[20:].mean(0), dim=-1))
+    return model, segments, torch.stack(means)
+
+
+@pytest.mark.parametrize("rule, known_lost, held_out_unknown", [
+    ("shared", True, True),  # image prototypes win every segment, known ones included
+    ("gated", False, False),  # the saturated explanation test keeps the held-out class on "car"
+    ("calibrated", False, True),  # known segments stay known, the held-out class goes unknown
+    ("shifted", False, True),
+])
+def test_unknown_target_rules_on_a_hand_built_gap(rule, known_lost, held_out_unknown):
+    model, segments, unknown = unknown_rule_world()
+    known = model.known_text
+    model.unknown.rule = rule
+    model.unknown.prototypes.copy_(unknown)
     model.unknown.initialized.fill_(True)
+    model.unknown.calibrate(segments, known)
     valid = torch.ones(40, dtype=torch.bool)
-    for rule, lost_expected in (("shared", True), ("gated", False)):
-        model.hparams.unknown_targets = rule
-        targets, allowed, lost = model._semantic_targets(segments, valid)
-        logits = segments @ targets.t()
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, -torch.inf)
-        to_unknown = logits.argmax(-1) >= 3
-        assert bool(to_unknown[:20].any()) is lost_expected and (float(lost) > 0) is lost_expected
-        assert to_unknown[20:].any()  # unexplained segments keep the unknown prototypes
-        loss = semantic_consistency(segments, segments, targets, 0.01, valid, allowed)
-        assert torch.isfinite(loss) and float(loss) < 1e-4  # model = CLIP: zero divergence under either rule
+    semantic = model.semantic_targets(segments, valid)
+    targets, allowed, bias = semantic["targets"], semantic["allowed"], semantic["bias"]
+    # the assignment recomputed from its definition: argmax of cosine + bias over the allowed targets
+    logits = segments @ targets.t() + bias
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -torch.inf)
+    to_unknown = logits.argmax(-1) >= 3
+    assert torch.equal(to_unknown, semantic["is_unknown"])
+    assert bool(to_unknown[:20].any()) is known_lost
+    assert bool(to_unknown[20:].all()) is held_out_unknown
+    if rule in ("calibrated", "shifted"):
+        assert not to_unknown[:20].any() and to_unknown[20:].all()
+        assert torch.equal(logits[:20, :3].argmax(-1), torch.arange(20) % 3)  # known segments keep their class
+        # the bank is fed exactly the segments the assignment puts on unknown prototypes
+        assert torch.equal(model.unknown.feeds(segments, known), to_unknown)
+    loss = semantic_consistency(segments, segments, targets, 0.01, valid, allowed, bias=bias)
+    assert torch.isfinite(loss) and float(loss) < 1e-4  # model = CLIP: zero divergence under any rule
+
+
+def test_calibrated_gap_is_measured_on_the_known_classes_image_centroids():
+    """gap = mean over segments of cos(s, m_c) − cos(s, t_c), c the segment's best known class and m_c the
+    (EMA) mean of the segments put on c; recomputed here with numpy from that definition."""
+    model, segments, _ = unknown_rule_world()
+    known = model.known_text
+    bank = model.unknown
+    s, t = segments.double().numpy(), known.double().numpy()
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    best = (s @ t.T).argmax(-1)
+    means = unit(np.stack([s[best == c].sum(0) for c in range(3)]))
+    first = np.mean((s * means[best]).sum(-1) - (s * t[best]).sum(-1))
+    bank.calibrate(segments, known)
+    assert bank.gap.item() == pytest.approx(first, abs=1e-5)
+    np.testing.assert_allclose(bank.known_means.numpy(), means, atol=1e-5)
+    # a second batch: centroids and gap move by the EMA (momentum 0.99)
+    half = s[:20]
+    best2 = (half @ t.T).argmax(-1)
+    means2 = unit(np.stack([unit(0.99 * means[c] + 0.01 * unit(half[best2 == c].sum(0))) for c in range(3)]))
+    second = np.mean((half * means2[best2]).sum(-1) - (half * t[best2]).sum(-1))
+    bank.calibrate(segments[:20], known)
+    np.testing.assert_allclose(bank.known_means.numpy(), means2, atol=1e-5)
+    assert bank.gap.item() == pytest.approx(0.99 * first + 0.01 * second, abs=1e-5)

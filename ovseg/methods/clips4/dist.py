@@ -50,3 +50,13 @@ def gather_detached(x: Tensor) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts, dim=0)
+
+
+def global_max(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest ``value`` over processes (segment counts differ per process; gathers need one shape)."""
+    _, size = world()
+    if size == 1:
+        return value
+    tensor = torch.tensor(value, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)

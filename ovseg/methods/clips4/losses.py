@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["pixel_segment_infonce", "pixel_segment_multi_positive", "embedding_consistency", "semantic_consistency",
-           "reduce"]
+__all__ = ["pixel_segment_infonce", "pixel_segment_multi_positive", "pixel_segment_segsort_plus",
+           "embedding_consistency", "semantic_consistency", "reduce"]
 
 _NEG_INF = -1e4  # masked logits (finite so fully masked rows stay finite)
 
@@ -84,6 +84,42 @@ def pixel_segment_multi_positive(
     return reduce(torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1), reduction)
 
 
+def pixel_segment_segsort_plus(
+    pixels: Tensor,
+    prototypes: Tensor,
+    own: Tensor,
+    groups: Tensor,
+    valid_prototypes: Tensor | None = None,
+    concentration: float = 16.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """HSG's ``segsort+`` pixel-segment loss (``hsg/utils/segsort/loss.py``, ``pixel_loss: segsort_plus``): a pixel's
+    positives are the *other* segments of its group (its visually coherent region, in both views); its own segment
+    counts only when the group has no other segment, and is then the only positive. Segments of other groups are
+    the negatives; the own segment, when left out of the positives, is left out of the sum as well:
+    ``L(p) = −log Σ_{S+} exp(κ cos) / (Σ_{S+} exp(κ cos) + Σ_{S−} exp(κ cos))``.
+
+    Args:
+        pixels: ``[P, D]`` pixel embeddings.
+        prototypes: ``[S, D]`` all segment prototypes (both views, all images, all processes).
+        own: ``[P]`` index of each pixel's own segment in ``prototypes``.
+        groups: ``[S]`` group (region) id of each segment; a pixel's group is its own segment's.
+        valid_prototypes: ``[S]`` bool; empty segments are left out of the sums.
+        concentration: κ (HSG: 16).
+    """
+    if pixels.shape[0] == 0:
+        return reduce(pixels.sum(-1) * 0.0 + prototypes.sum() * 0.0, reduction)
+    logits = concentration * (pixels @ prototypes.t())  # [P, S]
+    valid = torch.ones_like(groups, dtype=torch.bool) if valid_prototypes is None else valid_prototypes
+    same = (groups[None, :] == groups[own][:, None]) & valid[None, :]
+    is_own = torch.zeros_like(same).scatter_(1, own[:, None], True)
+    others = same & ~is_own
+    positive = torch.where(others.any(dim=1, keepdim=True), others, is_own)
+    counted = positive | (~same & valid[None, :])
+    return reduce(torch.logsumexp(logits.masked_fill(~counted, _NEG_INF), dim=1)
+                  - torch.logsumexp(logits.masked_fill(~positive, _NEG_INF), dim=1), reduction)
+
+
 def embedding_consistency(
     model_segments: Tensor,
     clip_segments: Tensor,
@@ -121,12 +157,13 @@ def embedding_consistency(
 
 def semantic_consistency(
     model_segments: Tensor, clip_segments: Tensor, targets: Tensor, temperature: float = 0.01,
-    valid: Tensor | None = None, allowed: Tensor | None = None, reduction: str = "mean",
+    valid: Tensor | None = None, allowed: Tensor | None = None, reduction: str = "mean", bias: Tensor | None = None,
 ) -> Tensor:
     """KL(p_CLIP ‖ p_model) over the target classes, averaged over segments.
 
-    ``p = softmax(cos(segment, targets) / τ_s)``; CLIP's side is a detached teacher. ``allowed`` ``[S, T]`` bool
-    restricts each segment's softmaxes to some targets (the unknown-prototype gate).
+    ``p = softmax((cos(segment, targets) + bias) / τ_s)``; CLIP's side is a detached teacher. ``allowed`` ``[S, T]``
+    bool restricts each segment's softmaxes to some targets (the unknown-prototype gate); ``bias`` ``[T]`` shifts
+    each target's cosines (the calibration across the image–text gap).
     """
     if valid is not None:
         model_segments, clip_segments = model_segments[valid], clip_segments[valid]
@@ -134,8 +171,9 @@ def semantic_consistency(
     if model_segments.shape[0] == 0 or targets.shape[0] == 0:
         return reduce(model_segments.sum(-1) * 0.0, reduction)
     targets = targets.detach()
-    clip_logits = clip_segments.detach() @ targets.t() / temperature
-    model_logits = model_segments @ targets.t() / temperature
+    bias = torch.zeros(targets.shape[0], device=targets.device) if bias is None else bias.detach()
+    clip_logits = (clip_segments.detach() @ targets.t() + bias) / temperature
+    model_logits = (model_segments @ targets.t() + bias) / temperature
     if allowed is not None:
         clip_logits, model_logits = clip_logits.masked_fill(~allowed, _NEG_INF), model_logits.masked_fill(~allowed,
                                                                                                           _NEG_INF)

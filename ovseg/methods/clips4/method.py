@@ -15,28 +15,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovseg.data.folds import resolve_vocabulary
-from ovseg.methods.clips4.views import correspondence, warp_to_view
+from ovseg.methods.clips4.views import correspondence, warp_labels_to_view, warp_to_view
 from ovseg.eval.metrics import scores_from_confusion
 from ovseg.eval.protocols import MODEL_NATIVE_SETTINGS
 from ovseg.utils.precision import float32
 from ovseg.methods.base import OVSegMethod, cosine_logits
 from ovseg.methods.clips4.backbones import Backbone, CLIPDenseEncoder
-from ovseg.methods.clips4.dist import gather_detached, gather_with_grad, global_mean
+from ovseg.methods.clips4.dist import gather_detached, gather_with_grad, global_max, global_mean, world
 from ovseg.methods.clips4.losses import (embedding_consistency, pixel_segment_infonce, pixel_segment_multi_positive,
-                                         semantic_consistency)
-from ovseg.methods.clips4.prototypes import UnknownPrototypes, unexplained
-from ovseg.methods.clips4.segments import SEGMENTATIONS, segment_mean, segment_pixels, segment_sizes
+                                         pixel_segment_segsort_plus, semantic_consistency)
+from ovseg.methods.clips4.prototypes import UNKNOWN_TARGETS, UnknownPrototypes
+from ovseg.methods.clips4.segments import SEGMENTATIONS, cut_by_regions, segment_mean, segment_pixels, segment_sizes
 from ovseg.models.clip import CLIPConfig, DenseCLIP
 from ovseg.models.text import TextBank
 
 __all__ = ["CLIPS4", "vocabulary_split_scores"]
 
-#: ``pixel_loss``: SegSort's multi-positive form (the paper's), or InfoNCE with one cross-view positive
-PIXEL_LOSSES = ("segsort_multi_positive", "infonce")
-#: ``unknown_targets``: ``gated`` = segments the known classes explain never see the unknown prototypes; ``shared``
-#: = one softmax over known and unknown prototypes for every segment
-UNKNOWN_TARGETS = ("gated", "shared")
-
+#: ``pixel_loss``: HSG's ``segsort+`` over visually coherent regions (the paper's S+: the segments of the pixel's
+#: region in both views), SegSort's multi-positive form over the own + corresponding segment, or InfoNCE with one
+#: cross-view positive
+PIXEL_LOSSES = ("segsort_plus", "segsort_multi_positive", "infonce")
+#: group id of a segment under ``segsort_plus``: global image index · REGION_SPAN + region
+REGION_SPAN = 1 << 24
 
 
 class CLIPS4(OVSegMethod):
@@ -112,7 +112,8 @@ class CLIPS4(OVSegMethod):
         kmeans_iterations: int = 20,
         segments: Literal["segsort", "embedding"] = "segsort",
         location_weight: float = 1.0,
-        pixel_loss: Literal["segsort_multi_positive", "infonce"] = "segsort_multi_positive",
+        pixel_loss: Literal["segsort_plus", "segsort_multi_positive", "infonce"] = "segsort_plus",
+        region_cut: bool = True,
         concentration: float = 16.0,
         pixel_temperature: float = 0.1,
         own_segment: Literal["exclude", "negative"] = "exclude",
@@ -125,7 +126,7 @@ class CLIPS4(OVSegMethod):
         unknown_momentum: float = 0.99,
         unknown_init_segments: int | None = None,
         unknown_seed: int = 0,
-        unknown_targets: Literal["gated", "shared"] = "gated",
+        unknown_targets: Literal["calibrated", "shifted", "gated", "shared"] = "calibrated",
         lambda_embedding: float = 1.0,
         lambda_semantic: float = 1.0,
         lr: float = 0.01,
@@ -143,6 +144,8 @@ class CLIPS4(OVSegMethod):
             raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {pixel_loss!r}")
         if unknown_targets not in UNKNOWN_TARGETS:
             raise ValueError(f"unknown_targets must be one of {UNKNOWN_TARGETS}, got {unknown_targets!r}")
+        if pixel_loss == "segsort_plus" and not region_cut:
+            raise ValueError("pixel_loss segsort_plus groups segments by region: it needs region_cut: true")
         if own_segment not in ("exclude", "negative"):
             raise ValueError(f"own_segment must be 'exclude' or 'negative', got {own_segment!r}")
         if embedding_loss not in ("infonce", "cosine"):
@@ -164,7 +167,8 @@ class CLIPS4(OVSegMethod):
         self._text_banks: dict[tuple[str, ...], TextBank] = {}
         self.register_buffer("known_text", self._bank(train_templates).embed(self.known_names).float())
         self.unknown = UnknownPrototypes(num_unknown, self.encoder.embed_dim, unknown_momentum, unknown_threshold,
-                                         semantic_temperature, unknown_init_segments, kmeans_iterations)
+                                         semantic_temperature, unknown_init_segments, kmeans_iterations,
+                                         unknown_targets, len(self.known_names))
         self._unknown_generator = torch.Generator().manual_seed(unknown_seed)
 
     # -- text --------------------------------------------------------------------------------------
@@ -225,8 +229,18 @@ class CLIPS4(OVSegMethod):
                 out[i] = f
         return out  # type: ignore[return-value]
 
-    def compute_losses(self, views: Tensor, geometry: Tensor, teacher_images: list[Tensor]) -> dict[str, Tensor]:
-        """views ``[B, 2, 3, S, S]`` in [0, 1], geometry ``[B, 2, 5]`` -> the loss terms and diagnostics."""
+    def view_regions(self, regions: list[Tensor] | None, geometry: Tensor, grid: tuple[int, int]) -> Tensor | None:
+        """Each image's region labels (``[Ht, Wt]``, from :class:`~ovseg.methods.clips4.views.TwoViews`) at the cells
+        of its two views: ``[2B, h·w]`` in the views' order (image0 A, image0 B, ...), or None without regions."""
+        if regions is None:
+            return None
+        return torch.cat([warp_labels_to_view(r.to(geometry.device), geometry[b], grid).flatten(1)
+                          for b, r in enumerate(regions)])
+
+    def compute_losses(self, views: Tensor, geometry: Tensor, teacher_images: list[Tensor],
+                       regions: list[Tensor] | None = None) -> dict[str, Tensor]:
+        """views ``[B, 2, 3, S, S]`` in [0, 1], geometry ``[B, 2, 5]``, regions (optional) a list of B label maps
+        ``[Ht, Wt]`` -> the loss terms and diagnostics."""
         hp = self.hparams
         z = self.embed(views.flatten(0, 1))  # [2B, D, h, w], order: image0 A, image0 B, image1 A, ...
         teacher = self.teacher_features(teacher_images)  # the CLIP teacher may run in bf16 (no gradient)
@@ -236,57 +250,78 @@ class CLIPS4(OVSegMethod):
             n, dim = height * width, z.shape[1]
             zf = z.flatten(2).transpose(1, 2)  # [2B, N, D]
             k = min(hp.num_segments, n)
-            assign = segment_pixels(zf.detach(), height, width, k, hp.kmeans_iterations, hp.segments,
-                                    hp.location_weight)
-            prototypes = segment_mean(zf if hp.prototype_grad else zf.detach(), assign, k)  # [2B, k, D]
-            valid = segment_sizes(assign, k) > 0  # [2B, k]
-            all_prototypes, offset = gather_with_grad(prototypes.reshape(-1, dim))
-            all_valid = gather_detached(valid.flatten())
-            loss_pixel, overlap = self._pixel_loss(zf, assign, geometry, all_prototypes, offset, all_valid,
-                                                   (height, width), k)
+            clusters = segment_pixels(zf.detach(), height, width, k, hp.kmeans_iterations, hp.segments,
+                                      hp.location_weight)
+            region = self.view_regions(regions, geometry, (height, width)) if hp.region_cut else None
+            if hp.pixel_loss == "segsort_plus" and region is None:
+                raise ValueError("pixel_loss segsort_plus needs the images' regions: the training source must give "
+                                 "them (TwoViewImages regions: slic | felzenszwalb, not none)")
+            index, segment_view, segment_region = cut_by_regions(clusters, region)
+            # one segment count on every process (gathers need one shape): padding segments are empty, hence invalid
+            count = global_max(len(segment_view), z.device)
+            prototypes = segment_mean((zf if hp.prototype_grad else zf.detach()).reshape(1, -1, dim),
+                                      index.reshape(1, -1), count)[0]  # [S, D]
+            valid = segment_sizes(index.reshape(1, -1), count)[0] > 0  # [S]
+            all_prototypes, offset = gather_with_grad(prototypes)
+            all_valid = gather_detached(valid)
+            groups = None
+            if hp.pixel_loss == "segsort_plus":
+                image = world()[0] * views.shape[0] + segment_view // 2
+                local_groups = torch.full((count,), -1, dtype=torch.long, device=z.device)
+                local_groups[:len(segment_view)] = image * REGION_SPAN + segment_region
+                groups = gather_detached(local_groups)
+            loss_pixel, overlap = self._pixel_loss(zf, index, geometry, all_prototypes, offset, all_valid,
+                                                   (height, width), groups)
 
             # CLIP teacher features warped into each view, pooled over the model's segments
             with torch.no_grad():
                 warped = torch.cat([warp_to_view(f[None].expand(2, -1, -1, -1), geometry[b], (height, width))
                                     for b, f in enumerate(teacher)])  # [2B, D, h, w]
                 warped = F.normalize(warped, dim=1).flatten(2).transpose(1, 2)
-                clip_segments = segment_mean(warped, assign, k).reshape(-1, dim)  # [2B·k, D]
+                clip_segments = segment_mean(warped.reshape(1, -1, dim), index.reshape(1, -1), count)[0]  # [S, D]
                 all_clip = gather_detached(clip_segments)
 
-            local = prototypes.reshape(-1, dim)
-            positive = offset + torch.arange(local.shape[0], device=z.device)
+            positive = offset + torch.arange(count, device=z.device)
             loss_embedding = global_mean(embedding_consistency(
-                local, all_clip, positive, all_valid, hp.embedding_loss, hp.embedding_temperature, reduction="none"))
-            targets, allowed, lost = self._semantic_targets(clip_segments, valid.flatten())
-            loss_semantic = global_mean(semantic_consistency(local, clip_segments, targets, hp.semantic_temperature,
-                                                             valid.flatten(), allowed, reduction="none"))
+                prototypes, all_clip, positive, all_valid, hp.embedding_loss, hp.embedding_temperature,
+                reduction="none"))
+            semantic = self.semantic_targets(clip_segments, valid)
+            loss_semantic = global_mean(semantic_consistency(
+                prototypes, clip_segments, semantic["targets"], hp.semantic_temperature, valid, semantic["allowed"],
+                reduction="none", bias=semantic["bias"]))
             total = loss_pixel + hp.lambda_embedding * loss_embedding + hp.lambda_semantic * loss_semantic
             return {"loss": total, "pixel": loss_pixel, "embedding": loss_embedding, "semantic": loss_semantic,
-                    "overlap": overlap, "all_clip": all_clip[all_valid], "known_lost_to_unknown": lost,
-                    "segments": valid.sum(dim=1).float().mean()}
+                    "overlap": overlap, "all_clip": all_clip[all_valid],
+                    "unknown_argmax": semantic["unknown_argmax"], "unknown_target": semantic["unknown_target"],
+                    "segments": valid.sum().float() / zf.shape[0]}
 
-    def _pixel_loss(self, zf: Tensor, assign: Tensor, geometry: Tensor, all_prototypes: Tensor, offset: int,
-                    all_valid: Tensor, grid: tuple[int, int], k: int) -> tuple[Tensor, Tensor]:
-        """The pixel-segment loss (``pixel_loss``) of this process's share, and the views' mean overlap."""
+    def _pixel_loss(self, zf: Tensor, index: Tensor, geometry: Tensor, all_prototypes: Tensor, offset: int,
+                    all_valid: Tensor, grid: tuple[int, int], groups: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The pixel-segment loss (``pixel_loss``) of this process's share, and the views' mean overlap. ``index``
+        ``[2B, N]``: each pixel's segment among this process's (``offset`` places them in ``all_prototypes``)."""
         hp = self.hparams
         batch, n, dim = zf.shape[0] // 2, zf.shape[1], zf.shape[2]
-        assign_v, zf_v = assign.view(batch, 2, n), zf.view(batch, 2, n, dim)
-        image_index = torch.arange(batch, device=zf.device)[:, None]
+        index_v = index.view(batch, 2, n)
         per_view_losses, positives, overlap = [], [], []
         for src, dst in ((0, 1), (1, 0)):
-            index, inside = correspondence(geometry[:, src], geometry[:, dst], *grid)  # [B, N]
-            other = offset + (image_index * 2 + dst) * k + torch.gather(assign_v[:, dst], 1, index)
-            own = offset + (image_index * 2 + src) * k + assign_v[:, src]
+            cell, inside = correspondence(geometry[:, src], geometry[:, dst], *grid)  # [B, N]
+            other = offset + torch.gather(index_v[:, dst], 1, cell)
+            own = offset + index_v[:, src]
             overlap.append(inside.float().mean())
             if hp.pixel_loss == "segsort_multi_positive":
-                # S+: the pixel's segment in its view and, inside the overlap, the other view's segment holding
-                # the same point; outside the overlap only the within-view part remains
+                # S+: the pixel's segment in its view and, inside the overlap, the other view's segment holding the
+                # same point; outside the overlap only the within-view part remains
                 positives.append(torch.stack([own, torch.where(inside, other, torch.full_like(other, -1))], -1))
-            else:
+            elif hp.pixel_loss == "infonce":
                 per_view_losses.append(global_mean(pixel_segment_infonce(
-                    zf_v[:, src][inside], all_prototypes, other[inside], all_valid,
+                    zf.view(batch, 2, n, dim)[:, src][inside], all_prototypes, other[inside], all_valid,
                     own[inside] if hp.own_segment == "exclude" else None, hp.pixel_temperature, reduction="none")))
-        if hp.pixel_loss == "segsort_multi_positive":
+        if hp.pixel_loss == "segsort_plus":
+            # S+: the other segments of the pixel's region, in both views (HSG's segsort+); every pixel counts
+            loss = global_mean(pixel_segment_segsort_plus(zf.reshape(-1, dim), all_prototypes,
+                                                          offset + index.reshape(-1), groups, all_valid,
+                                                          hp.concentration, reduction="none"))
+        elif hp.pixel_loss == "segsort_multi_positive":
             # zf's order is image0 A, image0 B, ...: positives per image, then view
             positive_sets = torch.stack(positives, dim=1).reshape(-1, 2)
             loss = global_mean(pixel_segment_multi_positive(zf.reshape(-1, dim), all_prototypes, positive_sets,
@@ -295,35 +330,37 @@ class CLIPS4(OVSegMethod):
             loss = (per_view_losses[0] + per_view_losses[1]) / 2
         return loss, torch.stack(overlap).mean()
 
-    def _semantic_targets(self, clip_segments: Tensor, valid: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Known + unknown prototypes, the targets each segment may use (``unknown_targets``), and the fraction of
-        valid known-explained segments whose CLIP target is an unknown prototype."""
-        hp = self.hparams
-        unknown = self.unknown.active.to(self.known_text.dtype)
-        targets = torch.cat([self.known_text, unknown])
-        explained = ~unexplained(clip_segments, self.known_text, hp.semantic_temperature, hp.unknown_threshold)
-        allowed = None
-        if hp.unknown_targets == "gated" and len(unknown):
-            # a segment the known classes explain (CLIP's best known probability ≥ unknown_threshold, the rule
-            # that keeps it out of the unknown bank) never sees the unknown prototypes
-            allowed = torch.ones(len(clip_segments), len(targets), dtype=torch.bool, device=targets.device)
-            allowed[:, len(self.known_text):] = ~explained[:, None]
-        logits = clip_segments @ targets.t()
+    def semantic_targets(self, clip_segments: Tensor, valid: Tensor | None = None) -> dict[str, Tensor | None]:
+        """The semantic-consistency targets of CLIP segment embeddings ``[S, D]`` under ``unknown_targets``:
+        ``targets`` (known text ∪ unknown prototypes, ``[T, D]``), their cosine ``bias`` ``[T]``, the ``allowed``
+        mask (``gated``) or None, and, over the ``valid`` segments, the share whose CLIP argmax is an unknown
+        prototype before any masking (``unknown_argmax``) and after it (``unknown_target``: what trains)."""
+        known = self.known_text
+        targets = torch.cat([known, self.unknown.targets(known)])
+        bias = self.unknown.target_bias(len(known)).to(known.device)
+        allowed = self.unknown.allowed(clip_segments, known)
+        logits = clip_segments @ targets.t() + bias
+        valid = torch.ones(len(clip_segments), dtype=torch.bool, device=logits.device) if valid is None else valid
+        is_unknown = logits.argmax(dim=-1) >= len(known)
         if allowed is not None:
-            logits = logits.masked_fill(~allowed, -torch.inf)
-        lost = (logits.argmax(dim=-1) >= len(self.known_text)) & explained & valid
-        return targets, allowed, lost.sum() / (explained & valid).sum().clamp_min(1)
+            is_target = logits.masked_fill(~allowed, -torch.inf).argmax(dim=-1) >= len(known)
+        else:
+            is_target = is_unknown
+        count = valid.sum().clamp_min(1)
+        return {"targets": targets, "bias": bias, "allowed": allowed, "is_unknown": is_target,
+                "unknown_argmax": (is_unknown & valid).sum() / count,
+                "unknown_target": (is_target & valid).sum() / count}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.compute_losses(batch["image"], batch["geometry"], batch["teacher_image"])
+        out = self.compute_losses(batch["image"], batch["geometry"], batch["teacher_image"], batch.get("regions"))
         with float32(self.device):
-            unexplained = self.unknown.update(out["all_clip"], self.known_text, self._unknown_generator)
+            fed = self.unknown.update(out["all_clip"], self.known_text, self._unknown_generator)
         size = batch["image"].shape[0]
         self.log_dict({f"train/{k}": out[k].detach() for k in ("loss", "pixel", "embedding", "semantic")},
                       prog_bar=True, batch_size=size)
         self.log_dict({"train/overlap": out["overlap"], "train/segments": out["segments"],
-                       "train/known_lost_to_unknown": out["known_lost_to_unknown"],
-                       "train/unexplained": float(unexplained),
+                       "train/unknown_argmax": out["unknown_argmax"], "train/unknown_target": out["unknown_target"],
+                       "train/unknown_fed": float(fed),
                        "train/unknown_ready": float(bool(self.unknown.initialized))}, batch_size=size)
         return out["loss"]
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["SEGMENTATIONS", "spherical_kmeans", "grid_shape", "grid_labels", "segsort_kmeans", "segment_pixels",
-           "segment_mean", "segment_sizes"]
+           "cut_by_regions", "segment_mean", "segment_sizes"]
 
 SEGMENTATIONS = ("segsort", "embedding")
 
@@ -105,6 +105,22 @@ def segment_pixels(x: Tensor, height: int, width: int, k: int, iterations: int =
     if method == "embedding":
         return spherical_kmeans(x, k, iterations, generator)[0]
     raise ValueError(f"segments must be one of {SEGMENTATIONS}, got {method!r}")
+
+
+@torch.no_grad()
+def cut_by_regions(clusters: Tensor, regions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Clusters ``[V, N]`` of V views, cut by region labels ``[V, N]`` (or not, when None) as HSG partitions its
+    k-means clusters by its region labels (``segsort/common.py``: ``prepare_prototype_labels``): every
+    (view, cluster, region) that holds a pixel is one segment.
+
+    Returns ``(index [V, N]`` of each pixel's segment in ``[0, S)``, ``view [S]``, ``region [S])``; segments are
+    numbered in (view, cluster, region) order, so none is empty.
+    """
+    views = torch.arange(clusters.shape[0], device=clusters.device)[:, None].expand_as(clusters)
+    region = torch.zeros_like(clusters) if regions is None else regions.to(clusters.device)
+    keys, index = torch.unique(torch.stack([views, clusters, region], dim=-1).reshape(-1, 3), dim=0,
+                               return_inverse=True)
+    return index.view_as(clusters), keys[:, 0], keys[:, 2]
 
 
 def segment_sizes(assign: Tensor, k: int, weight: Tensor | None = None) -> Tensor:

@@ -34,7 +34,12 @@ from ovseg.data.sources import ImageFolder, SpecImages, TrainSource
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-__all__ = ["TwoViews", "TwoViewImages", "view_grid", "warp_to_view", "correspondence", "geometry_from_params"]
+__all__ = ["TwoViews", "TwoViewImages", "view_grid", "warp_to_view", "warp_labels_to_view", "correspondence",
+           "geometry_from_params", "REGIONS", "over_segment"]
+
+#: ``regions`` of :class:`TwoViews`: the over-segmentation whose regions group CLIP-S4's positives (HSG uses
+#: SE-OWT-UCM regions; scikit-image's SLIC and Felzenszwalb are the well-kept stand-ins), or none
+REGIONS = ("slic", "felzenszwalb", "none")
 
 X0, Y0, X1, Y1, FLIP = range(5)
 
@@ -80,6 +85,28 @@ def warp_to_view(source_features: Tensor, geometry: Tensor, size: tuple[int, int
                          align_corners=False)
 
 
+def warp_labels_to_view(labels: Tensor, geometry: Tensor, size: tuple[int, int]) -> Tensor:
+    """An integer label map of the whole source image ``[H, W]`` -> the label at each cell centre of views with
+    ``geometry`` ``[V, 5]`` on a ``size`` grid: ``[V, *size]`` (nearest; labels below 2**24 stay exact in float32)."""
+    source = labels.float()[None, None].expand(geometry.shape[0], 1, -1, -1)
+    return warp_to_view(source, geometry, size, mode="nearest")[:, 0].round().long()
+
+
+def over_segment(image: np.ndarray, method: str, count: int = 24, compactness: float = 10.0,
+                 scale: float = 100.0) -> np.ndarray:
+    """``HxWx3`` uint8 -> region labels ``[H, W]`` int32 from 0, by ``method`` (:data:`REGIONS` but ``none``):
+    ``slic`` (about ``count`` superpixels of ``compactness``) or ``felzenszwalb`` (graph cut at ``scale``)."""
+    from skimage.segmentation import felzenszwalb, slic
+
+    if method == "slic":
+        labels = slic(image, n_segments=count, compactness=compactness, start_label=0, channel_axis=-1)
+    elif method == "felzenszwalb":
+        labels = felzenszwalb(image, scale=scale, sigma=0.8, min_size=max(1, image.shape[0] * image.shape[1] // 400))
+    else:
+        raise ValueError(f"regions must be one of {REGIONS}, got {method!r}")
+    return np.unique(labels, return_inverse=True)[1].reshape(labels.shape).astype(np.int32)
+
+
 def correspondence(geometry_a: Tensor, geometry_b: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """For each cell of view A (``[B, h*w]``, row-major), the flat index of the cell of view B containing
     the same source point, and whether that point lies inside B's crop."""
@@ -100,9 +127,10 @@ class TwoViews:
     un-augmented image for the CLIP teacher.
 
     Output: ``image`` uint8 ``[2, 3, S, S]``; ``geometry`` float32 ``[2, 5]``; ``teacher_image`` uint8
-    ``[3, Ht, Wt]`` — the whole image resized so its short side is ``teacher_short_side`` (long side capped
-    at ``teacher_long_side_max``), each side rounded to a multiple of ``teacher_multiple`` (the teacher's
-    patch) so its features cover exactly the source extent ``[0, 1]``.
+    ``[3, Ht, Wt]`` — the whole image resized so its short side is ``teacher_short_side`` (long side capped at
+    ``teacher_long_side_max``), each side rounded to a multiple of ``teacher_multiple`` (the teacher's patch) so its
+    features cover exactly the source extent ``[0, 1]``; ``regions`` int32 ``[Ht, Wt]``, the teacher image's
+    over-segmentation (unless ``regions: none``).
 
     Args:
         crop_size: view side (336 in CLIP-S4).
@@ -110,6 +138,11 @@ class TwoViews:
         flip: random horizontal flips.
         color_jitter: brightness/contrast/saturation strength (hue = strength / 4); 0 disables (R: 0.4, p 0.8).
         grayscale: probability of a grey view (R: 0.2).
+        regions: over-segmentation of the teacher image (:data:`REGIONS`), returned as ``regions`` (its labels at
+            the teacher image's size): CLIP-S4's visually coherent regions, carried into both views by their
+            geometry (:func:`warp_labels_to_view`). ``none`` leaves them out.
+        region_count / region_compactness: SLIC's ``n_segments`` and ``compactness`` (R: 24, 10).
+        region_scale: Felzenszwalb's ``scale``.
     """
 
     def __init__(
@@ -124,8 +157,17 @@ class TwoViews:
         teacher_short_side: int = 336,
         teacher_long_side_max: int = 1344,
         teacher_multiple: int = 16,
+        regions: str = "slic",
+        region_count: int = 24,
+        region_compactness: float = 10.0,
+        region_scale: float = 100.0,
     ):
         import albumentations as A
+
+        if regions not in REGIONS:
+            raise ValueError(f"regions must be one of {REGIONS}, got {regions!r}")
+        self.regions, self.region_count = regions, region_count
+        self.region_compactness, self.region_scale = region_compactness, region_scale
 
         self.crop_size = crop_size
         self.teacher_short_side = teacher_short_side
@@ -175,11 +217,16 @@ class TwoViews:
         views, geometry = zip(*(self.view(image) for _ in range(2)))
         th, tw = self.teacher_size(*image.shape[:2])
         teacher = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA if th < image.shape[0] else cv2.INTER_LINEAR)
+        regions = {}
+        if self.regions != "none":
+            labels = over_segment(teacher, self.regions, self.region_count, self.region_compactness, self.region_scale)
+            regions["regions"] = torch.from_numpy(labels)
         return {
             **{k: v for k, v in sample.items() if k != "image"},
             "image": torch.from_numpy(np.stack(views).transpose(0, 3, 1, 2).copy()),
             "geometry": torch.from_numpy(np.stack(geometry)),
             "teacher_image": torch.from_numpy(teacher.transpose(2, 0, 1).copy()),
+            **regions,
         }
 
 
@@ -219,6 +266,7 @@ class TwoViewImages(TrainSource):
             "image": torch.stack([s["image"] for s in samples]),
             "geometry": torch.stack([s["geometry"] for s in samples]),
             "teacher_image": [s["teacher_image"] for s in samples],
+            **({"regions": [s["regions"] for s in samples]} if "regions" in samples[0] else {}),
             "meta": [s["meta"] for s in samples],
         }
 

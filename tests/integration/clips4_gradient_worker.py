@@ -33,8 +33,14 @@ def build_model(pixel_loss: str):
     torch.manual_seed(0)
     model = CLIPS4(clip=CLIPConfig(name="tiny-vit", pretrained=None, last_block="value", residual="token"),
                    known_classes=["cat", "dog", "car", "sky"], train_templates="single", num_segments=6,
-                   kmeans_iterations=5, num_unknown=0, pixel_loss=pixel_loss,
+                   kmeans_iterations=5, num_unknown=3, pixel_loss=pixel_loss, region_cut=pixel_loss == "segsort_plus",
                    backbone=CLIPDenseEncoder(trainable_blocks=1, output_stride=8, head_dim=16))
+    # the unknown bank active and calibrated (as after its initialisation), so the semantic loss has unknown targets
+    generator = torch.Generator().manual_seed(1)
+    model.unknown.prototypes.copy_(torch.nn.functional.normalize(torch.randn(3, model.encoder.embed_dim,
+                                                                             generator=generator), dim=-1))
+    model.unknown.initialized.fill_(True)
+    model.unknown.gap.fill_(-0.05)
     # a non-zero last head conv, so every trainable tensor has a gradient to compare
     for parameter in model.backbone.parameters():
         if parameter.requires_grad and not parameter.abs().sum():
@@ -42,7 +48,7 @@ def build_model(pixel_loss: str):
     return model.train()
 
 
-def main(out: str, pixel_loss: str = "segsort_multi_positive") -> None:
+def main(out: str, pixel_loss: str = "segsort_plus") -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -52,6 +58,7 @@ def main(out: str, pixel_loss: str = "segsort_multi_positive") -> None:
     views = torch.stack([s["image"] for s in mine]).float() / 255
     geometry = torch.stack([s["geometry"] for s in mine])
     losses = model.compute_losses(views, geometry, [s["teacher_image"] for s in mine], [s["regions"] for s in mine])
+    assert float(losses["unknown_target"]) > 0, "the unknown prototypes must be some segments' targets"
     losses["loss"].backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     if world > 1:

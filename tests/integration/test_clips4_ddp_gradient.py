@@ -1,5 +1,6 @@
 """CLIP-S4 trains the same on N processes as on one: a 2-process (gloo) step's averaged gradient equals the
-1-process gradient of the same global batch."""
+1-process gradient of the same global batch, with the unknown prototypes among the semantic targets and, for
+``segsort_plus``, region groups and segment counts that differ between the processes."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _run(out: Path, world: int, pixel_loss: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("pixel_loss", ["segsort_multi_positive", "infonce"])
+@pytest.mark.parametrize("pixel_loss", ["segsort_plus", "segsort_multi_positive", "infonce"])
 def test_two_processes_give_the_one_process_gradient(tmp_path, pixel_loss):
     one = _run(tmp_path / "one.pt", 1, pixel_loss)
     two = _run(tmp_path / "two.pt", 2, pixel_loss)

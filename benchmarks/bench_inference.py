@@ -4,6 +4,7 @@
     python benchmarks/bench_inference.py --models tiny   # quick
     python benchmarks/bench_inference.py --device cuda   # on a GPU
     python benchmarks/bench_inference.py --models vitb16 --protocols --device cuda   # + each protocol's images/s
+    python benchmarks/bench_inference.py --models tiny --batching    # + batched vs one-at-a-time evaluation
 
 Numbers go into benchmarks/README.md by hand, with the machine they were measured on. Random weights
 are as fast as real ones, so nothing is downloaded.
@@ -117,6 +118,34 @@ def bench_protocols(name: str, device: str, repeats: int, batch: int = 4) -> dic
     return {"model": MODELS[name], "device": device, **out}
 
 
+def bench_batching(name: str, device: str, repeats: int, batch: int = 8) -> dict:
+    """Whole-image evaluation (maskclip protocol, short side 448) of ``batch`` 375x500 images as one batch vs one
+    at a time, images/s; and the bilinear upsampling of one image's 21-class scores to 448x597 from the layout the
+    batch's einsum gives (channels-last) over the contiguous one."""
+    import torch.nn.functional as F
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    method = MaskCLIP(CLIPConfig(name=MODELS[name], pretrained=None, last_block="vanilla")).to(device).eval()
+    evaluator = Evaluator(load_protocol("maskclip"), {"templates": "single", "short_side": 448}, window_batch_size=8)
+    entry = evaluator.add_dataset(method, "voc21", None, 0, torch.device(device))
+    images = [torch.rand(3, 375, 500, device=device) for _ in range(batch)]
+    with torch.no_grad():
+        batched = timed(lambda: evaluator.predict_batch(method, entry, images, [(375, 500)] * batch), repeats, sync)
+        single = timed(lambda: [evaluator.predict_batch(method, entry, [image], [(375, 500)]) for image in images],
+                       repeats, sync)
+    scores = torch.einsum("bdhw,qd->bqhw", torch.randn(batch, 64, 28, 37, device=device),
+                          torch.randn(21, 64, device=device))[0]
+
+    def upsample(x):
+        return F.interpolate(x[None], size=(448, 597), mode="bilinear", align_corners=False)
+
+    layout = timed(lambda: upsample(scores), repeats, sync) / timed(lambda: upsample(scores.contiguous()), repeats,
+                                                                      sync)
+    return {"model": MODELS[name], "device": device, f"whole_batched_{batch}_images_per_s": round(batch / batched, 2),
+            "whole_one_at_a_time_images_per_s": round(batch / single, 2),
+            "upsample_channels_last_over_contiguous": round(layout, 2)}
+
+
 def evaluator_windows(entry, image):
     from ovseg.eval.inference import slide_windows
     from ovseg.utils.geometry import keep_ratio_size
@@ -156,6 +185,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--protocols", action="store_true", help="also images/s under each shipped protocol")
+    parser.add_argument("--batching", action="store_true", help="also batched vs one-at-a-time evaluation")
     parser.add_argument("--memory-size", default="1024x2048", help="HxW of the 171-class peak-memory measure")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -163,6 +193,8 @@ def main() -> None:
     results = [bench_model(m, args.device, args.repeats) for m in args.models.split(",")]
     if args.protocols:
         results += [bench_protocols(m, args.device, args.repeats) for m in args.models.split(",")]
+    if args.batching:
+        results += [bench_batching(m, args.device, args.repeats) for m in args.models.split(",")]
     results.append(memory)
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     results.append({"torch_threads": torch.get_num_threads(), "max_rss_MiB": max_rss})

@@ -51,7 +51,7 @@ STEPS = {
                         "1500x2250", "--masks", "100", "--steps", "24", "--precision", "fp32,bf16", "--workers",
                         "4,8,12", "--json", "{out}/data_wait.json"]),
     "inference": (100, ["benchmarks/bench_inference.py", "--models", "vitb16", "--device", "cuda", "--protocols",
-                        "--json", "{out}/inference.json"]),
+                        "--batching", "--json", "{out}/inference.json"]),
 }
 #: the same steps at toy size on the CPU (``--cpu-smoke``): the arguments replaced, in order
 SMOKE = {

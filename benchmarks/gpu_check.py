@@ -271,16 +271,25 @@ def requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
         return re.findall(r'"([^"]+)"', block)
 
 
+#: distributions that install the same module as a required one (a machine's image may carry either)
+ALTERNATIVES = {"opencv-python-headless": ("opencv-python", "opencv-contrib-python", "opencv-contrib-python-headless")}
+
+
 def missing_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
-    """Requirements of pyproject.toml not installed in this interpreter (by distribution name)."""
+    """Requirements of pyproject.toml not installed in this interpreter (by distribution name, or one of its
+    :data:`ALTERNATIVES`)."""
     from importlib.metadata import PackageNotFoundError, version
 
     missing = []
     for requirement in requirements(pyproject):
         name = re.match(r"[A-Za-z0-9._-]+", requirement).group()
-        try:
-            version(name)
-        except PackageNotFoundError:
+        for candidate in (name, *ALTERNATIVES.get(name, ())):
+            try:
+                version(candidate)
+                break
+            except PackageNotFoundError:
+                continue
+        else:
             missing.append(requirement)
     return missing
 

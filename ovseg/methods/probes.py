@@ -39,6 +39,8 @@ __all__ = ["KNNProbe", "LinearProbe", "pixel_embeddings", "segment_bank", "knn_v
            "resize_short_side"]
 
 IGNORE = 255
+#: ``cluster_resolution`` of :class:`KNNProbe`
+CLUSTER_RESOLUTIONS = ("input", "embedding")
 Embed = Callable[[Tensor], Tensor]
 
 
@@ -66,9 +68,14 @@ def resize_short_side(image: Tensor, label: Tensor | None, short_side: int | Non
 
 
 def _segments(embeddings: Tensor, num_segments: int, iterations: int, method: str = "segsort",
-              location_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+              location_weight: float = 1.0, size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """``[D, h, w]`` -> (assignments ``[h, w]``, segment embeddings ``[k, D]``), deterministic (``method``: see
-    :func:`ovseg.methods.clips4.segments.segment_pixels`)."""
+    :func:`ovseg.methods.clips4.segments.segment_pixels`). With ``size`` the embeddings are first resized to it
+    (bilinear) and re-normalised, as HSG clusters at the input's resolution (``generate_embeddings(...,
+    resize_as_input=True)``); the assignments are then ``[*size]``."""
+    if size is not None and tuple(size) != tuple(embeddings.shape[-2:]):
+        embeddings = F.normalize(F.interpolate(embeddings[None], size=tuple(size), mode="bilinear",
+                                               align_corners=False)[0], dim=0)
     dim, height, width = embeddings.shape
     flat = embeddings.flatten(1).t()[None]
     k = min(num_segments, flat.shape[1])
@@ -89,9 +96,10 @@ def _majority(assign: Tensor, label: Tensor, k: int, num_classes: int) -> Tensor
 
 def segment_bank(embed: Embed, samples, num_classes: int, num_segments: int = 36, iterations: int = 20,
                  short_side: int | None = None, device: torch.device | str = "cpu", segments: str = "segsort",
-                 location_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+                 location_weight: float = 1.0, at_input: bool = False) -> tuple[Tensor, Tensor]:
     """Training samples (``image`` uint8/float ``[3, H, W]``, ``label`` ``[H, W]``) -> segment embeddings
-    ``[S, D]`` and their majority labels ``[S]`` (segments without labelled pixels dropped)."""
+    ``[S, D]`` and their majority labels ``[S]`` (segments without labelled pixels dropped); ``at_input``: clustered
+    at the (resized) image's resolution."""
     feats, labels = [], []
     for sample in samples:
         image = sample["image"].to(device)
@@ -99,7 +107,8 @@ def segment_bank(embed: Embed, samples, num_classes: int, num_segments: int = 36
         image, label = resize_short_side(image, sample["label"].to(device), short_side)
         with torch.no_grad():
             emb = embed(image[None])[0]
-        assign, seg = _segments(emb, num_segments, iterations, segments, location_weight)
+        assign, seg = _segments(emb, num_segments, iterations, segments, location_weight,
+                                image.shape[-2:] if at_input else None)
         seg_labels = _majority(assign, label, seg.shape[0], num_classes)
         keep = seg_labels >= 0
         feats.append(seg[keep])
@@ -285,7 +294,8 @@ class KNNProbe(_Probe):
     def __init__(self, embedder: OVSegMethod, checkpoint: str | None = None, train_dataset: str = "voc21",
                  train_split: str = "train", train_limit: int | None = None, train_short_side: int | None = 512,
                  num_segments: int = 36, kmeans_iterations: int = 20, neighbours: int = 20,
-                 segments: str = "segsort", location_weight: float = 1.0, **evaluation: Any):
+                 segments: str = "segsort", location_weight: float = 1.0, cluster_resolution: str = "input",
+                 **evaluation: Any):
         """A k-NN segment probe.
 
         Args:
@@ -301,10 +311,17 @@ class KNNProbe(_Probe):
             segments: how images are cut: ``segsort`` (SegSort's k-means on embeddings and pixel locations) or
                 ``embedding`` (spherical k-means on the embeddings alone).
             location_weight: weight of the pixel locations beside the embeddings (``segments: segsort``).
+            cluster_resolution: ``input`` (HSG's evaluation, ``pyscripts/inference/inference.py`` and
+                ``prototype.py``: embeddings resized to the image, clustered there, and every segment given the one
+                label its neighbours' majority votes for) or ``embedding`` (clusters on the embedding grid, vote counts
+                upsampled bilinearly by the evaluator: soft segment borders).
             **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
         """
+        if cluster_resolution not in CLUSTER_RESOLUTIONS:
+            raise ValueError(f"cluster_resolution must be one of {CLUSTER_RESOLUTIONS}, got {cluster_resolution!r}")
         super().__init__(embedder, checkpoint, train_dataset, train_split, train_limit, train_short_side,
                          **evaluation)
+        self.cluster_resolution = cluster_resolution
         self.num_segments, self.kmeans_iterations, self.neighbours = num_segments, kmeans_iterations, neighbours
         self.segments, self.location_weight = segments, location_weight
         self.bank: Tensor | None = None
@@ -315,17 +332,21 @@ class KNNProbe(_Probe):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         shard = (dataset[i] for i in range(rank, len(dataset), world))
         bank, labels = segment_bank(self.embed, shard, self.num_classes, self.num_segments, self.kmeans_iterations,
-                                    self.train_short_side, self.device, self.segments, self.location_weight)
+                                    self.train_short_side, self.device, self.segments, self.location_weight,
+                                    at_input=self.cluster_resolution == "input")
         self.bank = _gather_variable(bank, 0.0)
         self.bank_labels = _gather_variable(labels, -1)
         rank_zero_info(f"k-NN bank: {self.bank.shape[0]} labelled segments from {len(dataset)} images")
 
     def scores(self, images: Tensor) -> Tensor:
+        at_input = self.cluster_resolution == "input"
         out = []
         for emb in self.embed(images):
             assign, segments = _segments(emb, self.num_segments, self.kmeans_iterations, self.segments,
-                                         self.location_weight)
+                                         self.location_weight, images.shape[-2:] if at_input else None)
             votes = knn_votes(segments, self.bank, self.bank_labels, self.num_classes, self.neighbours)
+            if at_input:  # one label per segment: its neighbours' majority (first class on a tie)
+                votes = F.one_hot(votes.argmax(1), self.num_classes).float()
             out.append(votes[assign].permute(2, 0, 1))  # [C, h, w]
         return torch.stack(out)
 

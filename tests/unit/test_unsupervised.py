@@ -107,3 +107,35 @@ def test_probes_run_through_ovseg_test(tmp_path, probe):
     assert len(voc["per_class"]) == 21 and voc["mIoU"] is not None
     cm = np.array(voc["confusion_matrix"])
     assert cm.sum() > 0 and cm.shape == (21, 21)
+
+
+@pytest.mark.parametrize("resolution", ["input", "embedding"])
+def test_knn_probe_clusters_at_the_input_resolution_with_one_label_per_segment(resolution):
+    """HSG's evaluation: embeddings resized to the image, k-means there, each segment one label (the majority of its
+    neighbours' labels, recomputed here with numpy); ``embedding`` keeps the stride grid and soft vote counts."""
+    from ovseg.methods.probes import KNNProbe
+
+    train = [_sample(i) for i in range(6)]
+    bank, labels = segment_bank(separable_embed, train, C, num_segments=12, iterations=10,
+                                at_input=resolution == "input")
+    probe = torch.nn.Module.__new__(KNNProbe)
+    torch.nn.Module.__init__(probe)
+    probe.embed = separable_embed
+    probe.num_segments, probe.kmeans_iterations, probe.neighbours = 12, 10, 5
+    probe.segments, probe.location_weight, probe.num_classes = "segsort", 1.0, C
+    probe.bank, probe.bank_labels, probe.cluster_resolution = bank, labels, resolution
+    image = _sample(100)["image"].float()[None] / 255
+    scores = probe.scores(image)[0]
+    if resolution == "embedding":
+        assert scores.shape[-2:] == (8, 8) and scores.sum(0).max() == 5  # vote counts on the stride-4 grid
+        return
+    assert scores.shape == (C, 32, 32)
+    assign, segments = _segments(separable_embed(image)[0], 12, 10, size=(32, 32))
+    assert assign.shape == (32, 32)
+    prediction = scores.argmax(0)
+    bank_np, labels_np = F.normalize(bank, dim=-1).numpy(), labels.numpy()
+    for s in assign.unique().tolist():
+        nearest = np.argsort(-(bank_np @ F.normalize(segments[s], dim=0).numpy()), kind="stable")[:5]
+        majority = np.bincount(labels_np[nearest], minlength=C).argmax()
+        assert (prediction[assign == s] == majority).all()  # the whole segment: one label
+    assert torch.equal(scores.sum(0), torch.ones(32, 32))  # one-hot: no soft borders

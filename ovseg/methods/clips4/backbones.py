@@ -26,6 +26,13 @@ class UpsampleHead(nn.Module):
     so the head starts as plain upsampling of the CLIP features (R)."""
 
     def __init__(self, dim: int, factor: int, hidden: int = 256):
+        """The head.
+
+        Args:
+            dim: feature width (in and out).
+            factor: upsampling factor (1: refinement only).
+            hidden: width of the refinement convs.
+        """
         super().__init__()
         self.factor = factor
         groups = 8 if hidden % 8 == 0 else 1
@@ -56,16 +63,18 @@ def _drop_text_tower(model: nn.Module) -> None:
 class CLIPDenseEncoder(Backbone):
     """The teacher's CLIP image encoder, copied from it (same weights), with MaskCLIP-style dense output
     (last block: value path) and a light trainable upsampling head to ``output_stride`` (R).
-
-    Args:
-        trainable_blocks: fine-tune the last N transformer blocks plus ``ln_post`` and the projection
-            (R: 4; 0 freezes the encoder and trains the head only). Non-ViT CLIPs: N > 0 trains the whole
-            image tower.
-        output_stride: 8 (R) or the patch size (no upsampling).
-        head_dim: hidden width of the head.
     """
 
     def __init__(self, trainable_blocks: int = 4, output_stride: int = 8, head_dim: int = 256):
+        """The student encoder.
+
+        Args:
+            trainable_blocks: fine-tune the last N transformer blocks plus ``ln_post`` and the projection
+                (R: 4; 0 freezes the encoder and trains the head only). Non-ViT CLIPs: N > 0 trains the whole
+                image tower.
+            output_stride: 8 (R) or the patch size (no upsampling).
+            head_dim: hidden width of the head.
+        """
         super().__init__()
         self.trainable_blocks, self.output_stride, self.head_dim = trainable_blocks, output_stride, head_dim
         self._settings = dict(trainable_blocks=trainable_blocks, output_stride=output_stride, head_dim=head_dim)

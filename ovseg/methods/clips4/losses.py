@@ -40,6 +40,8 @@ def pixel_segment_infonce(
         exclude: ``[P]`` index of one more prototype to leave out of each pixel's negatives (the pixel's
             own segment in its own view), or None.
         temperature: τ_pix.
+        reduction: ``mean`` or ``none``.
+
     Returns the mean loss over pixels (0 with a graph when there are none), or per pixel (``reduction="none"``).
     """
     if pixels.shape[0] == 0:
@@ -72,6 +74,8 @@ def pixel_segment_multi_positive(
         positives: ``[P, M]`` indices into ``prototypes`` of each pixel's positive set S+ (−1: unused slot).
         valid_prototypes: ``[S]`` bool; empty segments are left out of the sums.
         concentration: κ (HSG: 16, i.e. τ = 1/16).
+        reduction: ``mean`` or ``none``.
+
     Every other valid prototype is in S−. Returns the mean over pixels, or per pixel (``reduction="none"``).
     """
     if pixels.shape[0] == 0:
@@ -106,6 +110,7 @@ def pixel_segment_segsort_plus(
         groups: ``[S]`` group (region) id of each segment; a pixel's group is its own segment's.
         valid_prototypes: ``[S]`` bool; empty segments are left out of the sums.
         concentration: κ (HSG: 16).
+        reduction: ``mean`` or ``none``.
     """
     if pixels.shape[0] == 0:
         return reduce(pixels.sum(-1) * 0.0 + prototypes.sum() * 0.0, reduction)
@@ -139,6 +144,8 @@ def embedding_consistency(
             ``valid[positive]``).
         mode: ``infonce`` (segment-level InfoNCE, other segments' CLIP embeddings as negatives) or
             ``cosine`` (1 - cos with the own CLIP embedding).
+        temperature: τ_emb of ``infonce``.
+        reduction: ``mean`` or ``none``.
     """
     clip_segments = clip_segments.detach()
     keep = torch.ones_like(positive, dtype=torch.bool) if valid is None else valid[positive]

@@ -43,57 +43,31 @@ class CLIPS4(OVSegMethod):
     """CLIP-S4: pixel-segment contrastive learning across two views, tied to a frozen CLIP teacher by
     embedding consistency and semantic consistency (known + unknown prototypes).
 
-    Training step (spec "Data flow"): the backbone embeds both views (L2-normalised, stride 8) and each view is cut
-    into ``num_segments`` segments by the clustering the paper cites, SegSort's (``segments: segsort``: spherical
-    k-means on embeddings plus normalised coordinates from a 6 × 6 grid, 20 iterations; see
-    :mod:`ovseg.methods.clips4.segments`). Pixel-segment loss (``pixel_loss: segsort_multi_positive``, the
-    paper's SegSort form at concentration κ = 16 as HSG): a pixel's positives are its own segment and, inside the
-    views' overlap, the other view's segment holding the same point; every other segment of both views of all
-    images on all processes is a negative; pixels outside the overlap keep the within-view part. The frozen CLIP
-    teacher's MaskCLIP features of the un-augmented image are warped into each view; pooled over the model's
-    segments they give CLIP segment embeddings. Embedding consistency: the model's segment embedding must pick
-    its own CLIP segment embedding among the batch's (R: InfoNCE, τ 0.1; or ``cosine``). Semantic consistency:
-    KL(p_CLIP ‖ p_model) over K known prototypes (text embeddings of the training vocabulary,
-    ``train_templates``) and M unknown prototypes (R: 32, see :mod:`ovseg.methods.clips4.prototypes`), softmax at
-    τ_s (R: 0.01); segments the known classes explain never see the unknown prototypes (``unknown_targets:
-    gated``: unknown prototypes are CLIP *image* means, which sit closer to any image segment than text
-    embeddings do, so in one shared softmax they take over known segments; logged as
-    ``train/known_lost_to_unknown``). Total (R): L_pix + λ_emb L_emb + λ_sem L_sem with λ = 1, 1. SGD (momentum
-    0.9, weight decay 1e-3; confirmed), poly-0.9, the backbone at ×0.1 (R). Under DDP the segment prototypes
-    are gathered with gradient and the losses divided by global counts, so N processes train as one process
-    with the N-fold batch (:mod:`ovseg.methods.clips4.dist`).
-
-    Earlier reconstructions stay settings: ``segments: embedding`` (k-means on embeddings only, random starts),
-    ``pixel_loss: infonce`` (one cross-view positive per overlapping pixel at ``pixel_temperature``, the pixel's
-    own segment excluded from its negatives by ``own_segment``), ``unknown_targets: shared``.
+    Training step: the backbone embeds both views (L2-normalised, stride 8). Each view is cut into segments by
+    SegSort's clustering (``segments: segsort``: spherical k-means on embeddings plus normalised coordinates from a
+    grid; :mod:`ovseg.methods.clips4.segments`), and the clusters are cut by the image's over-segmentation regions
+    carried into the view (``region_cut``; regions from :class:`~ovseg.methods.clips4.views.TwoViews`), as HSG cuts
+    its k-means clusters by its region labels. Pixel-segment loss (``pixel_loss: segsort_plus``, HSG's rule at
+    κ = 16): a pixel's positives are the other segments of its visually coherent region in both views (its own
+    segment only when the region holds no other), the segments of other regions of all images on all processes
+    are its negatives. The frozen CLIP teacher's MaskCLIP features of the un-augmented image are warped into each
+    view; pooled over the model's segments they give CLIP segment embeddings. Embedding consistency: the model's
+    segment embedding must pick its own CLIP segment embedding among the batch's (R: InfoNCE, τ 0.1; or
+    ``cosine``). Semantic consistency: KL(p_CLIP ‖ p_model) over K known prototypes (text embeddings of the
+    training vocabulary) and M unknown prototypes (image-side, learned without names), one assignment over both,
+    made comparable across CLIP's image–text gap by ``unknown_targets`` (:mod:`ovseg.methods.clips4.prototypes`:
+    ``calibrated``, ``shifted``; ``gated`` and ``shared`` are the earlier forms). Total (R): L_pix + λ_emb L_emb +
+    λ_sem L_sem. SGD (momentum 0.9, weight decay 1e-3; confirmed), poly-0.9, the backbone at ×0.1 (R). Under DDP
+    the segment prototypes are gathered with gradient and the losses divided by global counts, so N processes
+    train as one process with the N-fold batch (:mod:`ovseg.methods.clips4.dist`). Logged: the pixel, embedding
+    and semantic losses, ``train/unknown_argmax`` (segments whose CLIP argmax is an unknown prototype, before any
+    masking) and ``train/unknown_target`` (after it: what trains).
 
     Inference: per-pixel cosine between the backbone's embeddings and the class text embeddings (the
     teacher's text encoder, the protocol's templates), like MaskCLIP.
 
-    Reconstructed settings (R) and their defaults: ``num_segments=36``, ``kmeans_iterations=20``,
-    ``location_weight=1`` (HSG), ``concentration=16`` (HSG), ``pixel_temperature=0.1`` and ``own_segment="exclude"``
-    (``pixel_loss: infonce`` only: the pixel's own segment in its own view is not a negative; ``"negative"`` keeps
-    it), ``prototype_grad=True`` (gradients flow through segment
-    prototypes), ``embedding_loss="infonce"``, ``embedding_temperature=0.1``, ``semantic_temperature=0.01``,
-    ``num_unknown=32``, ``unknown_threshold=0.5``, ``unknown_momentum=0.99``, ``unknown_init_segments=None``
-    (4 × M), ``lambda_embedding=1``, ``lambda_semantic=1``, ``lr=0.01``, ``backbone_lr_mult=0.1``,
-    ``poly_power=0.9``; the backbone's (:class:`CLIPDenseEncoder`: last 4 blocks + an upsampling head to
-    stride 8) and the views' (:class:`ovseg.methods.clips4.views.TwoViewImages`: crop scale (0.25, 1), colour jitter
-    0.4, grey 0.2, teacher short side = crop size).
-
-    Args:
-        clip: the CLIP teacher (MaskCLIP-style dense output: ``last_block=value``); the default backbone
-            starts from a copy of it.
-        known_classes: the training vocabulary — a list of names, a class-name file (``voc20``) or
-            ``context59-fold{i}`` (the other three Pascal Context folds). Only these names are encoded during
-            training.
-        backbone: a :class:`Backbone` (default :class:`CLIPDenseEncoder`; or
-            :class:`ovseg.models.deeplab.DeepLabResNet`).
-        train_templates: templates of the known prototypes (CLIP-S4: the 85 MaskCLIP templates).
-        strict_vocabulary: while fitting, refuse to encode names outside the training vocabulary (turn on
-            for held-out protocols, where validation must not run during fit).
-        unknown_seed: seed of the unknown-prototype k-means initialisation (same on every process).
-        **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+    No public code exists: every setting marked (R) is a reconstruction from the paper's abstract and supplementary
+    and the authors' earlier SegSort / HSG code; ``ovseg toyworld clips4-study`` measures the choices.
     """
 
     HPARAMS_IGNORE = ("backbone",)
@@ -137,6 +111,53 @@ class CLIPS4(OVSegMethod):
         strict_vocabulary: bool = False,
         **evaluation: Any,
     ):
+        """CLIP-S4 with its reconstructed settings (R) as defaults.
+
+        Args:
+            clip: the CLIP teacher (MaskCLIP-style dense output: ``last_block=value``); the default backbone
+                starts from a copy of it.
+            known_classes: the training vocabulary — a list of names, a class-name file (``voc20``) or
+                ``context59-fold{i}`` (the other three Pascal Context folds). Only these names are encoded during
+                training.
+            backbone: a :class:`Backbone` (default :class:`CLIPDenseEncoder`: the last 4 blocks + an upsampling head
+                to stride 8; or :class:`ovseg.models.deeplab.DeepLabResNet`).
+            train_templates: templates of the known prototypes (CLIP-S4: the 85 MaskCLIP templates).
+            num_segments: k-means clusters per view before the region cut (R: 36; HSG trains with 4 × 4 = 16).
+            kmeans_iterations: k-means iterations (R: 20; HSG trains with 15).
+            segments: ``segsort`` (k-means on embeddings + coordinates from a grid, HSG) or ``embedding``
+                (embeddings only, random starts: the earlier form).
+            location_weight: weight of the coordinates beside the embeddings (HSG: 1).
+            pixel_loss: ``segsort_plus`` (HSG's rule over regions), ``segsort_multi_positive`` (own segment + the
+                other view's segment at the same point) or ``infonce`` (one cross-view positive).
+            region_cut: cut the k-means clusters by the over-segmentation regions the batch carries (needed by
+                ``segsort_plus``; the training source must give regions).
+            concentration: κ of the SegSort losses (HSG: 16).
+            pixel_temperature: τ of ``pixel_loss: infonce`` (R: 0.1).
+            own_segment: ``pixel_loss: infonce`` only — ``exclude`` the pixel's own segment from its negatives, or
+                keep it as a ``negative``.
+            prototype_grad: gradients flow through the segment prototypes (R: true).
+            embedding_loss: ``infonce`` (R) or ``cosine``.
+            embedding_temperature: τ of the embedding InfoNCE (R: 0.1).
+            semantic_temperature: τ_s of the semantic softmaxes (R: 0.01, CLIP's logit scale 100).
+            num_unknown: M unknown prototypes (R: 32; 0 disables them).
+            unknown_threshold: a segment is explained when CLIP's best known probability reaches it (the bank's
+                initialisation, ``gated``, ``shifted``'s confident segments; R: 0.5).
+            unknown_momentum: EMA momentum of the unknown prototypes and their calibration (R: 0.99).
+            unknown_init_segments: unexplained segments collected before the bank's k-means start (None: 4 × M).
+            unknown_seed: seed of the unknown-prototype k-means initialisation (same on every process).
+            unknown_targets: which segments meet the unknown prototypes and feed the bank: ``calibrated``,
+                ``shifted``, ``gated`` or ``shared`` (:mod:`ovseg.methods.clips4.prototypes`).
+            lambda_embedding: λ_emb (R: 1).
+            lambda_semantic: λ_sem (R: 1).
+            lr: learning rate of the head; see the configs for the values used and why.
+            backbone_lr_mult: the fine-tuned CLIP blocks' learning rate relative to ``lr`` (R: 0.1).
+            momentum: SGD momentum (0.9, supplementary).
+            weight_decay: SGD weight decay (1e-3, supplementary).
+            poly_power: power of the poly learning-rate decay (R: 0.9).
+            strict_vocabulary: while fitting, refuse to encode names outside the training vocabulary (turn on
+                for held-out protocols, where validation must not run during fit).
+            **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
+        """
         super().__init__(**evaluation)
         if segments not in SEGMENTATIONS:
             raise ValueError(f"segments must be one of {SEGMENTATIONS}, got {segments!r}")

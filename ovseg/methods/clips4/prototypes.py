@@ -51,17 +51,6 @@ def unexplained(clip_segments: Tensor, known: Tensor, temperature: float, thresh
 
 class UnknownPrototypes(nn.Module):
     """The bank of unknown prototypes and its assignment rule.
-
-    Args:
-        num: M, the number of unknown prototypes (0 disables them).
-        dim: the CLIP embedding width.
-        momentum: EMA momentum of the prototypes and of the calibration (``gap`` / ``offset``).
-        threshold: a segment is explained when CLIP's best known probability (at ``temperature``) reaches it.
-        temperature: τ_s of the softmaxes.
-        init_min_segments: unexplained segments collected before the k-means initialisation (default 4 × M).
-        kmeans_iterations: iterations of that k-means.
-        rule: one of :data:`UNKNOWN_TARGETS`.
-        num_known: K, the number of known prototypes (``calibrated`` keeps an image-side centroid for each).
     """
 
     prototypes: Tensor
@@ -73,6 +62,19 @@ class UnknownPrototypes(nn.Module):
     def __init__(self, num: int, dim: int, momentum: float = 0.99, threshold: float = 0.5,
                  temperature: float = 0.01, init_min_segments: int | None = None, kmeans_iterations: int = 20,
                  rule: str = "calibrated", num_known: int = 0):
+        """An empty bank (initialised from the first unexplained segments).
+
+        Args:
+            num: M, the number of unknown prototypes (0 disables them).
+            dim: the CLIP embedding width.
+            momentum: EMA momentum of the prototypes and of the calibration (``gap`` / ``offset``).
+            threshold: a segment is explained when CLIP's best known probability (at ``temperature``) reaches it.
+            temperature: τ_s of the softmaxes.
+            init_min_segments: unexplained segments collected before the k-means initialisation (default 4 × M).
+            kmeans_iterations: iterations of that k-means.
+            rule: one of :data:`UNKNOWN_TARGETS`.
+            num_known: K, the number of known prototypes (``calibrated`` keeps an image-side centroid for each).
+        """
         super().__init__()
         if rule not in UNKNOWN_TARGETS:
             raise ValueError(f"unknown_targets must be one of {UNKNOWN_TARGETS}, got {rule!r}")

@@ -32,6 +32,7 @@ def spherical_kmeans(
         k: clusters per element (at most N).
         iterations: assignment/update rounds.
         generator: RNG for the initial centres (k distinct points per element).
+
     Returns:
         ``(assignments [B, N] int64 in [0, k), centres [B, k, D] unit norm)``. A cluster that loses all
         its points keeps its previous centre (it may end up empty; see :func:`segment_sizes`).

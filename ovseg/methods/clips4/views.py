@@ -131,18 +131,6 @@ class TwoViews:
     ``teacher_long_side_max``), each side rounded to a multiple of ``teacher_multiple`` (the teacher's patch) so its
     features cover exactly the source extent ``[0, 1]``; ``regions`` int32 ``[Ht, Wt]``, the teacher image's
     over-segmentation (unless ``regions: none``).
-
-    Args:
-        crop_size: view side (336 in CLIP-S4).
-        crop_scale / crop_ratio: ``RandomResizedCrop`` area fraction and aspect range (R: (0.25, 1), (3/4, 4/3)).
-        flip: random horizontal flips.
-        color_jitter: brightness/contrast/saturation strength (hue = strength / 4); 0 disables (R: 0.4, p 0.8).
-        grayscale: probability of a grey view (R: 0.2).
-        regions: over-segmentation of the teacher image (:data:`REGIONS`), returned as ``regions`` (its labels at
-            the teacher image's size): CLIP-S4's visually coherent regions, carried into both views by their
-            geometry (:func:`warp_labels_to_view`). ``none`` leaves them out.
-        region_count / region_compactness: SLIC's ``n_segments`` and ``compactness`` (R: 24, 10).
-        region_scale: Felzenszwalb's ``scale``.
     """
 
     def __init__(
@@ -162,6 +150,26 @@ class TwoViews:
         region_compactness: float = 10.0,
         region_scale: float = 100.0,
     ):
+        """The two-view transform.
+
+        Args:
+            crop_size: view side (336 in CLIP-S4).
+            crop_scale: ``RandomResizedCrop`` area fraction (R: (0.25, 1)).
+            crop_ratio: ``RandomResizedCrop`` aspect range (R: (3/4, 4/3)).
+            flip: random horizontal flips.
+            color_jitter: brightness/contrast/saturation strength (hue = strength / 4); 0 disables (R: 0.4).
+            color_jitter_p: probability of the jitter (R: 0.8).
+            grayscale: probability of a grey view (R: 0.2).
+            teacher_short_side: short side of the teacher's un-augmented image (R: the crop size).
+            teacher_long_side_max: cap on its long side.
+            teacher_multiple: its sides are rounded to this multiple (the teacher's patch size).
+            regions: over-segmentation of the teacher image (:data:`REGIONS`), returned as ``regions`` (its labels at
+                the teacher image's size): CLIP-S4's visually coherent regions, carried into both views by their
+                geometry (:func:`warp_labels_to_view`). ``none`` leaves them out.
+            region_count: SLIC's ``n_segments`` (R: 24).
+            region_compactness: SLIC's ``compactness`` (scikit-image's default 10).
+            region_scale: Felzenszwalb's ``scale``.
+        """
         import albumentations as A
 
         if regions not in REGIONS:
@@ -234,14 +242,8 @@ class TwoViewImages(TrainSource):
     """CLIP-S4's training source: unlabelled images (a benchmark split, or a folder) as two views.
 
     Batches: ``image`` uint8 ``[B, 2, 3, S, S]`` (the DataModule turns it into floats in [0, 1]),
-    ``geometry`` ``[B, 2, 5]``, ``teacher_image`` a list of B uint8 ``[3, Ht, Wt]`` (sizes differ), ``meta``.
-
-    Args:
-        dataset / split: the benchmark split whose images are used (labels never read); ignored when
-            ``folder`` is given.
-        folder: any image folder (relative to the data root or absolute) instead.
-        limit: first N images only.
-        views: the :class:`TwoViews` settings (``crop_size``, ``crop_scale``, ``color_jitter``, …).
+    ``geometry`` ``[B, 2, 5]``, ``teacher_image`` a list of B uint8 ``[3, Ht, Wt]`` (sizes differ), ``regions`` a list
+    of B int32 ``[Ht, Wt]`` (unless ``regions: none``), ``meta``.
     """
 
     def __init__(
@@ -252,6 +254,15 @@ class TwoViewImages(TrainSource):
         limit: int | None = None,
         **views: Any,
     ):
+        """A two-view training source.
+
+        Args:
+            dataset: the benchmark whose images are used (labels never read); ignored when ``folder`` is given.
+            split: its split.
+            folder: any image folder (relative to the data root or absolute) instead.
+            limit: first N images only.
+            views: the :class:`TwoViews` settings (``crop_size``, ``crop_scale``, ``color_jitter``, …).
+        """
         self.views = TwoViews(**views)
         if folder is not None:
             self.source: TrainSource = ImageFolder(folder, limit=limit, transform=self.views)

@@ -210,11 +210,12 @@ def _write_json(path: Path, record: dict) -> None:
 
 # -- the README tables ----------------------------------------------------------------------------------------------
 def report(record: dict) -> str:
-    """benchmarks/README.md's GPU-check tables from a ``gpu_check.json``."""
+    """benchmarks/README.md's GPU-check tables from a ``gpu_check.json`` (also one cut short: what was measured)."""
     steps = record["steps"]
+    seconds = record.get("seconds", sum(e["seconds"] for e in steps.values()))
     lines = [f"`gpu_check.sh` ({record['mode']}), {record['started'][:10]}, commit {(record.get('commit') or '?')[:7]}"
              f", {record.get('nvidia_smi') or 'no GPU'}; torch {steps.get('env', {}).get('result', {}).get('torch')}"
-             f"; {record['seconds']:.0f} s of a {record['budget_s']} s budget"
+             f"; {seconds:.0f} s of a {record['budget_s']} s budget"
              f"{'' if record['ok'] else '; FAILED: ' + ', '.join(n for n, e in steps.items() if e['status'] != 'ok')}"
              ".", ""]
     step = steps.get("step", {}).get("result")

@@ -93,6 +93,8 @@ def test_failed_hung_and_resultless_steps_fail_the_run_loudly(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "gpu_check: FAILED: fails (failed), hangs (timed out), no_result (failed)" in err
     assert "boom" in (tmp_path / "out/gpu_check.log").read_text()
+    summary = gpu_check.report(record).splitlines()[0]
+    assert "FAILED: fails, hangs, no_result" in summary and "torch 2;" in summary
     # the hung step's own child was killed with it (its process group)
     grandchild = int(pid_file.read_text())
     deadline = time.time() + 5

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ovseg.eval.protocols import MODEL_NATIVE_SETTINGS
 from ovseg.methods.base import OVSegMethod
-from ovseg.methods.clips4.segments import segment_mean, segment_pixels
+from ovseg.models.segments import segment_mean, segment_pixels
 
 __all__ = ["KNNProbe", "LinearProbe", "pixel_embeddings", "segment_bank", "knn_votes", "fit_linear_probe",
            "resize_short_side"]
@@ -70,7 +70,7 @@ def resize_short_side(image: Tensor, label: Tensor | None, short_side: int | Non
 def _segments(embeddings: Tensor, num_segments: int, iterations: int, method: str = "segsort",
               location_weight: float = 1.0, size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """``[D, h, w]`` -> (assignments ``[h, w]``, segment embeddings ``[k, D]``), deterministic (``method``: see
-    :func:`ovseg.methods.clips4.segments.segment_pixels`). With ``size`` the embeddings are first resized to it
+    :func:`ovseg.models.segments.segment_pixels`). With ``size`` the embeddings are first resized to it
     (bilinear) and re-normalised, as HSG clusters at the input's resolution (``generate_embeddings(...,
     resize_as_input=True)``); the assignments are then ``[*size]``."""
     if size is not None and tuple(size) != tuple(embeddings.shape[-2:]):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.methods.clips4.losses import pixel_segment_segsort_plus
-from ovseg.methods.clips4.segments import cut_by_regions
+from ovseg.models.segments import cut_by_regions
 from ovseg.methods.clips4.views import TwoViewImages, TwoViews, over_segment, view_grid, warp_labels_to_view
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.methods.clips4.losses import pixel_segment_multi_positive, semantic_consistency
-from ovseg.methods.clips4.segments import grid_labels, grid_shape, segment_pixels, segsort_kmeans
+from ovseg.models.segments import grid_labels, grid_shape, segment_pixels, segsort_kmeans
 
 
 def _naive_segsort(x: np.ndarray, height: int, width: int, rows: int, cols: int, iterations: int,

@@ -6,7 +6,7 @@ from ovseg.methods.clips4.losses import (embedding_consistency, pixel_segment_in
                                          semantic_consistency)
 from ovseg.methods.clips4.method import CLIPS4, vocabulary_split_scores
 from ovseg.methods.clips4.prototypes import UnknownPrototypes, unexplained
-from ovseg.methods.clips4.segments import (segment_mean, segment_pixels, segment_sizes, segsort_kmeans,
+from ovseg.models.segments import (segment_mean, segment_pixels, segment_sizes, segsort_kmeans,
                                            spherical_kmeans)
 from ovseg.methods.clips4.views import TwoViewImages, TwoViews
 

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from ovseg.methods.clips4.segments import cut_by_regions, segment_mean, segment_pixels
+from ovseg.models.segments import cut_by_regions, segment_mean, segment_pixels
 from ovseg.methods.clips4.views import over_segment, warp_labels_to_view
 
 __all__ = ["unknown_target_shares"]

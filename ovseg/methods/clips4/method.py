@@ -25,7 +25,7 @@ from ovseg.methods.clips4.dist import gather_detached, gather_with_grad, global_
 from ovseg.methods.clips4.losses import (embedding_consistency, pixel_segment_infonce, pixel_segment_multi_positive,
                                          pixel_segment_segsort_plus, semantic_consistency)
 from ovseg.methods.clips4.prototypes import UNKNOWN_TARGETS, UnknownPrototypes
-from ovseg.methods.clips4.segments import SEGMENTATIONS, cut_by_regions, segment_mean, segment_pixels, segment_sizes
+from ovseg.models.segments import SEGMENTATIONS, cut_by_regions, segment_mean, segment_pixels, segment_sizes
 from ovseg.models.clip import CLIPConfig, DenseCLIP
 from ovseg.models.text import TextBank
 
@@ -45,7 +45,7 @@ class CLIPS4(OVSegMethod):
 
     Training step: the backbone embeds both views (L2-normalised, stride 8). Each view is cut into segments by
     SegSort's clustering (``segments: segsort``: spherical k-means on embeddings plus normalised coordinates from a
-    grid; :mod:`ovseg.methods.clips4.segments`), and the clusters are cut by the image's over-segmentation regions
+    grid; :mod:`ovseg.models.segments`), and the clusters are cut by the image's over-segmentation regions
     carried into the view (``region_cut``; regions from :class:`~ovseg.methods.clips4.views.TwoViews`), as HSG cuts
     its k-means clusters by its region labels. Pixel-segment loss (``pixel_loss: segsort_plus``, HSG's rule at
     κ = 16): a pixel's positives are the other segments of its visually coherent region in both views (its own

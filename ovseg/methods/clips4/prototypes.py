@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovseg.methods.clips4.segments import spherical_kmeans
+from ovseg.models.segments import spherical_kmeans
 
 __all__ = ["UNKNOWN_TARGETS", "UnknownPrototypes", "unexplained"]
 

@@ -1,4 +1,5 @@
-"""Pixel segments: batched spherical k-means and segment pooling (CLIP-S4 steps 3 and 6).
+"""Pixel segments of an embedding map: batched spherical k-means, SegSort's clustering, the cut by regions and segment
+pooling — shared by CLIP-S4's training step and the k-NN probe.
 
 Two ways to cut a view into segments (``segments`` setting of CLIP-S4 and its k-NN probe):
 

@@ -23,7 +23,6 @@ from ovseg.utils.project import project_path
 
 __all__ = ["LeaderboardSettings", "run_leaderboard", "leaderboard_table", "format_leaderboard"]
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIGS = project_path("configs/toyworld")
 DATASET = "toyworld"
 METRICS = ("mIoU", "pAcc", "mAcc")
@@ -129,7 +128,7 @@ def run_leaderboard(s: LeaderboardSettings, log=print) -> dict[str, Any]:
         config = CONFIGS / m.config
         log(f"[leaderboard] {m.key}: {'frozen start' if m.trained else 'zero-shot'} on toy val")
         if not m.trained:
-            rows[m.key] = {"title": m.title, "config": str(config.relative_to(REPO)),
+            rows[m.key] = {"title": m.title, "config": f"configs/toyworld/{config.name}",
                            "test": _test(config, out / m.key / "test", s)}
             continue
         steps = getattr(s, m.steps_setting)
@@ -138,7 +137,7 @@ def run_leaderboard(s: LeaderboardSettings, log=print) -> dict[str, Any]:
         ckpt, fit_seconds = _fit(config, out / m.key / "fit", steps, s)
         log(f"[leaderboard] {m.key}: fine-tuned on toy val")
         tuned = _test(config, out / m.key / "tuned", s, "--ckpt_path", str(ckpt))
-        rows[m.key] = {"title": m.title, "config": str(config.relative_to(REPO)), "steps": steps,
+        rows[m.key] = {"title": m.title, "config": f"configs/toyworld/{config.name}", "steps": steps,
                        "fit_seconds": fit_seconds, "frozen": frozen, "tuned": tuned,
                        "gain": {k: round(tuned[k] - frozen[k], 2) for k in METRICS}}
     table: dict[str, Any] = {"dataset": DATASET, "root": s.root, "seed": s.seed,

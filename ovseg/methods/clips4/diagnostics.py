@@ -8,7 +8,7 @@ as they stand. With the majority ground-truth class of each segment:
 - ``held_out_to_unknown`` / ``known_to_unknown``: the share of segments of held-out (unnamed) classes and of known
   classes whose CLIP target is an unknown prototype — what the rule is for: the first high, the second low;
 - ``bank_held_out``: the share of held-out-class segments among those the rule feeds to the bank (chance = the
-  held-out share of all segments, ``held_out_share``).
+  held-out share of all segments, ``held_out_share``; None without a bank).
 """
 
 from __future__ import annotations
@@ -80,6 +80,6 @@ def unknown_target_shares(model: Any, samples: Iterable[dict], class_names: list
 
     return {"held_out_to_unknown": share(counts["held_out_to_unknown"], counts["held_out"]),
             "known_to_unknown": share(counts["known_to_unknown"], counts["known"]),
-            "bank_held_out": share(counts["fed_held_out"], counts["fed"]),
+            "bank_held_out": share(counts["fed_held_out"], counts["fed"]) if model.unknown.num else None,
             "held_out_share": share(counts["held_out"], counts["held_out"] + counts["known"]),
             "bank_ready": bool(model.unknown.initialized), "counts": counts}

@@ -123,6 +123,10 @@ def _cell(values: list[float | None], digits: int = 2) -> str:
         f"{values[0]:.{digits}f}"
 
 
+def _percent(cell: str) -> str:
+    return cell if cell == "–" else cell + "%"
+
+
 def _diagnostic(run: dict[str, Any], key: str) -> float | None:
     """A diagnostic share, in %, averaged over a run's folds."""
     values = [d[key] for d in run.get("fold_diagnostics", []) if d.get(key) is not None]
@@ -139,7 +143,7 @@ def format_study(study: dict[str, Any]) -> str:
         frozen = frozen or next((r["frozen"] for r in runs if r.get("frozen")), None)
         lines.append(f"| {name} | {_cell([r.get('mIoU') for r in runs])} | "
                      + " | ".join(_cell([r.get(f"fold_{k}") for r in runs]) for k in FOLD_KEYS) + " | "
-                     + " | ".join(_cell([_diagnostic(r, k) for r in runs], 1) + "%" for k in (
+                     + " | ".join(_percent(_cell([_diagnostic(r, k) for r in runs], 1)) for k in (
                          "held_out_to_unknown", "known_to_unknown", "bank_held_out")) + " |")
     if frozen:
         lines.append("| frozen start (every variant) | | " + " | ".join(

@@ -152,10 +152,9 @@ def test_clips4_study_plumbing(tmp_path, capsys):
     assert "held-out segments → unknown" in (folds / "study.md").read_text()
 
 
-# Fine-tuning gains on the default world, seeds 0/1/2, 2 torch threads (measured with `ovseg toyworld leaderboard`;
-# ovseg/toyworld/README.md), augmentations drawn per (seed, epoch, sample): CLIP-S4 200 steps +1.49 / +1.67 / +1.59
-# mIoU, +2.95 / +3.17 / +3.02 pAcc (SegSort segments, multi-positive loss, gated unknowns, lr 3e-4: the settings
-# before regions, segsort+ and calibrated unknowns; ovseg/toyworld/README.md has the current ones); PixelCLIP
+# Fine-tuning gains on the default world, seeds 0/1/2 (measured with `ovseg toyworld leaderboard` / `clips4-study`;
+# ovseg/toyworld/README.md), augmentations drawn per (seed, epoch, sample): CLIP-S4 200 steps +1.03 / +1.29 / +0.78
+# mIoU, +2.12 / +2.67 / +1.56 pAcc (regions, segsort+, calibrated unknown prototypes, lr 3e-4); PixelCLIP
 # 100 steps +0.21 / -0.07 / -0.64 mIoU (mean -0.17), within seed noise on
 # this world. CLIP-S4's gain is asserted on the mean and on every seed; PixelCLIP's only as not falling apart (its
 # mean stays within 2 mIoU of the frozen start). Floors leave headroom for thread-count and platform noise.

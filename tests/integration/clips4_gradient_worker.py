@@ -41,6 +41,7 @@ def build_model(pixel_loss: str):
                                                                              generator=generator), dim=-1))
     model.unknown.initialized.fill_(True)
     model.unknown.gap.fill_(-0.05)
+    model.unknown.calibrated.fill_(True)
     # a non-zero last head conv, so every trainable tensor has a gradient to compare
     for parameter in model.backbone.parameters():
         if parameter.requires_grad and not parameter.abs().sum():

@@ -58,6 +58,7 @@ class UnknownPrototypes(nn.Module):
     gap: Tensor
     offset: Tensor
     known_means: Tensor
+    calibrated: Tensor
 
     def __init__(self, num: int, dim: int, momentum: float = 0.99, threshold: float = 0.5,
                  temperature: float = 0.01, init_min_segments: int | None = None, kmeans_iterations: int = 20,
@@ -83,9 +84,10 @@ class UnknownPrototypes(nn.Module):
         self.kmeans_iterations, self.rule = kmeans_iterations, rule
         self.register_buffer("prototypes", torch.zeros(num, dim))
         self.register_buffer("initialized", torch.tensor(False))
-        # calibration across the image–text gap (EMA; 'calibrated': a cosine, 'shifted': a vector); NaN = not measured
-        self.register_buffer("gap", torch.tensor(float("nan")))
-        self.register_buffer("offset", torch.full((dim,), float("nan")))
+        # calibration across the image–text gap (EMA; 'calibrated': a cosine, 'shifted': a vector), once measured
+        self.register_buffer("gap", torch.tensor(0.0))
+        self.register_buffer("offset", torch.zeros(dim))
+        self.register_buffer("calibrated", torch.tensor(False))
         self.register_buffer("known_means", torch.zeros(num_known, dim))  # 0 = no segment seen yet
         self._pending: list[Tensor] = []
         self._register_load_state_dict_pre_hook(_add_calibration_keys, with_module=True)
@@ -119,14 +121,14 @@ class UnknownPrototypes(nn.Module):
     def targets(self, known: Tensor) -> Tensor:
         """The unknown prototypes as the semantic targets see them (``shifted``: moved to the text side)."""
         unknown = self.active.to(known.dtype)
-        if self.rule == "shifted" and len(unknown) and not torch.isnan(self.offset).any():
+        if self.rule == "shifted" and len(unknown) and bool(self.calibrated):
             return F.normalize(unknown + self.offset.to(known.dtype), dim=-1)
         return unknown
 
     def target_bias(self, num_known: int) -> Tensor:
         """``[K + M]`` offsets added to the cosines to the targets (``calibrated``: −gap on the unknown side)."""
         bias = torch.zeros(num_known + len(self.active), device=self.prototypes.device)
-        if self.rule == "calibrated" and len(self.active) and not torch.isnan(self.gap):
+        if self.rule == "calibrated" and len(self.active) and bool(self.calibrated):
             bias[num_known:] = -self.gap
         return bias
 
@@ -192,12 +194,12 @@ class UnknownPrototypes(nn.Module):
         gap, offset = self._calibration(segments, known)
         for buffer, value in ((self.gap, gap), (self.offset, offset)):
             if value is not None:
-                blended = value if torch.isnan(buffer).any() else self.momentum * buffer + (1 - self.momentum) * value
+                blended = self.momentum * buffer + (1 - self.momentum) * value if bool(self.calibrated) else value
                 buffer.copy_(blended)
+                self.calibrated.fill_(True)
 
 
 def _add_calibration_keys(module: UnknownPrototypes, state_dict: dict, prefix: str, *args) -> None:
     """Checkpoints written before the calibration buffers existed load with them unmeasured."""
-    for name in ("gap", "offset"):
-        state_dict.setdefault(prefix + name, torch.full_like(getattr(module, name), float("nan")))
-    state_dict.setdefault(prefix + "known_means", torch.zeros_like(module.known_means))
+    for name in ("gap", "offset", "known_means", "calibrated"):
+        state_dict.setdefault(prefix + name, torch.zeros_like(getattr(module, name)))

@@ -150,7 +150,7 @@ def test_unknown_target_rules_on_a_hand_built_gap(rule, known_lost, held_out_unk
     if allowed is not None:
         logits = logits.masked_fill(~allowed, -torch.inf)
     to_unknown = logits.argmax(-1) >= 3
-    assert torch.equal(to_unknown, semantic["is_unknown"])
+    assert torch.equal(to_unknown, semantic["to_unknown"])
     assert bool(to_unknown[:20].any()) is known_lost
     assert bool(to_unknown[20:].all()) is held_out_unknown
     if rule in ("calibrated", "shifted"):

@@ -64,9 +64,9 @@ def unknown_target_shares(model: Any, samples: Iterable[dict], class_names: list
         votes.index_put_((index.flatten()[keep], grid_label[keep]), torch.ones(int(keep.sum()), device=index.device),
                          accumulate=True)
         labelled = votes.sum(1) > 0
-        segment_held_out = held_out.to(index.device)[votes.argmax(1)] & labelled
-        segment_known = ~held_out.to(index.device)[votes.argmax(1)] & labelled
-        to_unknown = model.semantic_targets(clip_segments)["is_unknown"]
+        majority_held_out = held_out.to(index.device)[votes.argmax(1)]
+        segment_held_out, segment_known = majority_held_out & labelled, ~majority_held_out & labelled
+        to_unknown = model.semantic_targets(clip_segments)["to_unknown"]
         fed = model.unknown.feeds(clip_segments, model.known_text) & labelled
         counts["held_out"] += int(segment_held_out.sum())
         counts["known"] += int(segment_known.sum())

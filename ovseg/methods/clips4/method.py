@@ -354,13 +354,14 @@ class CLIPS4(OVSegMethod):
     def semantic_targets(self, clip_segments: Tensor, valid: Tensor | None = None) -> dict[str, Tensor | None]:
         """The semantic-consistency targets of CLIP segment embeddings ``[S, D]`` under ``unknown_targets``:
         ``targets`` (known text ∪ unknown prototypes, ``[T, D]``), their cosine ``bias`` ``[T]``, the ``allowed``
-        mask (``gated``) or None, and, over the ``valid`` segments, the share whose CLIP argmax is an unknown
-        prototype before any masking (``unknown_argmax``) and after it (``unknown_target``: what trains)."""
+        mask (``gated``) or None, ``to_unknown`` ``[S]`` (the segments whose target is an unknown prototype) and, over
+        the ``valid`` segments, the share whose CLIP argmax is an unknown prototype before any masking
+        (``unknown_argmax``) and after it (``unknown_target``: what trains)."""
         known = self.known_text
         targets = torch.cat([known, self.unknown.targets(known)])
         bias = self.unknown.target_bias(len(known)).to(known.device)
         allowed = self.unknown.allowed(clip_segments, known)
-        logits = clip_segments @ targets.t() + bias
+        logits = self.unknown.logits(clip_segments, known)  # the assignment: cosines to ``targets`` plus ``bias``
         valid = torch.ones(len(clip_segments), dtype=torch.bool, device=logits.device) if valid is None else valid
         is_unknown = logits.argmax(dim=-1) >= len(known)
         if allowed is not None:
@@ -368,7 +369,7 @@ class CLIPS4(OVSegMethod):
         else:
             is_target = is_unknown
         count = valid.sum().clamp_min(1)
-        return {"targets": targets, "bias": bias, "allowed": allowed, "is_unknown": is_target,
+        return {"targets": targets, "bias": bias, "allowed": allowed, "to_unknown": is_target,
                 "unknown_argmax": (is_unknown & valid).sum() / count,
                 "unknown_target": (is_target & valid).sum() / count}
 

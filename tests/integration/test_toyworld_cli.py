@@ -97,8 +97,11 @@ def test_leaderboard_plumbing(tmp_path, capsys):
     assert table["recognition"]["num_images"] == 3 and "zero-shot recognition" in markdown
     assert "leaderboard:" in capsys.readouterr().out
     picture = Image.open(out / "predictions.png")
-    # image, ground truth, CLIP, MaskCLIP, SCLIP, ClearCLIP, NACLIP, 2 x (frozen, tuned); 2x scale
-    assert picture.width == 11 * 2 * 96 + 10 * 4
+    # image, ground truth, one column per zero-shot method, frozen + tuned per trained one; 2x scale, 4-px gaps
+    from ovseg.toyworld.leaderboard import METHODS
+
+    columns = 2 + sum(2 if m.trained else 1 for m in METHODS)
+    assert columns >= 11 and picture.width == columns * 2 * 96 + (columns - 1) * 4
     # rerunning with --reuse recomputes nothing and gives the same table
     mtime = (out / "clips4" / "tuned" / "results.json").stat().st_mtime_ns
     assert main(["toyworld", "leaderboard", "--root", str(root), "--out", str(out), "--pixelclip-steps", "1",

@@ -188,16 +188,10 @@ def constructor_error(err: ValueError) -> ValueError:
 def read_checkpoint_hparams(path: str | Path) -> dict:
     """A Lightning checkpoint's ``hyper_parameters`` (memory-mapped: the weights are not read). A missing, truncated
     or foreign file raises an error naming it."""
-    import torch
+    from ovseg.utils.io import load_weights_file
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001  (zip/pickle errors of every kind)
-        raise ValueError(f"{path}: cannot read the checkpoint, truncated, not a PyTorch checkpoint or holding objects "
-                         f"that do not load safely ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    checkpoint = load_weights_file(path, "checkpoint", mmap=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return dict(checkpoint.get("hyper_parameters") or {})

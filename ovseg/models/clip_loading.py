@@ -109,7 +109,15 @@ def load_open_clip(config: CLIPConfig) -> tuple[nn.Module, str]:
         raise IsADirectoryError(f"pretrained={pretrained!r} is a folder: pass the weights file inside it, or use "
                                 f"name='local-dir:{weights_path}' for a folder with open_clip_config.json")
     if weights_path.is_file():
-        model = open_clip.create_model(name, pretrained=str(weights_path), **kwargs)
+        if weights_path.suffix != ".safetensors":  # a pickle: refuse one that would run code, naming it
+            from ovseg.utils.io import load_weights_file
+
+            load_weights_file(weights_path, "CLIP weights file", allow_numpy=True, mmap=True)
+        try:
+            model = open_clip.create_model(name, pretrained=str(weights_path), **kwargs)
+        except RuntimeError as err:
+            raise ValueError(f"{weights_path}: not weights of the open_clip model {name}: "
+                             f"{str(err).strip().splitlines()[0][:300]}") from None
         return model, f"{name}/file:{weights_path.resolve()}#sha256:{_sha256_prefix([weights_path])}"
     if _looks_like_path(pretrained):
         raise FileNotFoundError(f"CLIP weights file not found: {weights_path}")

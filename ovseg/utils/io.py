@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -56,3 +58,52 @@ def atomic_save_png(path: str | Path, array: np.ndarray, palette: np.ndarray | N
         image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
     with atomic_open(path, "wb") as f:
         image.save(f, format="PNG")
+
+
+def load_weights_file(path: str | Path, what: str = "weights file", allow_numpy: bool = False, **kwargs: Any) -> Any:
+    """``torch.load`` of a checkpoint or weights file that never runs code from it: ``weights_only=True`` (tensors,
+    plain containers and numbers), plus exactly numpy's array and scalar types when ``allow_numpy`` (detectron2,
+    DINO and SAM files store a few). Anything else in the pickle, a missing, truncated or foreign file raises
+    ValueError / FileNotFoundError in one line naming ``path``.
+
+    Args:
+        path: the file.
+        what: what it is, for the error (``"PixelCLIP checkpoint"``).
+        allow_numpy: also allow numpy arrays and scalars.
+        **kwargs: more ``torch.load`` arguments (``mmap=True``).
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    allowed = numpy_safe_globals() if allow_numpy else []
+    if kwargs.get("mmap") and not zipfile.is_zipfile(path):
+        kwargs.pop("mmap")  # torch.save's legacy (pre-1.6) format cannot be memory-mapped; read it whole
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except pickle.UnpicklingError as err:
+        # torch's message is a page of advice to load it unsafely; its "Unsupported global: GLOBAL x" line is the fact
+        # ("Unsupported global: GLOBAL x" for unknown names, "unsupported GLOBAL x whose module is blocked" for os & co)
+        unsafe = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(err))
+        detail = f"it references {unsafe.group(1)}" if unsafe else str(err).strip().splitlines()[0][:200]
+        raise ValueError(f"{path}: refusing to load the {what}: it holds objects other than tensors, numbers and "
+                         f"containers, which could run code ({detail})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: cannot read the {what}: truncated or not a PyTorch file "
+                         f"({type(err).__name__}: {first})") from None
+
+
+def numpy_safe_globals() -> list[Any]:
+    """The numpy reconstruction functions and types that pickled arrays and scalars reference (and nothing that
+    calls out of numpy)."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtypes = {type(np.dtype(name)) for name in ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+                                                  "int64", "uint64", "float16", "float32", "float64")}
+    # files written under numpy 1 name the functions ``numpy.core.multiarray.*``
+    aliases = [(fn, f"numpy.core.multiarray.{fn.__name__}") for fn in (multiarray._reconstruct, multiarray.scalar)]
+    return [multiarray._reconstruct, multiarray.scalar, *aliases, np.ndarray, np.dtype, *sorted(dtypes, key=str)]

@@ -9,6 +9,7 @@ dispatcher for the commands that are not Trainer runs (``data``, ``masks``, ``we
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -83,6 +84,11 @@ def main(args: list[str] | None = None) -> int | None:
         return _main(sys.argv[1:])
     except (FileNotFoundError, IsADirectoryError, ValueError, KeyError) as e:  # ValueError: also DataError
         print(f"ovseg: error: {e}\n(set OVSEG_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"ovseg: error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         if not _peer_failure(e):

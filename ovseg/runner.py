@@ -115,9 +115,22 @@ class OVSegCLI(LightningCLI):
         # checkpoint of another method would silently be what gets scored. Refuse that, and name unreadable files.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "last":
+            # Lightning looks for "last" only in this run's own (new, empty) checkpoint folder and then trains from
+            # scratch with a warning; a user means the newest last.ckpt of the runs in the run folder
+            from ovseg.utils.checkpoints import find_last_checkpoint
+
+            ckpt_path = self.config[subcommand].ckpt_path = str(find_last_checkpoint(run_root(self.config[subcommand])))
         if ckpt_path:
             check_checkpoint_method(ckpt_path, self.config[subcommand].model.class_path)
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any):
+        from ovseg.utils.checkpoints import use_atomic_checkpoints
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     def instantiate_classes(self) -> None:
         try:
@@ -135,6 +148,18 @@ class OVSegCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and getattr(init_args, "save_dir", None) == DEFAULT_ROOT_DIR:
                 init_args.save_dir = trainer.default_root_dir or "outputs"
+
+
+def run_root(config) -> str:
+    """Where a command's runs land: the logger's ``save_dir`` (``trainer.default_root_dir`` unless the logger names
+    its own), else ``trainer.default_root_dir``."""
+    trainer = config.trainer
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    for logger in loggers:
+        save_dir = getattr(getattr(logger, "init_args", None), "save_dir", None)
+        if save_dir and save_dir != DEFAULT_ROOT_DIR:
+            return str(save_dir)
+    return trainer.default_root_dir or "outputs"
 
 
 class _ParseOnly(OVSegCLI):

@@ -1,11 +1,14 @@
-"""File output that never leaves a half-written file: write to a temporary sibling, then rename."""
+"""File output that never leaves a half-written file: write to a temporary sibling, fsync, then rename (the old file
+survives any interruption; a full disk is one error naming the path)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import socket
 import tempfile
 import zipfile
 from pathlib import Path
@@ -21,12 +24,23 @@ def _umask() -> int:
     return mask
 
 
+#: errors of a full disk or an exhausted quota
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _owner_tag() -> str:
+    """``host-pid`` in a temporary file's name: a later run on this host removes the files of dead writers."""
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically."""
+    """Open a temporary file next to ``path`` (same folder, so same filesystem: the rename is atomic, never a copy);
+    on success it is fsynced and replaces ``path``. A full disk raises OSError(ENOSPC) naming ``path``, the old file
+    kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -35,10 +49,47 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         # mkstemp creates 0600; give the file the permissions a plain open() would (0666 minus umask)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path.parent)  # the rename itself survives a power cut
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            kept = "; the previous file is kept" if path.exists() else ""
+            raise OSError(err.errno, f"no space left on device, not written{kept}", str(path)) from None
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem (or OS) lets a folder be opened and synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_open` writers on this host left in ``folder`` when they were
+    killed (their process is gone); returns them. Files of live writers and of other hosts are kept."""
+    host = socket.gethostname().split(".")[0]
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        match = re.fullmatch(rf"\..+\.{re.escape(host)}-(\d+)\.[^.]+\.tmp", tmp.name)
+        if match and not _alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

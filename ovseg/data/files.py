@@ -23,6 +23,8 @@ def read_image(path: str | Path | IO[bytes], name: str | None = None) -> np.ndar
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{name}: image file not found") from None
+    except Image.DecompressionBombError as e:  # PIL's guard against decompression bombs: a DataError like others
+        raise DataError(f"{name}: image too large to read ({e}; PIL.Image.MAX_IMAGE_PIXELS sets the limit)") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{name}: cannot decode image ({e})") from None
 

@@ -122,7 +122,9 @@ class OVSegCLI(LightningCLI):
 
             ckpt_path = self.config[subcommand].ckpt_path = str(find_last_checkpoint(run_root(self.config[subcommand])))
         if ckpt_path:
-            check_checkpoint_method(ckpt_path, self.config[subcommand].model.class_path)
+            model = self.config[subcommand].model
+            check_checkpoint_method(ckpt_path, model.class_path)
+            check_checkpoint_shapes(ckpt_path, model.as_dict() if hasattr(model, "as_dict") else dict(model))
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs: Any):
@@ -130,6 +132,7 @@ class OVSegCLI(LightningCLI):
 
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
+        claim_run_folders(trainer)
         return trainer
 
     def instantiate_classes(self) -> None:
@@ -148,6 +151,22 @@ class OVSegCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and getattr(init_args, "save_dir", None) == DEFAULT_ROOT_DIR:
                 init_args.save_dir = trainer.default_root_dir or "outputs"
+
+
+def claim_run_folders(trainer) -> None:
+    """Give each versioned file logger (CSV, TensorBoard) without an explicit version a ``version_N`` folder created
+    now, atomically (:func:`~ovseg.utils.io.claim_version_folder`): two runs started together into one
+    ``default_root_dir`` shared ``version_0`` (interleaved metrics, overwritten checkpoints). Rank 0 only: the
+    other processes of a run neither log nor pick folders (checkpoint folders come from rank 0)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from ovseg.utils.io import claim_version_folder
+
+    if rank_zero_only.rank != 0:
+        return
+    for logger in trainer.loggers:
+        if getattr(logger, "_version", "given") is None and hasattr(logger, "_get_next_version"):
+            logger._version = claim_version_folder(logger.root_dir, logger._get_next_version())
 
 
 def run_root(config) -> str:
@@ -241,6 +260,28 @@ def check_checkpoint_method(path: str | Path, config_class_path: str) -> None:
     if written_by and config_class_path and _class_name(written_by) != _class_name(config_class_path):
         raise ValueError(f"{path} is a checkpoint of {written_by.rpartition('.')[2]} ({written_by}), but the config's "
                          f"model is {config_class_path.rpartition('.')[2]}: use that method's config")
+
+
+#: model settings (canonical keys, ``init_args`` left out) that decide the shapes of a method's weights: a checkpoint
+#: whose values differ from the config's was trained as another model (LightningCLI would silently build the
+#: checkpoint's and score it under the config's protocol)
+SHAPE_SETTINGS = ("clip.name", "backbone.class_path", "backbone.head_dim", "num_unknown", "num_clusters")
+
+
+def check_checkpoint_shapes(path: str | Path, model_config: dict[str, Any]) -> None:
+    """Raise naming both when the checkpoint at ``path`` and the config's model (``{class_path, init_args}``)
+    differ in a :data:`SHAPE_SETTINGS` value both set."""
+    from ovseg.utils.cli_args import flatten
+
+    written = flatten(read_checkpoint_hparams(path))
+    wanted = flatten(model_config)
+    differ = [key for key in SHAPE_SETTINGS
+              if written.get(key) is not None and wanted.get(key) is not None and written[key] != wanted[key]]
+    if differ:
+        raise ValueError(f"{path} is a checkpoint of another model than the config's: "
+                         f"{', '.join(f'{k}={written[k]}' for k in differ)} in the checkpoint, "
+                         f"{', '.join(f'{k}={wanted[k]}' for k in differ)} in the config; use the config it was "
+                         f"trained with")
 
 
 #: ``ovseg predict --images DIR --classes "a,b"`` -> the DataModule's predict arguments

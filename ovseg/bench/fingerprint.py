@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +27,6 @@ NON_RESULT_KEYS = (
     "trainer.strategy", "trainer.num_nodes", "trainer.default_root_dir", "trainer.callbacks",
     *(f"model.{name}" for name in EvaluationSettings.score_free()),
 )
-
-
-def canonical_key(key: str) -> str:
-    """``--model.init_args.clip.name`` -> ``model.clip.name`` (both spellings set the same thing)."""
-    return re.sub(r"\.init_args(?=\.|$)", "", key.lstrip("-"))
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested settings -> ``{canonical dotted key: value}``."""
-    if isinstance(data, dict) and data:
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {canonical_key(prefix): data} if prefix else {}
 
 
 def changes_no_score(key: str) -> bool:

@@ -48,10 +48,10 @@ from typing import Any
 import yaml
 
 from ovseg import __version__
-from ovseg.bench.fingerprint import (canonical_key, changes_no_score, code_fingerprint, dataset_fingerprint, flatten,
-                                     named_files_fingerprint, parse_cli_pairs, sha)
+from ovseg.bench.fingerprint import (changes_no_score, code_fingerprint, dataset_fingerprint, named_files_fingerprint,
+                                     parse_cli_pairs, sha)
 from ovseg.bench.metafile import Metafile, default_metafile_dir, load_metafiles
-from ovseg.utils.cli_args import read_lightning_config
+from ovseg.utils.cli_args import canonical_key, flatten, read_lightning_config
 from ovseg.utils.project import project_path
 
 

@@ -65,6 +65,7 @@ class EvaluationSession:
         self.results_paths: tuple[Path, Path] | None = None
         self._started = 0.0
         self._predict_out: Path | None = None
+        self._results_claim: Path | None = None
 
     # -- validate / test ----------------------------------------------------------------------------------------
     def start(self, method: OVSegMethod) -> None:
@@ -107,8 +108,24 @@ class EvaluationSession:
                 self._write_test_outputs(method)
         return results
 
+    def claim_results_dir(self, method: OVSegMethod) -> None:
+        """Rank 0 of ``ovseg test``, before scoring: an explicit ``results_dir`` is this run's until it has written
+        (two tests writing into one folder are refused; results of an earlier run are replaced with a warning)."""
+        self._results_claim = None
+        if not (self.settings.results_dir and method.trainer.is_global_zero):
+            return
+        from ovseg.utils.io import claim_file
+
+        folder = Path(self.settings.results_dir)
+        self._results_claim = claim_file(folder / ".ovseg-results.claim", f"results folder {folder}")
+        if (folder / "results.json").exists():
+            rank_zero_warn(f"{folder / 'results.json'} holds the results of an earlier run; this run replaces them")
+
     def _write_test_outputs(self, method: OVSegMethod) -> None:
         self.results_paths = write_results(self.settings.results_dir or run_dir(method.trainer), self.results)
+        if self._results_claim is not None:
+            self._results_claim.unlink(missing_ok=True)
+            self._results_claim = None
         seconds = time.perf_counter() - self._started
         rank_zero_info(
             f"\n{summary_table(self.results)}\n\n{self.results['method']} · protocol {self.settings.protocol} · "

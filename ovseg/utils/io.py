@@ -158,3 +158,41 @@ def numpy_safe_globals() -> list[Any]:
     # files written under numpy 1 name the functions ``numpy.core.multiarray.*``
     aliases = [(fn, f"numpy.core.multiarray.{fn.__name__}") for fn in (multiarray._reconstruct, multiarray.scalar)]
     return [multiarray._reconstruct, multiarray.scalar, *aliases, np.ndarray, np.dtype, *sorted(dtypes, key=str)]
+
+
+def claim_version_folder(root: str | Path, first: int = 0) -> int:
+    """Create ``root/version_N`` for the first free ``N >= first`` and return ``N``: ``mkdir`` either creates the
+    folder or fails, so two runs started together never share one (Lightning's loggers list the folders, then
+    create theirs later)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    version = first
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+
+
+def claim_file(path: str | Path, what: str) -> Path:
+    """Create ``path`` exclusively, holding ``host-pid`` of this process, and return it; one left by a dead process
+    of this host is taken over. Another live claim raises ValueError naming ``what`` and the owner."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else ""
+            host, _, pid = owner.rpartition("-")
+            if owner == _owner_tag() or (host == socket.gethostname().split(".")[0] and pid.isdigit()
+                                         and not _alive(int(pid))):
+                path.unlink(missing_ok=True)  # its owner was killed, or was an earlier (failed) run of this process
+                continue
+            raise ValueError(f"{what}: another run ({owner or 'unknown'}) is using it; wait for it, choose another, "
+                             f"or delete {path} if no such run is active") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(_owner_tag())
+        return path
+    raise ValueError(f"{what}: could not claim {path}")

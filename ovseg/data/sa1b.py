@@ -13,6 +13,7 @@ do not cover the image, no masks) raise :class:`DataError` naming the file or me
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ovseg.data.files import DataError, read_image
+from ovseg.data.files import DataError, files_fingerprint, read_image
 from ovseg.utils.io import atomic_open
 
 __all__ = ["IMAGE_SUFFIXES", "find_pairs", "encode_mask", "decode_masks", "rle_run_lengths", "decode_rle_columns",
@@ -342,6 +343,14 @@ class SA1BFolder:
     def limit(self, count: int | None) -> None:
         self.pairs = self.pairs[:count]
 
+    @functools.cached_property
+    def _fingerprint(self) -> str:  # once: every checkpoint records it, SA-1B has 22 M files
+        return files_fingerprint((p for pair in self.pairs for p in pair if p is not None), self.folder)
+
+    def fingerprint(self) -> str:
+        """:func:`~ovseg.data.files.files_fingerprint` of the pairs (as indexed when the run started)."""
+        return self._fingerprint
+
     def where(self, index: int) -> str:
         return str(self.pairs[index][0])
 
@@ -429,6 +438,10 @@ class SA1BTars:
 
     def limit(self, count: int | None) -> None:
         self.index = {k: v[:count] for k, v in self.index.items()}
+
+    def fingerprint(self) -> str:
+        """:func:`~ovseg.data.files.files_fingerprint` of the tars, with the number of samples used."""
+        return f"{len(self)}:{files_fingerprint(self.shards, self.folder)}"
 
     @staticmethod
     def _index(shard: Path, index_dir: Path | None) -> dict[str, Any]:

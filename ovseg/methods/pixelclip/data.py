@@ -368,6 +368,10 @@ class SA1BDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def fingerprint(self) -> str:
+        """The reader's (ids and sizes of the samples)."""
+        return self.files.fingerprint()
+
     @property
     def left_out(self) -> int:
         """Samples the reader left out when indexing (an image without its JSON, a member cut off a tar)."""

@@ -99,7 +99,11 @@ class OVSegDataModule(L.LightningDataModule):
                 raise ValueError("`ovseg predict` needs --images DIR (or --data.predict_images)")
             if not self.predict_classes:
                 raise ValueError('`ovseg predict` needs --classes "cat,dog,..." or a class-name file')
-            self.predict_dataset = ImageFolderDataset(self.predict_images)
+            # a predict_dir inside the image folder: a second run must not predict the first one's pictures
+            method = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            session = getattr(method, "evaluation", None)
+            outputs = session.predict_output_dir(self.trainer) if session is not None else None
+            self.predict_dataset = ImageFolderDataset(self.predict_images, exclude=outputs)
 
     @property
     def predict_class_names(self) -> list[list[str]]:

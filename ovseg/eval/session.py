@@ -150,8 +150,11 @@ class EvaluationSession:
         )
         self.evaluator.add_dataset(method, "predict", method.trainer.datamodule.predict_class_names, None,
                                    method.device, settings)
-        log_dir = method.trainer.log_dir or method.trainer.default_root_dir
-        self._predict_out = Path(self.settings.predict_dir or Path(log_dir) / "predictions")
+        self._predict_out = self.predict_output_dir(method.trainer)
+
+    def predict_output_dir(self, trainer: Any) -> Path:
+        """Where ``ovseg predict`` writes: ``predict_dir``, else ``<log dir>/predictions``."""
+        return Path(self.settings.predict_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
 
     def predict_step(self, method: OVSegMethod, batch: dict) -> list[str]:
         from ovseg.eval.visualize import save_prediction

@@ -20,6 +20,30 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 
+
+def _silence_known_harmless_noise() -> None:
+    """Third-party messages every run printed that say nothing about it, each filtered by its own text and origin
+    (every other warning stays): Lightning 2.6 builds torch pytree ``LeafSpec`` objects, which torch 2.14
+    deprecates; the "module(s) in eval mode" warning is the frozen CLIP, frozen on purpose; the litlogger /
+    litmodels tips are advertisements. And each Lightning line once: open_clip logs through the root logger, which
+    installs a root handler; Lightning imported after that propagated every line to it too, printing it twice."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                            category=PossibleUserWarning)
+    import logging
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud"))
+    lightning_logger = logging.getLogger("lightning")
+    if lightning_logger.handlers:  # Lightning's own console handler prints its lines; the root's need not again
+        lightning_logger.propagate = False
+
+
+_silence_known_harmless_noise()
+
 #: the default logger's ``save_dir``: replaced by ``trainer.default_root_dir`` before the Trainer is built, so
 #: ``--trainer.default_root_dir DIR`` moves logs, checkpoints, results and pictures (an explicit ``save_dir`` wins)
 DEFAULT_ROOT_DIR = "<trainer.default_root_dir>"

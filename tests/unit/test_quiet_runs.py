@@ -45,3 +45,12 @@ def test_each_lightning_line_is_printed_once_and_tips_are_not():
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("Seed set to 3") == 1, proc.stderr
     assert "Tip:" not in proc.stderr and "open_clip-style root message" in proc.stderr
+
+
+def test_a_reader_that_stops_early_is_no_traceback():
+    """``ovseg --help | head -1``: the pipe closes before ovseg has written everything."""
+    proc = subprocess.Popen([sys.executable, "-m", "ovseg", "--help"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    proc.stdout.close()  # no reader: the first write fails with EPIPE
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and stderr == "", stderr

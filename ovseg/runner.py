@@ -297,10 +297,13 @@ def check_checkpoint_shapes(path: str | Path, model_config: dict[str, Any]) -> N
     differ in a :data:`SHAPE_SETTINGS` value both set."""
     from ovseg.utils.cli_args import flatten
 
+    def same(key: str, a: Any, b: Any) -> bool:  # a class may be spelled by its package or its module
+        return _class_name(a) == _class_name(b) if key.endswith("class_path") else a == b
+
     written = flatten(read_checkpoint_hparams(path))
     wanted = flatten(model_config)
-    differ = [key for key in SHAPE_SETTINGS
-              if written.get(key) is not None and wanted.get(key) is not None and written[key] != wanted[key]]
+    differ = [key for key in SHAPE_SETTINGS if written.get(key) is not None and wanted.get(key) is not None
+              and not same(key, written[key], wanted[key])]
     if differ:
         raise ValueError(f"{path} is a checkpoint of another model than the config's: "
                          f"{', '.join(f'{k}={written[k]}' for k in differ)} in the checkpoint, "

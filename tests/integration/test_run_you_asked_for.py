@@ -37,6 +37,23 @@ def test_a_checkpoint_of_another_model_shape_is_refused_naming_both(tmp_path, mo
     assert str(ckpt) in error and "clip.name=tiny-vit" in error and "clip.name=ViT-B-16" in error
 
 
+def test_a_checkpoint_of_the_configs_model_passes_the_shape_check(tmp_path):
+    from ovseg.runner import check_checkpoint_shapes
+
+    ckpt = tmp_path / "same.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {
+        "_class_path": "ovseg.methods.CLIPS4", "clip": {"name": "tiny-vit"},
+        "backbone": {"class_path": "ovseg.methods.clips4.backbones.CLIPDenseEncoder", "init_args": {"head_dim": 16}}}},
+        ckpt)
+    config = {"class_path": "ovseg.methods.CLIPS4", "init_args": {  # the class spelled by its package
+        "clip": {"name": "tiny-vit"}, "backbone": {"class_path": "ovseg.methods.clips4.CLIPDenseEncoder",
+                                                   "init_args": {"head_dim": 16}}}}
+    check_checkpoint_shapes(ckpt, config)
+    config["init_args"]["backbone"]["init_args"]["head_dim"] = 32
+    with pytest.raises(ValueError, match="backbone.head_dim=16 in the checkpoint, backbone.head_dim=32 in the config"):
+        check_checkpoint_shapes(ckpt, config)
+
+
 def test_configs_that_declare_a_logger_follow_default_root_dir(tmp_path):
     declared = []
     for path in sorted((REPO / "configs").rglob("*.yaml")):

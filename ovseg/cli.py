@@ -9,6 +9,7 @@ dispatcher for the commands that are not Trainer runs (``data``, ``masks``, ``we
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -80,9 +81,21 @@ def main(args: list[str] | None = None) -> int | None:
     if args is not None or os.environ.get("OVSEG_DEBUG"):
         return _main(list(sys.argv[1:] if args is None else args))
     try:
-        return _main(sys.argv[1:])
+        code = _main(sys.argv[1:])
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader stopped early (`ovseg --help | head`): not an error of ours; no traceback, and nothing more to
+        # flush into the closed pipe at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a writer stopped by SIGPIPE
     except (FileNotFoundError, IsADirectoryError, ValueError, KeyError) as e:  # ValueError: also DataError
         print(f"ovseg: error: {e}\n(set OVSEG_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"ovseg: error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         if not _peer_failure(e):

@@ -20,6 +20,30 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 
+
+def _silence_known_harmless_noise() -> None:
+    """Third-party messages every run printed that say nothing about it, each filtered by its own text and origin
+    (every other warning stays): Lightning 2.6 builds torch pytree ``LeafSpec`` objects, which torch 2.14
+    deprecates; the "module(s) in eval mode" warning is the frozen CLIP, frozen on purpose; the litlogger /
+    litmodels tips are advertisements. And each Lightning line once: open_clip logs through the root logger, which
+    installs a root handler; Lightning imported after that propagated every line to it too, printing it twice."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                            category=PossibleUserWarning)
+    import logging
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud"))
+    lightning_logger = logging.getLogger("lightning")
+    if lightning_logger.handlers:  # Lightning's own console handler prints its lines; the root's need not again
+        lightning_logger.propagate = False
+
+
+_silence_known_harmless_noise()
+
 #: the default logger's ``save_dir``: replaced by ``trainer.default_root_dir`` before the Trainer is built, so
 #: ``--trainer.default_root_dir DIR`` moves logs, checkpoints, results and pictures (an explicit ``save_dir`` wins)
 DEFAULT_ROOT_DIR = "<trainer.default_root_dir>"
@@ -115,9 +139,25 @@ class OVSegCLI(LightningCLI):
         # checkpoint of another method would silently be what gets scored. Refuse that, and name unreadable files.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "last":
+            # Lightning looks for "last" only in this run's own (new, empty) checkpoint folder and then trains from
+            # scratch with a warning; a user means the newest last.ckpt of the runs in the run folder
+            from ovseg.utils.checkpoints import find_last_checkpoint
+
+            ckpt_path = self.config[subcommand].ckpt_path = str(find_last_checkpoint(run_root(self.config[subcommand])))
         if ckpt_path:
-            check_checkpoint_method(ckpt_path, self.config[subcommand].model.class_path)
+            model = self.config[subcommand].model
+            check_checkpoint_method(ckpt_path, model.class_path)
+            check_checkpoint_shapes(ckpt_path, model.as_dict() if hasattr(model, "as_dict") else dict(model))
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any):
+        from ovseg.utils.checkpoints import use_atomic_checkpoints
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        claim_run_folders(trainer)
+        return trainer
 
     def instantiate_classes(self) -> None:
         try:
@@ -135,6 +175,34 @@ class OVSegCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and getattr(init_args, "save_dir", None) == DEFAULT_ROOT_DIR:
                 init_args.save_dir = trainer.default_root_dir or "outputs"
+
+
+def claim_run_folders(trainer) -> None:
+    """Give each versioned file logger (CSV, TensorBoard) without an explicit version a ``version_N`` folder created
+    now, atomically (:func:`~ovseg.utils.io.claim_version_folder`): two runs started together into one
+    ``default_root_dir`` shared ``version_0`` (interleaved metrics, overwritten checkpoints). Rank 0 only: the
+    other processes of a run neither log nor pick folders (checkpoint folders come from rank 0)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from ovseg.utils.io import claim_version_folder
+
+    if rank_zero_only.rank != 0:
+        return
+    for logger in trainer.loggers:
+        if getattr(logger, "_version", "given") is None and hasattr(logger, "_get_next_version"):
+            logger._version = claim_version_folder(logger.root_dir, logger._get_next_version())
+
+
+def run_root(config) -> str:
+    """Where a command's runs land: the logger's ``save_dir`` (``trainer.default_root_dir`` unless the logger names
+    its own), else ``trainer.default_root_dir``."""
+    trainer = config.trainer
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    for logger in loggers:
+        save_dir = getattr(getattr(logger, "init_args", None), "save_dir", None)
+        if save_dir and save_dir != DEFAULT_ROOT_DIR:
+            return str(save_dir)
+    return trainer.default_root_dir or "outputs"
 
 
 class _ParseOnly(OVSegCLI):
@@ -188,16 +256,10 @@ def constructor_error(err: ValueError) -> ValueError:
 def read_checkpoint_hparams(path: str | Path) -> dict:
     """A Lightning checkpoint's ``hyper_parameters`` (memory-mapped: the weights are not read). A missing, truncated
     or foreign file raises an error naming it."""
-    import torch
+    from ovseg.utils.io import load_weights_file
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001  (zip/pickle errors of every kind)
-        raise ValueError(f"{path}: cannot read the checkpoint, truncated, not a PyTorch checkpoint or holding objects "
-                         f"that do not load safely ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    checkpoint = load_weights_file(path, "checkpoint", mmap=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return dict(checkpoint.get("hyper_parameters") or {})
@@ -222,6 +284,31 @@ def check_checkpoint_method(path: str | Path, config_class_path: str) -> None:
     if written_by and config_class_path and _class_name(written_by) != _class_name(config_class_path):
         raise ValueError(f"{path} is a checkpoint of {written_by.rpartition('.')[2]} ({written_by}), but the config's "
                          f"model is {config_class_path.rpartition('.')[2]}: use that method's config")
+
+
+#: model settings (canonical keys, ``init_args`` left out) that decide the shapes of a method's weights: a checkpoint
+#: whose values differ from the config's was trained as another model (LightningCLI would silently build the
+#: checkpoint's and score it under the config's protocol)
+SHAPE_SETTINGS = ("clip.name", "backbone.class_path", "backbone.head_dim", "num_unknown", "num_clusters")
+
+
+def check_checkpoint_shapes(path: str | Path, model_config: dict[str, Any]) -> None:
+    """Raise naming both when the checkpoint at ``path`` and the config's model (``{class_path, init_args}``)
+    differ in a :data:`SHAPE_SETTINGS` value both set."""
+    from ovseg.utils.cli_args import flatten
+
+    def same(key: str, a: Any, b: Any) -> bool:  # a class may be spelled by its package or its module
+        return _class_name(a) == _class_name(b) if key.endswith("class_path") else a == b
+
+    written = flatten(read_checkpoint_hparams(path))
+    wanted = flatten(model_config)
+    differ = [key for key in SHAPE_SETTINGS if written.get(key) is not None and wanted.get(key) is not None
+              and not same(key, written[key], wanted[key])]
+    if differ:
+        raise ValueError(f"{path} is a checkpoint of another model than the config's: "
+                         f"{', '.join(f'{k}={written[k]}' for k in differ)} in the checkpoint, "
+                         f"{', '.join(f'{k}={wanted[k]}' for k in differ)} in the config; use the config it was "
+                         f"trained with")
 
 
 #: ``ovseg predict --images DIR --classes "a,b"`` -> the DataModule's predict arguments

@@ -1,6 +1,7 @@
 """What a suite's results depend on, and so what decides whether finished results are reused: the settings that
-change a score (:data:`NON_RESULT_KEYS` are the ones that do not), the checkpoint files' contents, the evaluated
-data files. Hashed with :func:`sha`.
+change a score (:data:`NON_RESULT_KEYS` are the ones that do not), the contents of every file a setting names
+(checkpoints, weights, a protocol YAML, class names), the evaluated data files, and ovseg's own code (the hash of
+its source tree: a change at the same version is another program). Hashed with :func:`sha`.
 
 The settings hashed are the ones written down, as written: each config file's content (its group fragments
 expanded), the overrides, the extra arguments; the values a run gets (defaults included) are LightningCLI's, see
@@ -12,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +27,6 @@ NON_RESULT_KEYS = (
     "trainer.strategy", "trainer.num_nodes", "trainer.default_root_dir", "trainer.callbacks",
     *(f"model.{name}" for name in EvaluationSettings.score_free()),
 )
-
-
-def canonical_key(key: str) -> str:
-    """``--model.init_args.clip.name`` -> ``model.clip.name`` (both spellings set the same thing)."""
-    return re.sub(r"\.init_args(?=\.|$)", "", key.lstrip("-"))
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested settings -> ``{canonical dotted key: value}``."""
-    if isinstance(data, dict) and data:
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {canonical_key(prefix): data} if prefix else {}
 
 
 def changes_no_score(key: str) -> bool:
@@ -96,15 +81,59 @@ def file_sha256(path: str | Path) -> str:
     return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def dataset_fingerprint(dataset: str, root: str, split: str) -> str:
-    """:func:`ovseg.data.seg_dataset.split_fingerprint`, or ``unreadable`` (a result made from readable files is then
-    not reused; the run itself reports the problem)."""
+def named_files_fingerprint(settings: dict[str, Any]) -> dict[str, str]:
+    """``{key: content hash}`` of the settings (flat, canonical keys) whose value names an existing file: a weights
+    file, checkpoint, protocol YAML or class-name file replaced at the same path is another run."""
+    out = {}
+    for key, value in settings.items():
+        folder = _model_folder(value)
+        if folder is not None:  # clip.name local-dir:/hf: a folder of weights and configs
+            out[key] = sha({p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+                            if p.is_file()})
+        elif isinstance(value, str) and value and not changes_no_score(key) and "\n" not in value:
+            try:
+                found = Path(value).expanduser().is_file()
+            except OSError:  # a name too long to be a path
+                found = False
+            if found or key.split(".")[-1] in ("ckpt_path", "checkpoint"):
+                out[key] = file_sha256(value)
+    return out
+
+
+def _model_folder(value: Any) -> Path | None:
+    """The folder of a ``local-dir:`` / ``hf:`` model name, if it exists."""
+    from ovseg.models.clip_loading import HF_PREFIX, LOCAL_DIR_PREFIX
+
+    if isinstance(value, str):
+        for prefix in (LOCAL_DIR_PREFIX, HF_PREFIX):
+            if value.startswith(prefix) and Path(value[len(prefix):]).expanduser().is_dir():
+                return Path(value[len(prefix):]).expanduser()
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(package: Path = Path(__file__).resolve().parents[1]) -> str:
+    """The hash of ovseg's source tree as it runs (every file of the ``package`` folder but caches: code,
+    protocols, class names, shipped weights), so that results of other code at the same version are not reused."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(f"{path.relative_to(package).as_posix()}|{file_sha256(path)}|".encode())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset: str | dict, root: str, split: str) -> str:
+    """:func:`ovseg.data.seg_dataset.split_fingerprint` of a named dataset, :func:`ovseg.data.hf.entry_fingerprint`
+    of a dict entry, or ``unreadable`` (a result made from readable files is then not reused; the run itself
+    reports the problem)."""
+    from ovseg.data.hf import entry_fingerprint
     from ovseg.data.seg_dataset import split_fingerprint
     from ovseg.data.specs import SPECS
 
-    if dataset not in SPECS:
-        return f"unknown dataset {dataset}"
     try:
+        if isinstance(dataset, dict):
+            return entry_fingerprint(dataset, root)
+        if dataset not in SPECS:
+            return f"unknown dataset {dataset}"
         return split_fingerprint(dataset, root, split)
     except (OSError, ValueError):
         return "unreadable"

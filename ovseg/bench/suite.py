@@ -29,9 +29,11 @@ Output of entry ``E`` under the output folder::
 Resuming: an entry whose ``results.json`` is complete and carries the entry's config hash is skipped;
 otherwise each dataset whose part ``results.json`` carries the part's hash is reused and only the
 others run. The hash covers the config files' contents, the overrides and extra arguments, minus
-settings that do not change numbers (data root, workers, devices, logger, results folders), and the files read
-(:mod:`ovseg.bench.fingerprint`). What a run gets for a setting (its datasets, data root, devices, …) is what
-``ovseg test`` parses from the same command line: LightningCLI's parser reads it (:meth:`Run.setting`).
+settings that do not change numbers (data root, workers, devices, logger, results folders), the contents of every
+file a setting names (checkpoints, weights, protocol YAMLs, class names), the evaluated data files (dict entries'
+local files too) and ovseg's source tree (:mod:`ovseg.bench.fingerprint`). What a run gets for a setting (its
+datasets, data root, devices, …) is what ``ovseg test`` parses from the same command line: LightningCLI's parser
+reads it (:meth:`Run.setting`).
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ from typing import Any
 import yaml
 
 from ovseg import __version__
-from ovseg.bench.fingerprint import (canonical_key, changes_no_score, dataset_fingerprint, file_sha256, flatten,
+from ovseg.bench.fingerprint import (changes_no_score, code_fingerprint, dataset_fingerprint, named_files_fingerprint,
                                      parse_cli_pairs, sha)
 from ovseg.bench.metafile import Metafile, default_metafile_dir, load_metafiles
-from ovseg.utils.cli_args import read_lightning_config
+from ovseg.utils.cli_args import canonical_key, flatten, read_lightning_config
 from ovseg.utils.project import project_path
 
 
@@ -141,22 +143,22 @@ class Run:
             value = value.get(part) if isinstance(value, dict) else None
         return value
 
-    def weights_fingerprint(self) -> dict[str, str]:
-        """Content hashes of the checkpoint files a run reads (``ckpt_path``, a probe's ``checkpoint``): a file
-        replaced at the same path is another model."""
-        return {key: file_sha256(value) for key, value in flatten(self.config).items()
-                if key.split(".")[-1] in ("ckpt_path", "checkpoint") and isinstance(value, str) and value}
+    def files_fingerprint(self) -> dict[str, str]:
+        """Content hashes of the files the run's settings name (``ckpt_path``, a probe's ``checkpoint``,
+        ``clip.pretrained``, a protocol YAML, …; see :func:`~ovseg.bench.fingerprint.named_files_fingerprint`)."""
+        return named_files_fingerprint(flatten(self.config))
 
     def data_fingerprint(self, dataset: Any) -> str:
-        """The evaluated files of ``dataset`` under the run's data root (see
-        :func:`ovseg.data.seg_dataset.split_fingerprint`); inline dataset entries are their own identity."""
-        if not isinstance(dataset, str):
+        """The evaluated files of ``dataset`` under the run's data root (a named dataset's split, a dict entry's
+        local files: see :func:`~ovseg.bench.fingerprint.dataset_fingerprint`); other entries are their own identity."""
+        if not isinstance(dataset, (str, dict)):
             return sha(dataset)
         return dataset_fingerprint(dataset, str(self.setting("data.root")), str(self.setting("data.split")))
 
     def base_hash(self) -> str:
-        """Everything a number depends on but the datasets: settings, checkpoint contents, ovseg version."""
-        return sha({"settings": self.settings(), "weights": self.weights_fingerprint(), "ovseg": __version__})
+        """Everything a number depends on but the datasets: settings, the files they name, ovseg's code."""
+        return sha({"settings": self.settings(), "files": self.files_fingerprint(), "ovseg": __version__,
+                    "code": code_fingerprint()})
 
     def part_hash(self, dataset: Any) -> str:
         return sha({"run": self.base_hash(), "dataset": dataset, "data": self.data_fingerprint(dataset)})

@@ -99,7 +99,11 @@ class OVSegDataModule(L.LightningDataModule):
                 raise ValueError("`ovseg predict` needs --images DIR (or --data.predict_images)")
             if not self.predict_classes:
                 raise ValueError('`ovseg predict` needs --classes "cat,dog,..." or a class-name file')
-            self.predict_dataset = ImageFolderDataset(self.predict_images)
+            # a predict_dir inside the image folder: a second run must not predict the first one's pictures
+            method = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            session = getattr(method, "evaluation", None)
+            outputs = session.predict_output_dir(self.trainer) if session is not None else None
+            self.predict_dataset = ImageFolderDataset(self.predict_images, exclude=outputs)
 
     @property
     def predict_class_names(self) -> list[list[str]]:
@@ -187,6 +191,14 @@ def to_unit_float(image: torch.Tensor) -> torch.Tensor:
     return image.float().div_(255.0) if image.dtype == torch.uint8 else image
 
 
+def training_set_fingerprint(dataset: Any) -> str:
+    """The training set's identity as checkpoints record it: its ``fingerprint()`` (ids and sizes of the samples)
+    where it has one, else its length; through :class:`~ovseg.data.samplers.EpochSeededSamples`."""
+    inner = getattr(dataset, "dataset", dataset)
+    fingerprint = getattr(inner, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else f"{len(dataset)} samples"
+
+
 class ResumableLoader(DataLoader):
     """The training loader as Lightning's checkpoints resume it (``state_dict`` / ``load_state_dict``, the
     ``_Stateful`` protocol): the state is the epoch and the batches already trained on, and loading it makes the
@@ -203,12 +215,25 @@ class ResumableLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._position = position
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         epoch, batches = self._position()
-        return {"epoch": int(epoch), "batches": int(batches), "batch_size": int(self.batch_size)}
+        return {"epoch": int(epoch), "batches": int(batches), "batch_size": int(self.batch_size),
+                "processes": int(self.sampler.world_size), "training_set": training_set_fingerprint(self.dataset)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("batch_size") != self.batch_size:
             raise ValueError(f"cannot resume mid-epoch with batch_size {self.batch_size}: the checkpoint was written "
                              f"with {state.get('batch_size')} (set data.batch_size to it)")
+        recorded = state.get("training_set")  # older checkpoints do not record it (nor the process count)
+        if state["batches"] and recorded is not None and recorded != training_set_fingerprint(self.dataset):
+            # the position in the epoch indexes the old order: on other data it would skip or repeat other samples
+            raise ValueError(f"cannot resume mid-epoch ({state['batches']} batches into epoch {state['epoch']}): the "
+                             f"training data changed since the checkpoint (samples added, removed or replaced); "
+                             f"restore it, or resume from an epoch-end checkpoint")
+        processes = state.get("processes", self.sampler.world_size)
+        if state["batches"] and processes != self.sampler.world_size:
+            # each process skips what it trained on: with another count, samples would train twice or not at all
+            raise ValueError(f"cannot resume mid-epoch on {self.sampler.world_size} process(es): the checkpoint was "
+                             f"written by {processes} ({state['batches']} batches into epoch {state['epoch']}); "
+                             f"resume with {processes} (--trainer.devices/num_nodes), or from an epoch-end checkpoint")
         self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)

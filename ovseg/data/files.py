@@ -4,7 +4,7 @@ fast)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -14,15 +14,44 @@ class DataError(ValueError):
     """A dataset file is missing or malformed; the message names the file and the problem."""
 
 
-def read_image(path: str | Path | IO[bytes], name: str | None = None) -> np.ndarray:
+def files_fingerprint(paths: Iterable[Path], base: Path) -> str:
+    """A cheap identity of a training set: each file's path relative to ``base`` and its size, in order (no contents
+    read): a sample added, removed or replaced by one of another size changes it, the same files elsewhere do not."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        where = path.relative_to(base) if path.is_relative_to(base) else path
+        digest.update(f"{where.as_posix()}|{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+#: PIL modes of single-channel images with more than 8 bits (16-bit grey PNG, TIFF): scaled to 8 bits, not clipped
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def read_image(path: str | Path | IO[bytes], name: str | None = None, exif_orientation: bool = False) -> np.ndarray:
     """RGB uint8 ``[H,W,3]`` from a path or a binary file object (``name`` says what it is in errors); a corrupt or
-    unreadable file raises :class:`DataError` naming it."""
+    unreadable file raises :class:`DataError` naming it. A 16-bit grey image is scaled to 8 bits (PIL's RGB
+    conversion clips it: almost white). ``exif_orientation``: turn the pixels as the EXIF orientation tag says (what
+    a photo viewer shows; ``ovseg predict`` on a user's photos) — dataset readers leave that to their protocol."""
     name = name or str(path)
     try:
         with Image.open(path) as im:
+            if exif_orientation:
+                from PIL import ImageOps
+
+                im = ImageOps.exif_transpose(im)
+            if im.mode in WIDE_GREY_MODES:
+                grey = np.asarray(im).astype(np.float64)
+                scale = 257.0 if grey.max(initial=0) <= 65535 else grey.max() / 255.0  # 16 bits, or wider values
+                grey = np.clip(np.round(grey / scale), 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{name}: image file not found") from None
+    except Image.DecompressionBombError as e:  # PIL's guard against decompression bombs: a DataError like others
+        raise DataError(f"{name}: image too large to read ({e}; PIL.Image.MAX_IMAGE_PIXELS sets the limit)") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{name}: cannot decode image ({e})") from None
 

@@ -23,7 +23,9 @@ not exist as given are looked up under the data root. For ``imagefolder``, a ``m
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,49 @@ def resolve_hf_kwargs(hf: dict[str, Any], root: str | Path) -> dict[str, Any]:
     if isinstance(path, str) and path not in PACKAGED_BUILDERS and not Path(path).exists() and (root / path).exists():
         kwargs["path"] = str(root / path)
     return kwargs
+
+
+def entry_files(entry: dict[str, Any], root: str | Path) -> list[Path]:
+    """The local files a dict entry reads: its class-name file and every file of its ``data_dir``, ``data_files``
+    (globs expanded) and local ``path``, as :func:`build_hf_dataset` resolves them (Hub datasets have none)."""
+    root = Path(root)
+    named: list[str] = []
+    class_names = entry.get("class_names")
+    if isinstance(class_names, str):
+        named += [str(c) for c in (Path(class_names), root / class_names) if c.is_file()][:1]
+    hf = resolve_hf_kwargs(entry.get("hf") or {}, root)
+    for key in ("data_dir", "path"):
+        if isinstance(hf.get(key), str) and hf[key] not in PACKAGED_BUILDERS:
+            named.append(hf[key])
+    stack = [hf.get("data_files")]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            named += glob.glob(value, recursive=True) if glob.has_magic(value) else [value]
+        elif isinstance(value, dict):
+            stack += list(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack += list(value)
+    files = set()
+    for name in named:
+        path = Path(name)
+        if path.is_file():
+            files.add(path)
+        elif path.is_dir():
+            files.update(p for p in path.rglob("*") if p.is_file())
+    return sorted(files)
+
+
+def entry_fingerprint(entry: dict[str, Any], root: str | Path) -> str:
+    """A cheap identity of a dict entry and its local files (:func:`entry_files`: paths, sizes, modification times,
+    as :func:`~ovseg.data.seg_dataset.split_fingerprint`): a mask or class-name file changed changes it."""
+    digest = hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode())
+    root = Path(root)
+    for path in entry_files(entry, root):
+        stat = path.stat()
+        where = path.relative_to(root) if path.is_relative_to(root) else path  # the same files under another root
+        digest.update(f"|{where}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def _is_hub_name(path: str) -> bool:

@@ -5,12 +5,15 @@ Layouts: the SA-1B tar files as downloaded (``sa_000000.tar`` …, each ``sa_N.j
 by :class:`SA1BTars`), or any folder (searched recursively) of ``<name>.jpg`` + ``<name>.json`` pairs, as extracted
 from them (``sa_000000/sa_1.jpg`` + ``sa_1.json``) or written by ``ovseg masks sam|dino|downscale``
 (:class:`SA1BFolder`). Each JSON is ``{"image": {...}, "annotations": [{"segmentation": {"size": [h, w],
-"counts": str}, ...}]}``; :class:`MaskRecord` holds its RLEs undecoded and decodes what a crop needs. Broken files
-(unreadable JSON, RLE size different from the image, no masks) raise :class:`DataError` naming the file or member.
+"counts": str}, ...}]}``; :class:`MaskRecord` holds its RLEs undecoded (their run lengths checked when read) and
+decodes what a crop needs. Broken files (unreadable JSON, RLE size different from the image, RLE strings whose runs
+do not cover the image, no masks) raise :class:`DataError` naming the file or member; backup copies of a tar or image
+(same name and size in another subfolder, whose samples would train twice) are refused.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -20,24 +23,39 @@ from typing import Any
 
 import numpy as np
 
-from ovseg.data.files import DataError, read_image
+from ovseg.data.files import DataError, files_fingerprint, read_image
 from ovseg.utils.io import atomic_open
 
 __all__ = ["IMAGE_SUFFIXES", "find_pairs", "encode_mask", "decode_masks", "rle_run_lengths", "decode_rle_columns",
-           "decode_rle_grid", "MaskRecord", "load_masks", "downscaled_size", "downscale_image", "cv2_nearest_index",
+           "decode_rle_grid", "check_rle_counts", "MaskRecord", "load_masks", "downscaled_size", "downscale_image", "cv2_nearest_index",
            "SA1BFolder", "SA1BTars", "write_synthetic_sa1b", "write_sa1b_tars"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 # -- files ----------------------------------------------------------------------------------------------------------
+def refuse_copies(paths: list[Path], what: str) -> None:
+    """Raise :class:`DataError` when two of ``paths`` have the same name and size: a backup copy in a subfolder
+    (``old/sa_000000.tar``) would make its samples train twice."""
+    seen: dict[tuple[str, int], Path] = {}
+    for path in paths:
+        key = (path.name, path.stat().st_size)
+        if key in seen:
+            raise DataError(f"SA-1B: {seen[key]} and {path} look like copies of one {what} (same name and size); "
+                            f"its samples would train twice: move one out of the data folder")
+        seen[key] = path
+
+
 def find_pairs(folder: str | Path, require_json: bool = True) -> tuple[list[tuple[Path, Path | None]], list[Path]]:
-    """(image, json) pairs under ``folder`` sorted by path, and the images that have no JSON."""
+    """(image, json) pairs under ``folder`` sorted by path, and the images that have no JSON. Copies of one image
+    (same name and size, in two subfolders) raise :class:`DataError`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"SA-1B folder not found: {folder}")
     pairs, missing = [], []
-    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    refuse_copies(images, "image")
+    for image in images:
         ann = image.with_suffix(".json")
         if ann.is_file():
             pairs.append((image, ann))
@@ -105,6 +123,28 @@ def rle_run_lengths(counts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return lengths, mask_of_value
 
 
+def check_rle_counts(counts: list[str], height: int, width: int, source: str = "RLE") -> None:
+    """Raise :class:`DataError` naming ``source`` and the first bad mask unless every COCO RLE string parses and its
+    runs cover ``height`` × ``width`` pixels exactly. Cheap (the run lengths, no decode); what a lazy crop decode
+    needs to know up front, since a garbage string otherwise gives a nonsense box and is never decoded."""
+    encoded = [c.encode("ascii") if c.isascii() else b"" for c in counts]
+    for i, c in enumerate(encoded):
+        # every character in pycocotools' range (48 + 6 bits), the last one ending a value (no 0x20 "more" bit)
+        if not c or min(c) < 48 or max(c) > 48 + 0x3F or (c[-1] - 48) & 0x20:
+            raise DataError(f"{source}: RLE of mask {i} is malformed (not a COCO compressed RLE string)")
+    _check_runs(*rle_run_lengths(encoded), len(encoded), height * width, source)
+
+
+def _check_runs(lengths: np.ndarray, mask_of_run: np.ndarray, n: int, size: int, source: str) -> None:
+    if (lengths < 0).any():
+        bad = int(mask_of_run[np.flatnonzero(lengths < 0)[0]])
+        raise DataError(f"{source}: RLE of mask {bad} is malformed (negative run length)")
+    totals = np.bincount(mask_of_run, weights=lengths, minlength=n).astype(np.int64)
+    if (totals != size).any():
+        bad = int(np.flatnonzero(totals != size)[0])
+        raise DataError(f"{source}: RLE of mask {bad} covers {int(totals[bad])} pixels, the image has {size}")
+
+
 def decode_rle_columns(counts: list[bytes], height: int, width: int, col_start: int, col_stop: int,
                        source: str = "RLE") -> np.ndarray:
     """Columns ``col_start:col_stop`` of COCO compressed RLE masks, without decoding the rest: uint8
@@ -130,13 +170,8 @@ def decode_rle_grid(counts: list[bytes], height: int, width: int, cols: np.ndarr
     if not n or not len(cols) or not out_rows:
         return np.zeros((n, len(cols), out_rows), dtype=np.uint8)
     lengths, mask_of_run = rle_run_lengths(counts)
-    if (lengths < 0).any():
-        raise DataError(f"{source}: malformed RLE counts (negative run length)")
     size = height * width
-    totals = np.bincount(mask_of_run, weights=lengths, minlength=n).astype(np.int64)
-    if (totals != size).any():
-        bad = int(np.flatnonzero(totals != size)[0])
-        raise DataError(f"{source}: RLE of mask {bad} covers {int(totals[bad])} pixels, the image has {size}")
+    _check_runs(lengths, mask_of_run, n, size, source)
     ends = np.cumsum(lengths)  # masks back to back: mask m's pixel p is at m * size + p
     runs_per_mask = np.bincount(mask_of_run, minlength=n)
     first_run = np.concatenate(([0], np.cumsum(runs_per_mask)[:-1]))
@@ -198,6 +233,7 @@ class MaskRecord:
             rles.append(seg)
         if not rles:
             raise DataError(f"{source}: image has zero masks")
+        check_rle_counts([r["counts"] for r in rles], height, width, source)
         return cls(rles, height, width, source)
 
     @classmethod
@@ -293,12 +329,27 @@ class SA1BFolder:
         self.folder = Path(folder)
         self.pairs, self.missing = find_pairs(self.folder, require_json=annotations)
         self.annotations = annotations
+        if self.missing:
+            shown = ", ".join(str(p) for p in self.missing[:5])
+            logging.getLogger(__name__).warning(
+                "SA-1B: skipping %d image(s) without a mask JSON under %s: %s%s", len(self.missing), self.folder,
+                shown, " ..." if len(self.missing) > 5 else "")
+        #: samples left out when indexing (images without their JSON)
+        self.left_out = len(self.missing)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def limit(self, count: int | None) -> None:
         self.pairs = self.pairs[:count]
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:  # once: every checkpoint records it, SA-1B has 22 M files
+        return files_fingerprint((p for pair in self.pairs for p in pair if p is not None), self.folder)
+
+    def fingerprint(self) -> str:
+        """:func:`~ovseg.data.files.files_fingerprint` of the pairs (as indexed when the run started)."""
+        return self._fingerprint
 
     def where(self, index: int) -> str:
         return str(self.pairs[index][0])
@@ -355,6 +406,7 @@ class SA1BTars:
         self.shards = sorted(p for p in self.folder.rglob("*.tar") if p.is_file())
         if not self.shards:
             raise DataError(f"SA-1B: no .tar files under {self.folder}")
+        refuse_copies(self.shards, "tar")
         index_dir = Path(index_dir) if index_dir is not None else None
         columns: dict[str, list[np.ndarray]] = {k: [] for k in ("shard", "image_at", "image_size", "json_at",
                                                                "json_size")}
@@ -373,6 +425,9 @@ class SA1BTars:
                 log.warning("SA-1B: %s: %s", shard, problem)
             self.left_out += len(index["problems"])
             keep = index["json_at"] >= 0 if annotations else np.ones(len(index["image_at"]), bool)
+            if not keep.all():
+                log.warning("SA-1B: %s: %d image(s) without a mask JSON; left out", shard, int((~keep).sum()))
+                self.left_out += int((~keep).sum())
             columns["shard"].append(np.full(int(keep.sum()), shard_id, np.int32))
             for key in ("image_at", "image_size", "json_at", "json_size"):
                 columns[key].append(index[key][keep])
@@ -383,6 +438,10 @@ class SA1BTars:
 
     def limit(self, count: int | None) -> None:
         self.index = {k: v[:count] for k, v in self.index.items()}
+
+    def fingerprint(self) -> str:
+        """:func:`~ovseg.data.files.files_fingerprint` of the tars, with the number of samples used."""
+        return f"{len(self)}:{files_fingerprint(self.shards, self.folder)}"
 
     @staticmethod
     def _index(shard: Path, index_dir: Path | None) -> dict[str, Any]:

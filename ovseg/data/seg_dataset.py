@@ -8,6 +8,7 @@ ignore, already mapped to the dataset's convention) and ``meta``.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from torch.utils.data import Dataset
 from ovseg.data.files import DataError, read_image, read_label_png
 from ovseg.data.specs import IGNORE_INDEX, DatasetSpec, get_spec
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 def values_outside_classes(label: np.ndarray, num_classes: int) -> list[int]:
@@ -152,14 +154,32 @@ class SegFileDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Unlabelled images (a folder, searched recursively, or a single file) for ``ovseg predict``."""
+    """Unlabelled images (a folder, searched recursively, or a single file) for ``ovseg predict``, read as a photo
+    viewer shows them (EXIF orientation applied). Left out, with a warning saying how many: files with other
+    suffixes, macOS metadata files (``._photo.jpg``) and anything under ``exclude`` (``ovseg predict``'s own output
+    folder, when it is inside the image folder)."""
 
-    def __init__(self, images: str | Path):
+    def __init__(self, images: str | Path, exclude: str | Path | None = None):
         images = Path(images)
         if images.is_file():
             self.paths = [images]
         elif images.is_dir():
-            self.paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = [p for p in images.rglob("*") if p.is_file()]
+            outputs = Path(exclude).resolve() if exclude is not None else None
+            left_out = {"not an image": [], "macOS metadata": [], "ovseg predict output": []}
+            self.paths = []
+            for path in sorted(files):
+                if outputs is not None and path.resolve().is_relative_to(outputs):
+                    left_out["ovseg predict output"].append(path)
+                elif path.name.startswith("._"):
+                    left_out["macOS metadata"].append(path)
+                elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                    left_out["not an image"].append(path)
+                else:
+                    self.paths.append(path)
+            for why, paths in left_out.items():
+                if paths:
+                    log.warning("%s: %d file(s) left out (%s), e.g. %s", images, len(paths), why, paths[0])
         else:
             raise DataError(f"{images}: no such image file or folder")
         if not self.paths:
@@ -176,7 +196,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
-        image = read_image(path)
+        image = read_image(path, exif_orientation=True)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "meta": {"dataset": "predict", "id": self.ids[index],

@@ -14,12 +14,15 @@ and the DataModule only shards, shuffles and batches. In a config::
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from ovseg.data.files import files_fingerprint
 from ovseg.data.seg_dataset import DataError, ImageFolderDataset, read_image, split_images
 from ovseg.data.specs import get_spec
 
@@ -46,6 +49,14 @@ class _ImagePaths(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:  # once: every checkpoint records it
+        return files_fingerprint(self.paths, Path(os.path.commonpath(self.paths)))
+
+    def fingerprint(self) -> str:
+        """:func:`~ovseg.data.files.files_fingerprint` of the images (as listed when the run started)."""
+        return self._fingerprint
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]

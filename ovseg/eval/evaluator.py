@@ -10,20 +10,19 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from ovseg.data.classnames import read_class_names
+from ovseg.eval.contract import EvaluatedMethod
 from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, to_uint8_hwc
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
 from ovseg.eval.protocols import Protocol, ProtocolSettings
 from ovseg.models.clip import DenseCLIP, DenseOptions
 from ovseg.models.text import get_templates
 
-if TYPE_CHECKING:
-    from ovseg.methods.base import OVSegMethod
 
 
 @dataclass
@@ -113,7 +112,7 @@ class Evaluator:
     @torch.no_grad()
     def add_dataset(
         self,
-        method: OVSegMethod,
+        method: EvaluatedMethod,
         name: str,
         class_names: list[list[str]] | None,
         background_index: int | None,
@@ -138,13 +137,13 @@ class Evaluator:
         return entry
 
     @torch.no_grad()
-    def predict(self, method: OVSegMethod, entry: DatasetEvaluation, image: torch.Tensor,
+    def predict(self, method: EvaluatedMethod, entry: DatasetEvaluation, image: torch.Tensor,
                 out_size: tuple[int, int]) -> torch.Tensor:
         """One image ``[3,H,W]`` in [0,1] -> class ids ``[H,W]`` at ``out_size``."""
         return self.predict_batch(method, entry, [image], [out_size])[0]
 
     @torch.no_grad()
-    def predict_batch(self, method: OVSegMethod, entry: DatasetEvaluation, images: list[torch.Tensor],
+    def predict_batch(self, method: EvaluatedMethod, entry: DatasetEvaluation, images: list[torch.Tensor],
                       out_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Images ``[3,H,W]`` in [0,1] -> class ids at their ``out_sizes``. Whole-image protocols run the images
         that are the same size after the protocol's resize as one forward pass; sliding windows are batched
@@ -185,7 +184,7 @@ class Evaluator:
             ))
         return preds
 
-    def update(self, method: OVSegMethod, name: str, images: list[torch.Tensor], labels: list[torch.Tensor],
+    def update(self, method: EvaluatedMethod, name: str, images: list[torch.Tensor], labels: list[torch.Tensor],
                ids: list[str] | None = None) -> None:
         entry = self.datasets[name]
         preds = self.predict_batch(method, entry, images, [tuple(label.shape[-2:]) for label in labels])

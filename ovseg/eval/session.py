@@ -12,16 +12,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from ovseg.eval.contract import EvaluatedMethod
 from ovseg.eval.evaluator import Evaluator, Vocabulary
 from ovseg.eval.protocols import load_protocol
 from ovseg.eval.results import build_results, dataset_entry, summary_table, write_results
 
-if TYPE_CHECKING:
-    from ovseg.methods.base import OVSegMethod
 
 
 #: field metadata of :class:`EvaluationSettings`: False on a setting that changes no score (where files go, how
@@ -65,20 +64,21 @@ class EvaluationSession:
         self.results_paths: tuple[Path, Path] | None = None
         self._started = 0.0
         self._predict_out: Path | None = None
+        self._results_claim: Path | None = None
 
     # -- validate / test ----------------------------------------------------------------------------------------
-    def start(self, method: OVSegMethod) -> None:
+    def start(self, method: EvaluatedMethod) -> None:
         self.evaluator = self.settings.evaluator(self.settings.gallery_size)
         for dataset in method.trainer.datamodule.eval_datasets:
             self.evaluator.add_dataset(method, dataset.name, dataset.class_names, dataset.background_index,
                                        method.device)
         self._started = time.perf_counter()
 
-    def step(self, method: OVSegMethod, batch: dict) -> None:
+    def step(self, method: EvaluatedMethod, batch: dict) -> None:
         name = batch["meta"][0]["dataset"]
         self.evaluator.update(method, name, batch["image"], batch["label"], [m["id"] for m in batch["meta"]])
 
-    def finish(self, method: OVSegMethod, stage: str) -> dict[str, Any]:
+    def finish(self, method: EvaluatedMethod, stage: str) -> dict[str, Any]:
         """Collective (every rank calls it): the DDP-summed scores, logged under ``stage``; on ``test`` rank 0
         also writes the results files and the pictures."""
         computed = self.evaluator.compute()
@@ -107,8 +107,24 @@ class EvaluationSession:
                 self._write_test_outputs(method)
         return results
 
-    def _write_test_outputs(self, method: OVSegMethod) -> None:
+    def claim_results_dir(self, method: EvaluatedMethod) -> None:
+        """Rank 0 of ``ovseg test``, before scoring: an explicit ``results_dir`` is this run's until it has written
+        (two tests writing into one folder are refused; results of an earlier run are replaced with a warning)."""
+        self._results_claim = None
+        if not (self.settings.results_dir and method.trainer.is_global_zero):
+            return
+        from ovseg.utils.io import claim_file
+
+        folder = Path(self.settings.results_dir)
+        self._results_claim = claim_file(folder / ".ovseg-results.claim", f"results folder {folder}")
+        if (folder / "results.json").exists():
+            rank_zero_warn(f"{folder / 'results.json'} holds the results of an earlier run; this run replaces them")
+
+    def _write_test_outputs(self, method: EvaluatedMethod) -> None:
         self.results_paths = write_results(self.settings.results_dir or run_dir(method.trainer), self.results)
+        if self._results_claim is not None:
+            self._results_claim.unlink(missing_ok=True)
+            self._results_claim = None
         seconds = time.perf_counter() - self._started
         rank_zero_info(
             f"\n{summary_table(self.results)}\n\n{self.results['method']} · protocol {self.settings.protocol} · "
@@ -124,7 +140,7 @@ class EvaluationSession:
             rank_zero_warn(f"could not log the result pictures/tables: {type(err).__name__}: {err}")
 
     # -- predict: arbitrary images and words ---------------------------------------------------------------------
-    def start_predict(self, method: OVSegMethod) -> None:
+    def start_predict(self, method: EvaluatedMethod) -> None:
         self.evaluator = self.settings.evaluator()
         # arbitrary words: the given names only, no dataset-specific background rules
         settings = dataclasses.replace(
@@ -133,10 +149,13 @@ class EvaluationSession:
         )
         self.evaluator.add_dataset(method, "predict", method.trainer.datamodule.predict_class_names, None,
                                    method.device, settings)
-        log_dir = method.trainer.log_dir or method.trainer.default_root_dir
-        self._predict_out = Path(self.settings.predict_dir or Path(log_dir) / "predictions")
+        self._predict_out = self.predict_output_dir(method.trainer)
 
-    def predict_step(self, method: OVSegMethod, batch: dict) -> list[str]:
+    def predict_output_dir(self, trainer: Any) -> Path:
+        """Where ``ovseg predict`` writes: ``predict_dir``, else ``<log dir>/predictions``."""
+        return Path(self.settings.predict_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+
+    def predict_step(self, method: EvaluatedMethod, batch: dict) -> list[str]:
         from ovseg.eval.visualize import save_prediction
 
         entry = self.evaluator.datasets["predict"]
@@ -147,7 +166,7 @@ class EvaluationSession:
             written.append(str(save_prediction(self._predict_out, meta["id"], image, pred, vocabulary.display_names)))
         return written
 
-    def finish_predict(self, method: OVSegMethod) -> None:
+    def finish_predict(self, method: EvaluatedMethod) -> None:
         if method.trainer.is_global_zero:
             rank_zero_info(f"predictions: {self._predict_out}")
 
@@ -163,7 +182,7 @@ def run_dir(trainer: Any) -> Path:
     return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / str(logger.version)
 
 
-def _log_scores(method: OVSegMethod, stage: str, datasets: dict[str, dict[str, Any]]) -> None:
+def _log_scores(method: EvaluatedMethod, stage: str, datasets: dict[str, dict[str, Any]]) -> None:
     scores = {
         f"{stage}/{name}/{metric}": d[metric]
         for name, d in datasets.items()
@@ -186,7 +205,7 @@ def _log_scores(method: OVSegMethod, stage: str, datasets: dict[str, dict[str, A
             logger.log_metrics({**scores, **per_class}, step=method.global_step)
 
 
-def config_record(method: OVSegMethod) -> dict[str, Any]:
+def config_record(method: EvaluatedMethod) -> dict[str, Any]:
     """The settings that produced a results file: the method's class path and hyper-parameters, the DataModule's."""
     record = {"model": {"class_path": f"{type(method).__module__}.{type(method).__name__}", **_plain(method.hparams)}}
     datamodule = getattr(method.trainer, "datamodule", None)

@@ -135,6 +135,9 @@ class OVSegMethod(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.evaluation.finish(self, "val")
 
+    def on_test_start(self) -> None:
+        self.evaluation.claim_results_dir(self)
+
     def on_test_epoch_start(self) -> None:
         self.evaluation.start(self)
 

@@ -22,7 +22,6 @@ the shared confusion matrix and results files.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -221,7 +220,9 @@ class _Probe(OVSegMethod):
         self.embedder.requires_grad_(False)
         self.checkpoint = checkpoint
         if checkpoint:
-            state = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=False)
+            from ovseg.utils.io import load_weights_file
+
+            state = load_weights_file(checkpoint, "embedder checkpoint")
             self.embedder.load_state_dict(state.get("state_dict", state))
         from ovseg.data.specs import get_spec
 

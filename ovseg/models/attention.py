@@ -23,13 +23,23 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # clip.py imports this module
-    from ovseg.models.clip import TransformerBlockView
+
+class BlockWeights(Protocol):
+    """The projection weights and head count of the block an attention reads (``ovseg.models.clip``'s
+    ``TransformerBlockView`` is one; a protocol, so that this module imports nothing of clip.py, which imports it)."""
+
+    q_weight: Tensor
+    q_bias: Tensor | None
+    k_weight: Tensor
+    k_bias: Tensor | None
+    v_weight: Tensor
+    v_bias: Tensor | None
+    num_heads: int
 
 
 @dataclass
@@ -38,7 +48,7 @@ class AttentionTokens:
     computes ``q`` or ``k``)."""
 
     normed: Tensor  #: ``ln_1(x)``, ``[B, 1+N, C]``
-    block: TransformerBlockView  #: the block's projection weights and head count
+    block: BlockWeights  #: the block's projection weights and head count
     grid: tuple[int, int]  #: the patch grid ``(rows, cols)``, ``N = rows * cols``
 
     def _heads(self, weight: Tensor, bias: Tensor | None) -> Tensor:

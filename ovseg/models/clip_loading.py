@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import open_clip
 import torch
@@ -18,8 +18,16 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from ovseg.models.clip import CLIPConfig
+
+class CLIPWeightsSettings(Protocol):
+    """The settings :func:`load_open_clip` reads (``ovseg.models.clip.CLIPConfig`` is one; a protocol, so that this
+    module imports nothing of clip.py, which imports it)."""
+
+    name: str
+    pretrained: str | None
+    precision: str
+    cache_dir: str | None
+    quick_gelu: bool | None
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 #: weights shipped inside the package, (open_clip model name, pretrained tag) -> file; looked up before open_clip's
@@ -55,7 +63,7 @@ def _looks_like_path(value: str) -> bool:
     return os.sep in value or "/" in value or value.startswith((".", "~")) or value.endswith(_WEIGHT_SUFFIXES)
 
 
-def load_open_clip(config: CLIPConfig) -> tuple[nn.Module, str]:
+def load_open_clip(config: CLIPWeightsSettings) -> tuple[nn.Module, str]:
     """Create the open_clip model; returns (model, weights_id)."""
     name = config.name
     kwargs: dict = dict(precision=config.precision, cache_dir=config.cache_dir)
@@ -109,7 +117,15 @@ def load_open_clip(config: CLIPConfig) -> tuple[nn.Module, str]:
         raise IsADirectoryError(f"pretrained={pretrained!r} is a folder: pass the weights file inside it, or use "
                                 f"name='local-dir:{weights_path}' for a folder with open_clip_config.json")
     if weights_path.is_file():
-        model = open_clip.create_model(name, pretrained=str(weights_path), **kwargs)
+        if weights_path.suffix != ".safetensors":  # a pickle: refuse one that would run code, naming it
+            from ovseg.utils.io import load_weights_file
+
+            load_weights_file(weights_path, "CLIP weights file", allow_numpy=True, mmap=True)
+        try:
+            model = open_clip.create_model(name, pretrained=str(weights_path), **kwargs)
+        except RuntimeError as err:
+            raise ValueError(f"{weights_path}: not weights of the open_clip model {name}: "
+                             f"{str(err).strip().splitlines()[0][:300]}") from None
         return model, f"{name}/file:{weights_path.resolve()}#sha256:{_sha256_prefix([weights_path])}"
     if _looks_like_path(pretrained):
         raise FileNotFoundError(f"CLIP weights file not found: {weights_path}")

@@ -62,7 +62,9 @@ class DeepLabResNet(Backbone):
         named = self.weights if self.weights and not Path(self.weights).expanduser().is_file() else None
         resnet = factory(weights=named, replace_stride_with_dilation=dilate)
         if self.weights and named is None:
-            state = torch.load(Path(self.weights).expanduser(), map_location="cpu", weights_only=True)
+            from ovseg.utils.io import load_weights_file
+
+            state = load_weights_file(self.weights, "ResNet weights file", allow_numpy=True)
             resnet.load_state_dict(state.get("state_dict", state), strict=False)
         self.body = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                                   resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)

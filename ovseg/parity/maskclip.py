@@ -95,7 +95,7 @@ def fp16_grid_weights(work_dir: Path, model_name: str = "ViT-B-16") -> Path:
     path = Path(work_dir) / f"random-openai-{model_name}-fp16grid.pt"
     if not path.is_file():
         source = random_openai_clip(Path(work_dir) / f"random-openai-{model_name}.pt", model_name)
-        state = torch.load(source, map_location="cpu")
+        state = torch.load(source, map_location="cpu", weights_only=True)
         state = {k: v.half().float() if v.is_floating_point() else v for k, v in state.items()}
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -204,7 +204,7 @@ def _openai_clip(weights: Path, device: str) -> Iterator[types.ModuleType]:
     def load(name, device_=None, jit=False, download_root=None, **kwargs):
         # clip.load's path for a state-dict file (jit=False): build_model(state_dict).to(device); clip.load itself
         # cannot read such a file with this torch (its failed torch.jit.load leaves the file read to the end)
-        state_dict = torch.load(weights, map_location="cpu")
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
         return openai_clip.model.build_model(state_dict).to(device).float(), None
 
     stand_in = types.ModuleType("clip")
@@ -226,6 +226,7 @@ def _torch_load_on(device: str) -> Iterator[None]:
     saved = torch.load
 
     def load(f, map_location=None, **kwargs):
+        kwargs.setdefault("weights_only", True)  # also where a torch whose default differs runs the authors' code
         return saved(f, map_location=device, **kwargs)
 
     torch.load = load

@@ -110,7 +110,7 @@ def reference_pixelclip(ref_dir: Path, weights: Path, work_dir: Path, device: st
             def load(name, device="cpu", jit=True, prompt_depth=0, prompt_length=0):
                 # stand-in for the download + torch.jit.load: the JIT file's state dict is the OpenAI layout plus
                 # three scalars that build_model deletes
-                state = torch.load(weights, map_location="cpu")
+                state = torch.load(weights, map_location="cpu", weights_only=True)
                 grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
                 state["input_resolution"] = torch.tensor(grid * state["visual.conv1.weight"].shape[-1])
                 state["context_length"] = torch.tensor(state["positional_embedding"].shape[0])

@@ -126,7 +126,16 @@ def sam_generator(checkpoint: str | None, model_type: str = "vit_h", device: str
             raise FileNotFoundError(f"SAM checkpoint not found: {checkpoint}")
         if model_type not in sam_model_registry:
             raise ValueError(f"unknown SAM model type {model_type!r}; one of {sorted(sam_model_registry)}")
-        model = sam_model_registry[model_type](checkpoint=checkpoint)
+        from ovseg.utils.io import load_weights_file
+
+        # segment_anything's own loading calls torch.load without weights_only: read the file safely here
+        state = load_weights_file(checkpoint, "SAM checkpoint", allow_numpy=True)
+        model = sam_model_registry[model_type](checkpoint=None)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{checkpoint}: not a SAM {model_type} checkpoint (--model-type picks vit_h, vit_l or "
+                             f"vit_b): {str(err).splitlines()[0]}") from None
     model.to(device).eval()
     amg = SamAutomaticMaskGenerator(model, output_mode="coco_rle", **amg_kwargs)
     return amg.generate

@@ -60,12 +60,13 @@ def map_official_key(key: str) -> str | None:
 
 
 def _load_official(path: str | Path) -> tuple[dict[str, torch.Tensor], int]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"PixelCLIP checkpoint not found: {path}")
     import torch
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from ovseg.utils.io import load_weights_file
+
+    path = Path(path)
+    # the file users download from others: tensors, numbers and numpy values only, never the general unpickler
+    ckpt = load_weights_file(path, "PixelCLIP checkpoint", allow_numpy=True)
     state = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: no state dict found (expected a detectron2 checkpoint with 'model')")

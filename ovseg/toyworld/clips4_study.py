@@ -50,17 +50,17 @@ def _logged_mean(log_dir: Path, key: str) -> float | None:
 def load_fitted(log_dir: Path):
     """The CLIP-S4 model of a finished ``ovseg fit`` (its ``config.yaml`` and ``checkpoints/last.ckpt``), and that
     config as plain data."""
-    import torch
     import yaml
     from jsonargparse import ArgumentParser
 
     from ovseg.methods.base import OVSegMethod
+    from ovseg.utils.io import load_weights_file
 
     config = yaml.safe_load((log_dir / "config.yaml").read_text())
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(OVSegMethod, "model")
     model = parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
-    state = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    state = load_weights_file(log_dir / "checkpoints" / "last.ckpt", "checkpoint")["state_dict"]
     model.load_state_dict(state)
     return model.eval(), config
 

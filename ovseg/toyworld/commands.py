@@ -57,7 +57,9 @@ def _zeroshot(ns: argparse.Namespace) -> int:
 
 
 def _leaderboard(ns: argparse.Namespace) -> int:
-    from ovseg.toyworld.leaderboard import LeaderboardSettings, format_leaderboard, run_leaderboard
+    from ovseg.toyworld.leaderboard import (LeaderboardSettings, check_against_readme, format_leaderboard,
+                                            run_leaderboard)
+    from ovseg.utils.project import project_path
 
     settings = LeaderboardSettings(root=ns.root, out=ns.out, pixelclip_steps=ns.pixelclip_steps,
                                    clips4_steps=ns.clips4_steps, folds=ns.folds, fold_steps=ns.fold_steps,
@@ -66,6 +68,11 @@ def _leaderboard(ns: argparse.Namespace) -> int:
     table = run_leaderboard(settings)
     print("\n" + format_leaderboard(table))
     print(f"leaderboard: {ns.out}/leaderboard.md ({time.perf_counter() - start:.0f} s)")
+    readme, readme_run = project_path("README.md"), LeaderboardSettings()  # the README's numbers: the defaults
+    if readme.is_file() and all(getattr(settings, k) == getattr(readme_run, k)
+                                for k in ("pixelclip_steps", "clips4_steps", "fold_steps", "seed")):
+        print(f"against the README's numbers ({readme}, seed 0):")
+        print("\n".join(check_against_readme(table, readme)))
     return 0
 
 

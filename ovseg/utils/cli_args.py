@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +35,19 @@ def read_lightning_config(path: str | Path) -> dict[str, Any]:
                 raise FileNotFoundError(f"{path}: {key}: fragment {value} not found ({fragment})")
             data[key] = yaml.safe_load(fragment.read_text(encoding="utf-8")) or {}
     return data
+
+
+def canonical_key(key: str) -> str:
+    """``--model.init_args.clip.name`` -> ``model.clip.name`` (both spellings set the same thing; a leading
+    ``init_args.`` goes too)."""
+    return re.sub(r"(?:^|\.)init_args(?=\.|$)", "", key.lstrip("-")).lstrip(".")
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings -> ``{canonical dotted key: value}``."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {canonical_key(prefix): data} if prefix else {}

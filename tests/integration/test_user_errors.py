@@ -121,7 +121,7 @@ def test_a_truncated_checkpoint_is_one_line(synthetic_root, tmp_path):
                            str(synthetic_root), "--ckpt_path", str(tmp_path / "cut.ckpt")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    assert "cut.ckpt: cannot read the checkpoint, truncated" in proc.stderr
+    assert "cut.ckpt: cannot read the checkpoint: truncated" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
 
 

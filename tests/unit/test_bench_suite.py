@@ -295,3 +295,55 @@ def test_ovseg_test_takes_configs_only_suites_are_bench_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["test", "--config", str(path)])
     assert "does not accept option" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_freshness_key_covers_every_file_a_run_reads_and_the_code(tmp_path, monkeypatch):
+    """Issue 26 §3: a protocol YAML given by path edited, a ``clip.pretrained`` file replaced at the same path, a
+    dict dataset's mask or class-name file changed, ovseg's code changed at the same version: each reruns."""
+    import os
+
+    import ovseg.bench.suite as suite_module
+    from ovseg.bench.fingerprint import code_fingerprint
+
+    protocol = tmp_path / "my_protocol.yaml"
+    protocol.write_text((REPO / "ovseg/eval/protocols/maskclip.yaml").read_text())
+    weights = tmp_path / "clip.bin"
+    weights.write_bytes(b"weights one")
+    masks = tmp_path / "my_set" / "masks"
+    masks.mkdir(parents=True)
+    (masks / "a.png").write_bytes(b"mask one")
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    entry = {"name": "mine", "hf": {"path": "imagefolder", "data_dir": "my_set"}, "class_names": "names.txt",
+             "split": "train"}
+    path = make_suite(tmp_path, [{"name": "a", "config": str(tmp_path / "cfg.yaml"), "overrides": {
+        "model.init_args.protocol": str(protocol), "model.init_args.clip": {"pretrained": str(weights)},
+        "data.init_args.datasets": [entry]}}], vars={"data_root": str(tmp_path)})
+
+    def key() -> str:
+        entry_ = load_suite(path).entries[0]
+        return entry_.entry_hash() + entry_.runs[0].part_hash(entry)
+
+    def bumped(file: Path, text: bytes) -> None:  # rewritten in place (a new mtime, as an editor gives)
+        file.write_bytes(text)
+        stat = file.stat()
+        os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    assert key() == key()  # nothing changed: reused
+    for edit in (lambda: protocol.write_text(protocol.read_text().replace("short_side: 512", "short_side: 448")),
+                 lambda: weights.write_bytes(b"weights two"),  # same size, same path
+                 lambda: bumped(masks / "a.png", b"mask two"),
+                 lambda: bumped(tmp_path / "names.txt", b"cat\nsky\n")):
+        before = key()
+        edit()
+        assert key() != before
+    before = key()
+    monkeypatch.setattr(suite_module, "code_fingerprint", lambda: "other code, same version")
+    assert key() != before
+    # the code hash is the package's files: one changed file changes it
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "m.py").write_text("x = 1\n")
+    first = code_fingerprint(package)
+    (package / "m.py").write_text("x = 2\n")
+    code_fingerprint.cache_clear()
+    assert code_fingerprint(package) != first

@@ -72,3 +72,40 @@ def test_random_streams_round_trip_through_a_safe_checkpoint():
     random_state.restore(module, torch.load(buffer, weights_only=True))
     assert (np.random.rand(3).tolist(), random.random(), torch.rand(2).tolist(),
             torch.rand(2, generator=module.generator).tolist()) == expected
+
+
+def _loader(dataset, world=1, rank=0):
+    from ovseg.data.datamodule import ResumableLoader
+
+    return ResumableLoader(EpochSeededSamples(dataset, 0), position=lambda: (1, 2), batch_size=2,
+                           sampler=ResumableShuffleSampler(len(dataset), rank, world, seed=0))
+
+
+def test_a_mid_epoch_resume_on_another_process_count_is_refused():
+    """Each process skips what it trained on: 2 -> 1 processes trained samples twice, 1 -> 2 skipped some."""
+    state = _loader(Noisy(), world=2).state_dict()
+    assert state["processes"] == 2
+    with pytest.raises(ValueError, match="cannot resume mid-epoch on 1 process.*written by 2"):
+        _loader(Noisy(), world=1).load_state_dict(state)
+    _loader(Noisy(), world=2, rank=1).load_state_dict(state)  # the same count: fine
+    _loader(Noisy(), world=1).load_state_dict({**state, "batches": 0})  # at an epoch boundary: nothing to skip
+
+
+def test_a_mid_epoch_resume_on_changed_training_data_is_refused(tmp_path):
+    from ovseg.data.sa1b import SA1BFolder, write_synthetic_sa1b
+    from ovseg.methods.pixelclip.data import SA1BDataset, PixelCLIPViews
+
+    write_synthetic_sa1b(tmp_path / "all", num_images=6)  # sa_000000 .. sa_000002, two pairs each
+    (tmp_path / "sa1b").mkdir()
+    for part in ("sa_000000", "sa_000001"):
+        (tmp_path / "all" / part).rename(tmp_path / "sa1b" / part)
+
+    def dataset():
+        return SA1BDataset("sa1b", SA1BFolder(tmp_path / "sa1b"), PixelCLIPViews(resize_short=40, crop_size=32))
+
+    state = _loader(dataset()).state_dict()
+    _loader(dataset()).load_state_dict(state)  # the same data
+    (tmp_path / "all/sa_000002").rename(tmp_path / "sa1b/sa_000002")  # two pairs added before the resume
+    with pytest.raises(ValueError, match="the training data changed since the checkpoint"):
+        _loader(dataset()).load_state_dict(state)
+    _loader(dataset()).load_state_dict({**state, "batches": 0})  # a new epoch takes the new data

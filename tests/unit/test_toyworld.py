@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,29 @@ def test_regenerating_smaller_leaves_no_stale_training_pairs(tmp_path):
         f"sa_{n}.{ext}" for n in (1, 2, 3) for ext in ("jpg", "json")]
     generate(tmp_path, num_train=3, num_val=2, seed=SEED, size=SIZE, masks=False)
     assert not [p for p in (tmp_path / "sa1b").rglob("sa_*") if p.is_file()]
+
+
+def test_make_demo_says_whether_each_number_is_inside_the_readmes_range():
+    """``ovseg toyworld leaderboard`` (``make demo``) compares each row with the README's table, which it reads."""
+    from ovseg.toyworld.leaderboard import METHODS, README_TOLERANCE, check_against_readme, readme_toy_rows
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    expected = readme_toy_rows(readme)
+    assert expected[("CLIP", "zero-shot")] == 9.74 and expected[("NACLIP", "zero-shot")] == 25.38  # bold dropped
+    assert expected[("CLIP-S4, toy 4-fold", "fine-tuned")] == 18.53  # mean ± std: the mean
+    scores = lambda v: {"mIoU": v, "pAcc": 0.0, "mAcc": 0.0}  # noqa: E731
+    methods = {}
+    for m in METHODS:
+        base = m.title.split(" (")[0]
+        if m.trained:
+            methods[m.key] = {"title": m.title, "steps": 100, "frozen": scores(expected[(base, "frozen start")]),
+                              "tuned": scores(expected[(base, "fine-tuned")] + 1.1), "gain": scores(0.0)}
+        else:
+            methods[m.key] = {"title": m.title, "test": scores(expected.get((base, "zero-shot"), 50.0) + 0.06)}
+    table = {"methods": methods, "folds": {"tuned": {"mean": {"mIoU": 18.53}}}}
+    lines = check_against_readme(table, readme)
+    assert "  CLIP zero-shot: 9.80, README 9.74 (range 9.69–9.79): OUTSIDE" in lines
+    assert "  PixelCLIP fine-tuned: 23.89, README 22.79 (range 21.59–23.99): inside" in lines
+    assert "  CLIP-S4, toy 4-fold fine-tuned: 18.53, README 18.53 (range 17.33–19.73): inside" in lines
+    assert sum("inside" in line or "OUTSIDE" in line for line in lines) == len(expected)  # every README row checked
+    assert README_TOLERANCE["zero-shot"] < README_TOLERANCE["fine-tuned"]

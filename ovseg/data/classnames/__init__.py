@@ -30,8 +30,12 @@ def resolve_class_file(name_or_path: str | Path) -> Path:
 
 @lru_cache(maxsize=None)
 def _read(path: Path) -> tuple[tuple[str, ...], ...]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of a name
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     classes = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         synonyms = tuple(s.strip() for s in line.split(",") if s.strip())
@@ -49,9 +53,15 @@ def read_class_names(name_or_path: str | Path) -> list[list[str]]:
 
 
 def looks_like_class_file(text: str) -> bool:
-    """A ``--classes`` value names a file when it ends in ``.txt`` or holds a path separator and no comma; anything
-    else is an inline list, even a single word that happens to name a file in the working directory."""
-    return "," not in text and (text.lower().endswith(".txt") or "/" in text or "\\" in text)
+    """A ``--classes`` value names a file when it holds no comma and ends in ``.txt``, holds a path separator, or is
+    an existing file with a suffix (``names.csv``); anything else is an inline list, even a single bare word that
+    happens to name a file in the working directory."""
+    if "," in text or ";" in text:
+        return False
+    if text.lower().endswith(".txt") or "/" in text or "\\" in text:
+        return True
+    path = Path(text).expanduser()
+    return bool(path.suffix) and path.is_file()
 
 
 def parse_class_list(text: str) -> list[list[str]]:
@@ -72,11 +82,15 @@ def parse_class_list(text: str) -> list[list[str]]:
 
 
 def check_unique_names(classes: list[list[str]], source: str) -> None:
-    """Raise naming ``source`` when a class name (any synonym) appears twice."""
-    seen: dict[str, int] = {}
+    """Raise naming ``source`` when a class name (any synonym) appears twice, in any letter case (``Cat`` and
+    ``cat`` are one word to CLIP's lower-casing tokenizer)."""
+    seen: dict[str, tuple[int, str]] = {}
     for index, synonyms in enumerate(classes):
         for name in synonyms:
-            if name in seen and seen[name] != index:
-                raise ValueError(f"{source}: class name {name!r} is given twice (classes {seen[name]} and {index}); "
+            key = name.casefold()
+            if key in seen and seen[key][0] != index:
+                first = seen[key][1]
+                same = repr(name) if first == name else f"{first!r} / {name!r}"
+                raise ValueError(f"{source}: class name {same} is given twice (classes {seen[key][0]} and {index}); "
                                  "each name may name one class")
-            seen.setdefault(name, index)
+            seen.setdefault(key, (index, name))

@@ -16,8 +16,9 @@ Masks are decoded lazily (:meth:`PixelCLIPViews.crop_masks`): only those whose R
 crop's columns, with resize, crop, flip and cutout folded into one gather; the result equals decoding everything
 first (``mask_decoding: full``) bit for bit. Samples come from an extracted folder or straight from the SA-1B tar
 files (:class:`~ovseg.data.sa1b.SA1BTars`), optionally halved at read time (``downscale``). Broken samples
-(unreadable image or JSON, RLE size different from the image, no masks) raise :class:`DataError` naming the file
-(or tar member), or with ``skip_bad`` are skipped, counted and logged.
+(unreadable or oversized image, unreadable JSON, RLE size different from the image, garbage RLE strings, no masks)
+raise :class:`DataError` naming the file (or tar member), or with ``skip_bad`` are skipped, counted
+(``train/skipped_samples``, with those left out when indexing) and logged; an epoch without any mask stops the run.
 """
 
 from __future__ import annotations
@@ -367,6 +368,15 @@ class SA1BDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def fingerprint(self) -> str:
+        """The reader's (ids and sizes of the samples)."""
+        return self.files.fingerprint()
+
+    @property
+    def left_out(self) -> int:
+        """Samples the reader left out when indexing (an image without its JSON, a member cut off a tar)."""
+        return int(getattr(self.files, "left_out", 0))
+
     def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         image, masks = self.files.read(index)
         if self.downscale is not None and self.downscale != 1:
@@ -473,11 +483,7 @@ class SA1B(TrainSource):
             index_dir = self._resolve(self.tar_index_dir, root) if self.tar_index_dir else None
             files: SA1BFolder | SA1BTars = SA1BTars(folder, self.annotations, index_dir, self.skip_bad)
         else:
-            files = SA1BFolder(folder, self.annotations)
-            if files.missing:
-                shown = ", ".join(str(p) for p in files.missing[:5])
-                log.warning("SA-1B: skipping %d image(s) without a mask JSON under %s: %s%s", len(files.missing),
-                            folder, shown, " ..." if len(files.missing) > 5 else "")
+            files = SA1BFolder(folder, self.annotations)  # warns about images without a JSON
         files.limit(self.limit)
         return SA1BDataset(f"sa1b:{self.folder}", files, self.views, self.skip_bad, self.downscale,
                            self.mask_decoding)

@@ -81,10 +81,18 @@ class DinoMasker(nn.Module):
             self.model = timm.create_model(config.name, pretrained=True, **kwargs)
         else:
             path = Path(weights).expanduser()
-            if not path.is_file():
+            if path.suffix != ".safetensors":  # a pickle: refuse one that would run code before timm reads it
+                from ovseg.utils.io import load_weights_file
+
+                load_weights_file(path, "DINO weights file", allow_numpy=True, mmap=True)
+            elif not path.is_file():
                 raise FileNotFoundError(f"DINO weights file not found: {path}")
-            self.model = timm.create_model(config.name, pretrained=True,
-                                           pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            try:
+                self.model = timm.create_model(config.name, pretrained=True,
+                                               pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            except RuntimeError as err:
+                raise ValueError(f"{path}: not weights of the DINO model {config.name}: "
+                                 f"{str(err).strip().splitlines()[0][:300]}") from None
         self.model.requires_grad_(False).eval()
         patch = self.model.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)

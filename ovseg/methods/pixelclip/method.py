@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovseg.data.files import DataError
 from ovseg.methods.base import OVSegMethod, cosine_logits
 from ovseg.methods.pixelclip.dino import DinoConfig, DinoMasker
 from ovseg.methods.pixelclip.head import ConvHead
@@ -207,6 +208,7 @@ class PixelCLIP(OVSegMethod):
         """
         super().__init__(**evaluation)
         self.skipped_samples = 0  # broken SA-1B samples left out of batches in this process
+        self._left_out_counted, self._masks_this_epoch = False, 0
         if not 0.0 <= ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1], got {ema_momentum}")
         self.encoder = DenseCLIP(clip)
@@ -363,10 +365,26 @@ class PixelCLIP(OVSegMethod):
         self.log("train/masks", float(info["num_masks"]), batch_size=batch_size)
         self.log("train/clusters_used", float(info["clusters_used"]), batch_size=batch_size)
         skipped = int(batch.get("skipped", 0))  # broken SA-1B samples the loader left out of this batch
+        if not self._left_out_counted:  # and, once an epoch, those the reader left out when indexing
+            dataset = getattr(getattr(self.trainer, "datamodule", None), "train_dataset", None)
+            skipped += int(getattr(dataset, "left_out", 0))
+            self._left_out_counted = True
         self.skipped_samples += skipped
+        self._masks_this_epoch += int(info["num_masks"])
         self.log("train/skipped_samples", float(skipped), reduce_fx="sum", on_step=True, on_epoch=True,
                  batch_size=batch_size)
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._left_out_counted, self._masks_this_epoch = False, 0
+
+    def on_train_epoch_end(self) -> None:
+        # a loss of 0 from batches without masks trains nothing: a run whose data gives no mask at all must stop
+        total = self.trainer.strategy.reduce(torch.tensor(float(self._masks_this_epoch), device=self.device),
+                                             reduce_op="sum")
+        if float(total) == 0:
+            raise DataError(f"training data: no mask in any training crop of epoch {self.current_epoch} (every mask "
+                            f"broken, empty or under min_mask_pixels?); nothing to learn from, see the warnings above")
 
     def on_train_end(self) -> None:
         if self.skipped_samples:

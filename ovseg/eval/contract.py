@@ -1,0 +1,38 @@
+"""What the evaluation needs from a method, as a :class:`typing.Protocol`: ``ovseg.eval`` depends on no method
+module (:class:`ovseg.methods.base.OVSegMethod`, a LightningModule, satisfies it), so the layers stay one-way
+(``eval ← methods``) and nothing in them imports in a circle."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class EvaluatedMethod(Protocol):
+    """A method as :class:`~ovseg.eval.evaluator.Evaluator` and :class:`~ovseg.eval.session.EvaluationSession`
+    use it: text and dense image embeddings, and the Lightning state the results record."""
+
+    device: torch.device
+    trainer: Any  #: the Lightning Trainer running it
+    hparams: Any
+    global_step: int
+    loggers: list[Any]
+
+    @property
+    def weights_id(self) -> str: ...
+
+    @property
+    def input_size(self) -> int: ...
+
+    def encode_text(self, names: list[str], templates: list[str]) -> torch.Tensor: ...
+
+    def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor: ...
+
+    def extra_metrics(self, dataset: str, confmat: np.ndarray, class_names: list[list[str]]) -> dict[str, Any]: ...
+
+    def log(self, name: str, value: Any, **kwargs: Any) -> None: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...

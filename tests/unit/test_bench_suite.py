@@ -170,7 +170,7 @@ def test_entries_from_metafiles_and_reasons_not_to_run(tmp_path):
     path = make_suite(tmp_path, [
         {"from": "maskclip_vitb16/maskclip", "also": ["maskclip_vitb16/context59_unknown"]},
         {"from": "pixelclip_vitb16_sa1b/paper", "overrides": {"ckpt_path": "${weights_dir}/p.ckpt"}},
-        {"from": "clips4_vitb16/coco_stuff"},
+        {"from": "clips4_vitb16/coco_stuff", "overrides": {"ckpt_path": "${weights_dir}/clips4_coco_stuff.ckpt"}},
     ], vars={"data_root": "/d", "weights_dir": str(tmp_path / "w")})
     suite = load_suite(path, metafiles=metas)
     a, b, c = suite.entries
@@ -179,7 +179,7 @@ def test_entries_from_metafiles_and_reasons_not_to_run(tmp_path):
     assert a.runs[0].configs == [REPO / "configs/eval/maskclip_vitb16.yaml"]
     assert a.runs[0].datasets == ["voc20", "context59", "coco_stuff171"]
     assert b.not_runnable.startswith(f"checkpoint not found: {tmp_path / 'w'}/p.ckpt")
-    assert "no ovseg config for training CLIP-S4 on COCO-Stuff" in c.not_runnable
+    assert c.not_runnable.startswith(f"checkpoint not found: {tmp_path / 'w'}/clips4_coco_stuff.ckpt")
     fake = FakeTest()
     _, outcomes = run(path, fake, only=["pixelclip*", "clips4*"])
     assert fake.calls == [] and [o.status for o in outcomes] == ["not runnable", "not runnable"]

@@ -219,6 +219,7 @@ class DenseOptions:
     vision_activation: str = "model"  # "model" | "gelu"
     vision_ln_eps: float | None = None
     text_precision: str = "model"  # "model" | "fp16"
+    text_ensemble_precision: str = "fp32"  # "fp32" | "text" (read by TextBank)
 
 
 def mlp_activation_name(mlp: nn.Module) -> str:
@@ -325,6 +326,9 @@ class DenseCLIP(nn.Module):
             raise ValueError(f"vision_activation must be 'model' or 'gelu', got {options.vision_activation!r}")
         if options.text_precision not in ("model", "fp16"):
             raise ValueError(f"text_precision must be 'model' or 'fp16', got {options.text_precision!r}")
+        if options.text_ensemble_precision not in ("fp32", "text"):
+            raise ValueError(f"text_ensemble_precision must be 'fp32' or 'text', got "
+                             f"{options.text_ensemble_precision!r}")
         if options.text_precision == "fp16" and self.kind == "hf_vit":
             raise NotImplementedError("text_precision='fp16' needs an open_clip model, this one is from transformers")
         if options.vision_activation == "gelu" and not self._activations:

@@ -35,7 +35,8 @@ IMAGE_SIZES: dict[str, tuple[int, int]] = {
 @dataclass
 class ParityRecord:
     """One compared quantity. ``max_rel_diff`` = max |ours − reference| / max |reference| (tensors);
-    ``identical_share`` = share of pixels with the same label (label maps)."""
+    ``identical_share`` = share of pixels with the same label (label maps); ``text_precision``: the class
+    embeddings' precision on each side where text enters the quantity (``"ovseg fp16, reference fp16"``)."""
 
     reference: str
     quantity: str
@@ -45,6 +46,7 @@ class ParityRecord:
     tolerance: float | None = None
     passed: bool = False
     detail: str = ""
+    text_precision: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,20 +61,22 @@ def max_rel_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def tensor_record(reference: str, quantity: str, ours: torch.Tensor, theirs: torch.Tensor, *,
-                  protocol: str | None = None, tolerance: float = FEATURE_TOLERANCE, detail: str = "") -> ParityRecord:
+                  protocol: str | None = None, tolerance: float = FEATURE_TOLERANCE, detail: str = "",
+                  text_precision: str | None = None) -> ParityRecord:
     diff = max_rel_diff(ours, theirs)
     return ParityRecord(reference, quantity, protocol, max_rel_diff=diff, tolerance=tolerance,
-                        passed=diff <= tolerance, detail=detail)
+                        passed=diff <= tolerance, detail=detail, text_precision=text_precision)
 
 
 def label_record(reference: str, quantity: str, ours: np.ndarray | torch.Tensor, theirs: np.ndarray | torch.Tensor,
-                 *, protocol: str | None = None, agreement: float = LABEL_AGREEMENT, detail: str = "") -> ParityRecord:
+                 *, protocol: str | None = None, agreement: float = LABEL_AGREEMENT, detail: str = "",
+                 text_precision: str | None = None) -> ParityRecord:
     ours, theirs = np.asarray(torch.as_tensor(ours).cpu()), np.asarray(torch.as_tensor(theirs).cpu())
     if ours.shape != theirs.shape:
         raise ValueError(f"{quantity}: label maps differ in shape: ours {ours.shape}, reference {theirs.shape}")
     share = float((ours == theirs).mean())
     return ParityRecord(reference, quantity, protocol, identical_share=share, tolerance=agreement,
-                        passed=share >= agreement, detail=detail)
+                        passed=share >= agreement, detail=detail, text_precision=text_precision)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------

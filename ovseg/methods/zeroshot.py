@@ -60,7 +60,8 @@ class ZeroShotCLIP(OVSegMethod):
     @torch.no_grad()
     def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         features = self.encoder.encode_dense(self.encoder.normalize(images))
-        return cosine_logits(features, text)
+        # text made in the text tower's precision (the maskclip protocol's fp16 ensemble) is used as made
+        return cosine_logits(features, text, self.encoder.options.text_ensemble_precision == "fp32")
 
 
 class CLIP(ZeroShotCLIP):

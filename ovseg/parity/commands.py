@@ -29,13 +29,45 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--ref", action="append", type=_parse_ref, required=True, metavar="NAME=DIR",
                         help=f"a reference checkout ({', '.join(REFERENCES)}); repeat for several")
-    parser.add_argument("--out", default="benchmarks", help="folder of PARITY.md and parity.json")
+    parser.add_argument("--out", default="outputs/parity",
+                        help="folder of PARITY.md and parity.json (the committed record: --out benchmarks)")
     parser.add_argument("--device", default="cpu", help="torch device for both sides (default cpu)")
     parser.add_argument("--work-dir", default="outputs/parity", help="random weights and scratch files")
     parser.set_defaults(func=run)
 
 
+#: import name -> PyPI name of what the references import that ovseg itself does not: the ``[parity]`` extra
+PARITY_EXTRA_MODULES: dict[str, str] = {"ftfy": "ftfy", "regex": "regex", "einops": "einops", "clip": "openai-clip",
+                                        "mmengine": "mmengine", "mmcv": "mmcv-lite", "addict": "addict", "yapf": "yapf"}
+
+
+def missing_parity_modules() -> list[str]:
+    """PyPI names of the ``[parity]`` extra's packages that do not import here (found without importing them)."""
+    import importlib.util
+
+    return [package for module, package in PARITY_EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
+def check_requirements(references: list[str]) -> None:
+    """Before any work: one line naming what to install (the ``[parity]`` extra; mmcv 1.x for MaskCLIP)."""
+    missing = missing_parity_modules()
+    if missing:
+        raise SystemExit(f"ovseg parity needs the [parity] extra (missing: {', '.join(missing)}): "
+                         "pip install -e '.[parity]' -c requirements/constraints.txt")
+    if "MaskCLIP" in references:
+        from ovseg.parity.maskclip import MMCV1_INSTALL, mmcv1_dir
+
+        if not (mmcv1_dir() / "mmcv" / "__init__.py").is_file():
+            raise SystemExit(f"MaskCLIP parity needs mmcv 1.x in {mmcv1_dir()} (or set OVSEG_MMCV1_DIR): "
+                             + MMCV1_INSTALL.format(dir=mmcv1_dir()))
+
+
 def run(ns: argparse.Namespace) -> int:
+    for name, ref_dir in ns.ref:
+        if not ref_dir.is_dir():
+            raise SystemExit(f"--ref {name}={ref_dir}: no such folder (git clone {REPOSITORIES[name]})")
+    check_requirements([name for name, _ in ns.ref])
+
     from ovseg.parity.common import git_commit
     import torch
 
@@ -43,8 +75,6 @@ def run(ns: argparse.Namespace) -> int:
 
     failed = []
     for name, ref_dir in ns.ref:
-        if not ref_dir.is_dir():
-            raise FileNotFoundError(f"--ref {name}={ref_dir}: no such folder (git clone {REPOSITORIES[name]})")
         module = importlib.import_module(REFERENCES[name])
         records = module.run(ref_dir.resolve(), device=ns.device, work_dir=Path(ns.work_dir).resolve())
         environment = {"torch": torch.__version__, "device": ns.device, "machine": platform.machine()}

@@ -451,7 +451,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
             with dense_options(method, entry.settings):
                 normalised = method.encoder.normalize(image)
                 features = method.encoder.encode_dense(normalised)
-                logits = cosine_logits(features, text_ours)
+                logits = cosine_logits(features, text_ours, method.encoder.options.text_ensemble_precision == "fp32")
             their_features, their_logits = reference.dense(datasets[0], templates, normalised)
             grid = f"{features.shape[-2]}x{features.shape[-1]} tokens"
             rec(_tensor_record(f"dense features {label}", features, their_features, protocol=protocol,

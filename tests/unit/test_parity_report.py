@@ -62,3 +62,40 @@ def test_comparison_statistics():
     theirs[0, 0] = 1
     record = label_record("R", "q", ours, theirs)
     assert record.identical_share == 0.99 and not record.passed
+
+
+def test_rows_show_the_text_precision_of_both_sides(tmp_path):
+    record = label_record("MaskCLIP", "label map voc20 odd 397x541", [[1, 2]], [[1, 2]], protocol="maskclip",
+                          text_precision="ovseg fp16, reference fp16")
+    update_parity(tmp_path, "MaskCLIP", "e" * 40, ["maskclip"], [record], {})
+    assert load_parity(tmp_path)["references"]["MaskCLIP"]["records"][0]["text_precision"] == \
+        "ovseg fp16, reference fp16"
+    assert "| ✓ | ovseg fp16, reference fp16 |" in (tmp_path / "PARITY.md").read_text()
+
+
+def test_parity_says_which_extra_is_missing_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from ovseg.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mmengine" else real_find_spec(name, *a))
+    (tmp_path / "NACLIP").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["parity", "--ref", f"NACLIP={tmp_path / 'NACLIP'}"])
+    message = str(exc.value)
+    assert "[parity] extra" in message and "mmengine" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["NACLIP"]  # nothing written (no outputs/parity)
+
+
+def test_parity_writes_into_outputs_by_default_not_the_committed_record():
+    import argparse
+
+    from ovseg.parity.commands import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    ns = parser.parse_args(["parity", "--ref", "NACLIP=/nowhere"])
+    assert ns.out == "outputs/parity"

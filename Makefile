@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	@set -e; start=$$(date +%s); \
 	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 -c requirements/constraints.txt; \
-	$(PY) -m pip install -q -e '.[dev,hf,wandb,rich,sam,tar]' -c requirements/constraints.txt; \
+	$(PY) -m pip install -q -e '.[dev,hf,wandb,rich,sam,tar,dino]' -c requirements/constraints.txt; \
 	touch $@; echo "[install] $$(( $$(date +%s) - start )) s"
 
 install: $(VENV)/.installed  ## create .venv and install ovseg with pinned dependencies

@@ -97,6 +97,45 @@ def random_openai_clip(path: Path, model_name: str = "ViT-B-16", seed: int = 0) 
     return path
 
 
+#: entries of OpenAI's TorchScript state dict that are not weights (its ``build_model`` deletes them)
+OPENAI_JIT_SCALARS = ("input_resolution", "context_length", "vocab_size")
+
+
+def trained_openai_clip(source: Path, work_dir: Path) -> Path:
+    """User-given CLIP weights (``ovseg parity --weights``) as a plain OpenAI-layout state dict under ``work_dir``:
+    OpenAI's released file (a TorchScript archive, e.g. ``ViT-B-16.pt``) or a state dict (``state_dict`` /
+    ``model`` wrappers unpacked). Both sides then load the same file."""
+    source = Path(source).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"--weights {source}: no such file")
+    try:
+        state = torch.jit.load(str(source), map_location="cpu").state_dict()
+    except RuntimeError:
+        state = torch.load(source, map_location="cpu", weights_only=False)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or "visual.conv1.weight" not in state or "token_embedding.weight" not in state:
+        raise ValueError(f"--weights {source}: not OpenAI-layout CLIP weights (no visual.conv1.weight / "
+                         "token_embedding.weight)")
+    state = {k: v.detach().clone() for k, v in state.items() if k not in OPENAI_JIT_SCALARS}
+    path = Path(work_dir) / f"trained-{source.stem}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def real_images(folder: Path) -> dict[str, np.ndarray]:
+    """``ovseg parity --images``: the images of a folder (or one file), named by file, RGB uint8 as stored."""
+    from ovseg.data.seg_dataset import ImageFolderDataset
+    from ovseg.data.files import read_image
+
+    dataset = ImageFolderDataset(folder)
+    return {f"image {file_id}": read_image(path) for file_id, path in zip(dataset.ids, dataset.paths)}
+
+
 def generated_image(height: int, width: int, seed: int) -> np.ndarray:
     """A uint8 ``[H,W,3]`` image with smooth colour regions, edges and noise: resizing it exercises
     interpolation and rounding the way a photograph does (a flat image would hide differences)."""

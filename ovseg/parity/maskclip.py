@@ -369,13 +369,16 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
         model_name: str = "ViT-B-16", datasets: tuple[str, ...] | None = None,
         image_sizes: dict[str, tuple[int, int]] | None = None, feature_sizes: dict[str, tuple[int, int]] | None = None,
         label_templates: str = LABEL_TEMPLATES, text_names: tuple[str, ...] = TEXT_NAMES,
-        overrides: dict[str, Any] | None = None, text_precision: str | None = None) -> list[ParityRecord]:
+        overrides: dict[str, Any] | None = None, text_precision: str | None = None, weights: Path | None = None,
+        images: Path | None = None) -> list[ParityRecord]:
     """Compare ovseg's ``maskclip`` protocol with MaskCLIP's code; returns the records (see module docstring).
 
     ``model_name`` / ``datasets`` / sizes allow a small, fast variant (tests); the defaults are the full check.
     ``overrides``: protocol settings changed on ovseg's side only (to see that a setting matters).
     ``text_precision``: the class embeddings' precision on both sides, ``fp16`` (the protocol's: how the released
     embeddings were made) or ``fp32`` (the reference's ``clip.load`` on a CPU); None: the protocol's.
+    ``weights`` (``ovseg parity --weights``): trained OpenAI CLIP weights for both sides instead of random ones;
+    the label maps then use the protocol's 85 templates. ``images``: a folder of real images for the label maps.
     """
     from ovseg.eval.evaluator import dense_options
     from ovseg.eval.inference import protocol_resize
@@ -391,7 +394,19 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     datasets = tuple(datasets or DATASETS)
     image_sizes = image_sizes or IMAGE_SIZES
     feature_sizes = feature_sizes or FEATURE_SIZES
-    weights = fp16_grid_weights(work_dir, model_name)
+    if weights is not None:
+        from ovseg.parity.common import trained_openai_clip
+
+        weights = trained_openai_clip(weights, work_dir)
+        label_templates = "maskclip85"  # the full set: what the released embeddings were made with
+    else:
+        weights = fp16_grid_weights(work_dir, model_name)
+    if images is not None:
+        from ovseg.parity.common import real_images
+
+        inputs = real_images(images)
+    else:
+        inputs = {label: generated_image(h, w, seed=seed) for seed, (label, (h, w)) in enumerate(image_sizes.items())}
     templates = get_templates(label_templates)
     records: list[ParityRecord] = []
     protocol = "maskclip"
@@ -461,8 +476,9 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
                               detail=f"cosine vs MaskClipHead.cls_seg; {grid}"))
 
         # the test pipeline's input tensor (cv2 resize on uint8 + ImageNet normalisation)
-        height, width = next(iter(image_sizes.values()))
-        image = generated_image(height, width, seed=7)
+        image = next(iter(inputs.values())) if images is not None else generated_image(
+            *next(iter(image_sizes.values())), seed=7)
+        height, width = image.shape[:2]
         for dataset in dict.fromkeys((datasets[0], *[d for d in datasets if d.startswith("context")][:1])):
             s = scorer.entry(dataset).settings
             resized = protocol_resize(image_tensor(image)[None].to(device), s.short_side, s.long_side_max, None,
@@ -481,12 +497,12 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
 
         # full label maps
         for dataset in datasets:
-            for seed, (label, (height, width)) in enumerate(image_sizes.items()):
-                image = generated_image(height, width, seed=seed)
+            for label, image in inputs.items():
                 theirs = reference.labels(dataset, templates, image, work_dir / "image.png")
                 ours = scorer.labels(dataset, image)
                 rec(label_record(REFERENCE, f"label map {dataset} {label}", ours, theirs, protocol=protocol,
                                  text_precision=precision_note,
-                                 detail=f"templates {label_templates!r}; image side fp32"))
+                                 detail=f"templates {label_templates!r}; image side fp32; "
+                                        f"{'trained' if weights.name.startswith('trained-') else 'random'} weights"))
     print(f"  MaskCLIP parity: {time.time() - started:.0f} s", flush=True)
     return records

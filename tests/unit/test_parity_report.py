@@ -99,3 +99,29 @@ def test_parity_writes_into_outputs_by_default_not_the_committed_record():
     register(parser.add_subparsers())
     ns = parser.parse_args(["parity", "--ref", "NACLIP=/nowhere"])
     assert ns.out == "outputs/parity"
+
+
+def test_trained_weights_are_read_from_a_state_dict_file(tmp_path):
+    import torch
+
+    from ovseg.parity.common import trained_openai_clip
+
+    state = {"visual.conv1.weight": torch.randn(4, 3, 2, 2), "token_embedding.weight": torch.randn(5, 4),
+             "context_length": torch.tensor(77)}  # OpenAI's archive carries three scalars build_model drops
+    torch.save({"state_dict": state}, tmp_path / "clip.pt")
+    loaded = torch.load(trained_openai_clip(tmp_path / "clip.pt", tmp_path / "work"))
+    assert sorted(loaded) == ["token_embedding.weight", "visual.conv1.weight"]
+    assert torch.equal(loaded["visual.conv1.weight"], state["visual.conv1.weight"])
+    torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: not OpenAI-layout CLIP weights"):
+        trained_openai_clip(tmp_path / "other.pt", tmp_path / "work")
+
+
+def test_weights_mode_names_the_references_that_lack_it(tmp_path, monkeypatch):
+    from ovseg.cli import main
+
+    (tmp_path / "NACLIP").mkdir()
+    (tmp_path / "clip.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--weights: not supported for NACLIP yet"):
+        main(["parity", "--ref", f"NACLIP={tmp_path / 'NACLIP'}", "--weights", str(tmp_path / "clip.pt")])

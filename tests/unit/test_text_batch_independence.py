@@ -55,3 +55,29 @@ def test_fp16_text_tower_is_reused_until_a_weight_changes(monkeypatch):
         assert clip._fp16_text_model() is not copy
         clip.clear_cache()
         assert clip._fp16_text_model() is not copy
+
+
+def test_maskclip_fp16_ensemble_is_made_and_used_as_maskclip_does():
+    """prompt_engineering.py zeroshot_classifier: fp16 prompts normalised, averaged and normalised in fp16;
+    MaskClipHead.cls_seg uses them without normalising again."""
+    from ovseg.methods import MaskCLIP
+
+    torch.manual_seed(0)
+    method = MaskCLIP(clip=CLIPConfig(name="tiny-vit", pretrained=None, last_block="value")).eval()
+    clip, templates = method.encoder, ["a photo of a {}.", "art of the {}.", "a {} in the scene."]
+    options = DenseOptions(text_precision="fp16", text_ensemble_precision="text")
+    with clip.using(options):
+        ours = method.encode_text(["dog"], templates)[0]
+        prompts = clip.encode_text([t.format("dog") for t in templates])
+        images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        scaled = method.dense_logits(images, 2 * ours[None])
+        plain = method.dense_logits(images, ours[None])
+    prompts = prompts / prompts.norm(dim=-1, keepdim=True)
+    mean = prompts.mean(dim=0)
+    assert torch.equal(ours, (mean / mean.norm()).float())  # every step in fp16, as the reference
+    torch.testing.assert_close(scaled, 2 * plain)  # the embedding as made: no re-normalisation
+    with clip.using(DenseOptions(text_precision="fp16")):  # PixelCLIP's: the ensemble in fp32, then cosine
+        fp32_ensemble = method.encode_text(["dog"], templates)[0]
+        torch.testing.assert_close(method.dense_logits(images, 2 * ours[None]), plain / ours.norm())
+    torch.testing.assert_close(fp32_ensemble, torch.nn.functional.normalize(prompts.float().mean(0), dim=0))
+    assert not torch.equal(fp32_ensemble, ours)

@@ -8,6 +8,7 @@ import contextlib
 import subprocess
 import sys
 import types
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,7 +110,9 @@ def trained_openai_clip(source: Path, work_dir: Path) -> Path:
     if not source.is_file():
         raise FileNotFoundError(f"--weights {source}: no such file")
     try:
-        state = torch.jit.load(str(source), map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are archives
+            state = torch.jit.load(str(source), map_location="cpu").state_dict()
     except RuntimeError:
         state = torch.load(source, map_location="cpu", weights_only=False)
         for key in ("state_dict", "model"):

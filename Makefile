@@ -54,7 +54,7 @@ bench: $(VENV)/.installed  ## inference throughput / memory benchmark (numbers i
 # …/wangf3014/SCLIP, …/sinahmr/NACLIP, …/mc-lan/ClearCLIP); the ones present are compared, the others skipped.
 # REF=NACLIP compares that reference only. OUT: the folder of PARITY.md / parity.json (default outputs/parity, not
 # tracked); OUT=benchmarks regenerates the committed record, then benchmarks/RESULTS.md (what maintainers commit).
-# Peak memory (CPU, ViT-B/16): PixelCLIP up to 15.4 GB, the others a few GB (benchmarks/README.md, "Parity").
+# Peak memory (CPU, ViT-B/16): PixelCLIP up to 15.4 GB, MaskCLIP about 4 GB (README.md, "Parity with the authors' code").
 REFS ?= ../refs
 REF ?= PixelCLIP MaskCLIP SCLIP NACLIP ClearCLIP
 OUT ?= outputs/parity

@@ -56,6 +56,44 @@ def read_image(path: str | Path | IO[bytes], name: str | None = None, exif_orien
         raise DataError(f"{name}: cannot decode image ({e})") from None
 
 
+#: EXIF tag 274 (Orientation): 1 = as stored; 2-8 = mirror and/or rotate for display
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF orientation of an image file (1 when it has no tag or cannot say)."""
+    try:
+        with Image.open(path) as im:
+            value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, UnidentifiedImageError, SyntaxError):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def apply_exif_orientation(image, orientation: int):
+    """An image ``[..., H, W]`` (tensor or array) as a viewer shows it: what PIL's ``ImageOps.exif_transpose``,
+    cv2's ``imdecode(IMREAD_COLOR)`` (mmcv's reader) and detectron2's ``read_image`` do with tag ``orientation``."""
+    import torch
+
+    module = torch if isinstance(image, torch.Tensor) else np
+    flip = (lambda x, *dims: torch.flip(x, dims)) if module is torch else (lambda x, *dims: np.flip(x, dims))
+    swap = (lambda x: x.transpose(-2, -1)) if module is torch else (lambda x: np.swapaxes(x, -2, -1))
+    rot90 = (lambda x, k: torch.rot90(x, k, (-2, -1))) if module is torch else (lambda x, k: np.rot90(x, k, (-2, -1)))
+    transforms = {
+        1: lambda x: x,
+        2: lambda x: flip(x, -1),  # FLIP_LEFT_RIGHT
+        3: lambda x: rot90(x, 2),  # ROTATE_180
+        4: lambda x: flip(x, -2),  # FLIP_TOP_BOTTOM
+        5: swap,  # TRANSPOSE
+        6: lambda x: rot90(x, -1),  # ROTATE_270 (counter-clockwise)
+        7: lambda x: rot90(swap(x), 2),  # TRANSVERSE
+        8: lambda x: rot90(x, 1),  # ROTATE_90
+    }
+    if orientation not in transforms:
+        raise ValueError(f"EXIF orientation must be 1..8, got {orientation!r}")
+    return transforms[orientation](image)
+
+
 def read_label_png(path: str | Path) -> np.ndarray:
     """Raw label values ``[H,W]``: palette indices for palette PNGs, values for grey PNGs."""
     try:

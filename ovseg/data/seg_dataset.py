@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ovseg.data.files import DataError, read_image, read_label_png
+from ovseg.data.files import DataError, exif_orientation, read_image, read_label_png
 from ovseg.data.specs import IGNORE_INDEX, DatasetSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,9 @@ class SegFileDataset(Dataset):
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "label": torch.from_numpy(label),
-            "meta": {"dataset": self.spec.name, "id": file_id, "image_path": str(image_path), "index": index},
+            "meta": {"dataset": self.spec.name, "id": file_id, "image_path": str(image_path), "index": index,
+                     # applied (or not) by the evaluator, as the protocol's reference reader does
+                     "exif_orientation": exif_orientation(image_path)},
         }
 
 

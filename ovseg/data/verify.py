@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ovseg.data.files import EXIF_ORIENTATION
 from ovseg.data.seg_dataset import DataError, list_samples, read_label_png
 from ovseg.data.specs import IGNORE_INDEX, get_spec
 
@@ -21,6 +22,9 @@ class VerifyReport:
     num_images: int = 0
     expected: int | None = None
     label_values: list[int] = field(default_factory=list)  # raw values seen in the label PNGs
+    #: images whose EXIF orientation tag is not 1: protocols with ``exif_orientation: apply`` turn them (their
+    #: references' readers do), the others read the pixels as stored
+    exif_tagged: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -35,7 +39,8 @@ class VerifyReport:
         ids = [v for v in self.label_values if v != IGNORE_INDEX]
         values = f"raw ids {min(ids)}..{max(ids)}" if ids else ""
         values += " (+255 ignore)" if IGNORE_INDEX in self.label_values else ""
-        extra = f"; {len(self.problems)} problem(s): {self.problems[0]}" if self.problems else ""
+        extra = f"; {self.exif_tagged} with an EXIF orientation tag" if self.exif_tagged else ""
+        extra += f"; {len(self.problems)} problem(s): {self.problems[0]}" if self.problems else ""
         return f"{self.dataset:14s} {self.split:6s} {status:10s} {count:>11s} images  {values}{extra}"
 
 
@@ -59,9 +64,11 @@ def verify_dataset(name: str, root: str | Path, split: str = "val", check_labels
             raw = read_label_png(label_path)
             with Image.open(image_path) as im:
                 width, height = im.size
+                tagged = im.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
         except (DataError, OSError) as e:
             report.problems.append(str(e))
         else:
+            report.exif_tagged += int(tagged)
             values = np.unique(raw)
             seen.update(int(v) for v in values)
             bad = values[(values >= raw_limit) & (values != IGNORE_INDEX)]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ovseg.data.classnames import read_class_names
+from ovseg.data.files import DataError, apply_exif_orientation
 from ovseg.eval.contract import EvaluatedMethod
 from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, to_uint8_hwc
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
@@ -185,8 +186,20 @@ class Evaluator:
         return preds
 
     def update(self, method: EvaluatedMethod, name: str, images: list[torch.Tensor], labels: list[torch.Tensor],
-               ids: list[str] | None = None) -> None:
+               ids: list[str] | None = None, orientations: list[int] | None = None) -> None:
+        """Score images against their labels; ``orientations``: each image file's EXIF orientation, applied to the
+        image where the protocol says so (``exif_orientation: apply``, as the reference's reader does)."""
         entry = self.datasets[name]
+        if orientations is not None and entry.settings.exif_orientation == "apply":
+            images = [apply_exif_orientation(image, o) if o != 1 else image for image, o in zip(images, orientations)]
+            for index, (image, label, o) in enumerate(zip(images, labels, orientations)):
+                if tuple(image.shape[-2:]) != tuple(label.shape[-2:]):
+                    file_id = ids[index] if ids is not None else index
+                    raise DataError(
+                        f"{name} {file_id}: EXIF orientation {o} turns the image to {image.shape[-1]}x"
+                        f"{image.shape[-2]}, its label is {label.shape[-1]}x{label.shape[-2]} (protocol "
+                        f"{self.protocol.name!r} applies the tag as its reference's reader does; `ovseg data "
+                        f"verify` counts tagged images)")
         preds = self.predict_batch(method, entry, images, [tuple(label.shape[-2:]) for label in labels])
         for index, (image, label, pred) in enumerate(zip(images, labels, preds)):
             entry.metric.update(pred, label)
@@ -218,6 +231,7 @@ def dense_options(method: torch.nn.Module, settings: ProtocolSettings) -> Iterat
         vision_activation=settings.vision_activation,
         vision_ln_eps=settings.vision_ln_eps,
         text_precision=settings.text_precision,
+        text_ensemble_precision=settings.text_ensemble_precision,
     )
     with ExitStack() as stack:
         for module in method.modules():

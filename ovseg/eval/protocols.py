@@ -25,13 +25,15 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "logits_upsample": ("label", "image_then_label"),
     "vision_activation": ("model", "gelu"),
     "text_precision": ("model", "fp16"),
+    "text_ensemble_precision": ("fp32", "text"),
+    "exif_orientation": ("ignore", "apply"),
 }
 
 
 #: the settings that describe how a model reads images rather than the benchmark pipeline, at the values that
 #: read a CLIP as it was trained (what methods trained in ovseg pin, see ``OVSegMethod.NATIVE_SETTINGS``)
 MODEL_NATIVE_SETTINGS: dict[str, Any] = {"normalization": "model", "vision_activation": "model", "vision_ln_eps": None,
-                                         "text_precision": "model"}
+                                         "text_precision": "model", "text_ensemble_precision": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,15 @@ class ProtocolSettings:
     vision_ln_eps: float | None = None
     #: class-name embeddings: ``model`` (the text tower as loaded) or ``fp16`` (OpenAI ``clip``'s
     #: ``convert_weights``: linear, attention and projection weights in fp16, LayerNorm computed in fp32, each
-    #: prompt's embedding normalised in fp16; what PixelCLIP's predictor does).
+    #: prompt's embedding normalised in fp16; what PixelCLIP's predictor and MaskCLIP's prompt_engineering.py do).
     text_precision: str = "model"
+    #: the prompt ensemble (mean over templates, re-normalised): ``fp32``, or ``text``: in the text tower's output
+    #: precision (MaskCLIP's ``zeroshot_classifier`` averages and normalises fp16 embeddings).
+    text_ensemble_precision: str = "fp32"
+    #: a JPEG's EXIF orientation tag: ``ignore`` (the pixels as stored, what the label PNGs are drawn on) or
+    #: ``apply`` (turned as a viewer shows it: mmcv's cv2 reader and detectron2's ``read_image`` do; label PNGs
+    #: carry no tag, so a 90° tag gives a label of another shape, an error naming the file).
+    exif_orientation: str = "ignore"
 
     def __post_init__(self):
         if self.mode not in ("whole", "slide"):

@@ -76,7 +76,8 @@ class EvaluationSession:
 
     def step(self, method: EvaluatedMethod, batch: dict) -> None:
         name = batch["meta"][0]["dataset"]
-        self.evaluator.update(method, name, batch["image"], batch["label"], [m["id"] for m in batch["meta"]])
+        self.evaluator.update(method, name, batch["image"], batch["label"], [m["id"] for m in batch["meta"]],
+                              [m.get("exif_orientation", 1) for m in batch["meta"]])
 
     def finish(self, method: EvaluatedMethod, stage: str) -> dict[str, Any]:
         """Collective (every rank calls it): the DDP-summed scores, logged under ``stage``; on ``test`` rank 0

@@ -28,11 +28,13 @@ from ovseg.eval.session import EvaluationSession, EvaluationSettings
 from ovseg.utils import random_state
 
 
-def cosine_logits(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def cosine_logits(features: torch.Tensor, text: torch.Tensor, normalize_text: bool = True) -> torch.Tensor:
     """Dense features ``[B,D,h,w]`` x text ``[Q,D]`` -> cosine similarities ``[B,Q,h,w]`` (contiguous: the einsum
-    gives channels-last strides, on which the upsampling to label size runs several times slower)."""
+    gives channels-last strides, on which the upsampling to label size runs several times slower).
+    ``normalize_text=False`` uses the text embeddings as given (MaskCLIP's ``MaskClipHead.cls_seg``: its fp16
+    embeddings were normalised in fp16, their norms 1 only to fp16 precision)."""
     features = F.normalize(features, dim=1)
-    text = F.normalize(text.to(features.dtype), dim=-1)
+    text = F.normalize(text.to(features.dtype), dim=-1) if normalize_text else text.to(features.dtype)
     return torch.einsum("bdhw,qd->bqhw", features, text).contiguous()
 
 

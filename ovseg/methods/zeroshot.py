@@ -63,7 +63,8 @@ class ZeroShotCLIP(OVSegMethod):
     @torch.no_grad()
     def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         features = self.encoder.encode_dense(self.encoder.normalize(images))
-        return cosine_logits(features, text)
+        # text made in the text tower's precision (the maskclip protocol's fp16 ensemble) is used as made
+        return cosine_logits(features, text, self.encoder.options.text_ensemble_precision == "fp32")
 
 
 class CLIP(ZeroShotCLIP):
@@ -153,7 +154,7 @@ class MaskCLIP(ZeroShotCLIP):
         if self.ks_thresh <= 0 and self.pd_thresh <= 0:
             return super().dense_logits(images, text)
         features, keys = self.encoder.encode_dense_keys(self.encoder.normalize(images), keys=self.ks_thresh > 0)
-        logits = cosine_logits(features, text)
+        logits = cosine_logits(features, text, self.encoder.options.text_ensemble_precision == "fp32")
         if self.pd_thresh > 0:
             logits = prompt_denoising(logits, self.pd_thresh)
         if self.ks_thresh > 0:

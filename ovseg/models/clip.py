@@ -223,6 +223,7 @@ class DenseOptions:
     vision_activation: str = "model"  # "model" | "gelu"
     vision_ln_eps: float | None = None
     text_precision: str = "model"  # "model" | "fp16"
+    text_ensemble_precision: str = "fp32"  # "fp32" | "text" (read by TextBank)
 
 
 def mlp_activation_name(mlp: nn.Module) -> str:
@@ -334,6 +335,9 @@ class DenseCLIP(nn.Module):
             raise ValueError(f"vision_activation must be 'model' or 'gelu', got {options.vision_activation!r}")
         if options.text_precision not in ("model", "fp16"):
             raise ValueError(f"text_precision must be 'model' or 'fp16', got {options.text_precision!r}")
+        if options.text_ensemble_precision not in ("fp32", "text"):
+            raise ValueError(f"text_ensemble_precision must be 'fp32' or 'text', got "
+                             f"{options.text_ensemble_precision!r}")
         if options.text_precision == "fp16" and self.kind == "hf_vit":
             raise NotImplementedError("text_precision='fp16' needs an open_clip model, this one is from transformers")
         # MaskCLIP's ResNet configs (configs/_base_/models/maskclip_r50.py) keep the CLIP's own ReLUs: the `gelu`
@@ -434,15 +438,22 @@ class DenseCLIP(nn.Module):
 
     def _fp16_text_model(self) -> nn.Module:
         """A copy of the text tower as OpenAI's ``clip`` package runs it after ``convert_weights`` (linear,
-        attention and projection weights in fp16, LayerNorms computed in fp32 and cast back). Built per call
-        (once per dataset's vocabulary), so it always holds the current weights."""
+        attention and projection weights in fp16, LayerNorms computed in fp32 and cast back). Kept until a text
+        parameter changes in place (an optimiser step, ``load_state_dict``) or moves (``.to``), so it always holds
+        the current weights; :class:`~ovseg.models.text.TextBank` calls once per class."""
         from open_clip.transformer import LayerNorm, LayerNormFp32
 
+        version = tuple((p.data_ptr(), p._version) for name, p in self.model.named_parameters()
+                        if not name.startswith("visual."))
+        cached = getattr(self, "_fp16_text_cache", None)  # (version, model); a tuple, so not a registered submodule
+        if cached is not None and cached[0] == version:
+            return cached[1]
         text = copy.deepcopy(self.model, memo={id(self.model.visual): None})  # the image tower is not copied
         open_clip.model.convert_weights_to_lp(text, torch.float16)
         for module in text.modules():
             if type(module) is LayerNorm:
                 module.__class__ = LayerNormFp32
+        self._fp16_text_cache = (version, text.eval())
         return text.eval()
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
@@ -507,6 +518,7 @@ class DenseCLIP(nn.Module):
 
     def clear_cache(self) -> None:
         self._pos_cache.clear()
+        self._fp16_text_cache = None
 
     def _vit_tokens(
         self,

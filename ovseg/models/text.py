@@ -56,9 +56,10 @@ def get_templates(name_or_list: str | Sequence[str]) -> list[str]:
 class TextBank:
     """Class-name embeddings from a frozen text encoder, prompt-ensembled and cached.
 
-    ``embed(names)`` encodes every template filled with each name, L2-normalises each, averages over the
-    templates and re-normalises (CLIP's prompt ensemble). Results are cached per (name, templates) and stay on
-    the device the encoder returned them on; call ``clear()`` after moving or changing the encoder.
+    ``embed(names)`` encodes every template filled with each name (one encoder call per name), L2-normalises
+    each, averages over the templates and re-normalises (CLIP's prompt ensemble). Results are cached per
+    (name, templates) and stay on the device the encoder returned them on; call ``clear()`` after moving or
+    changing the encoder.
     """
 
     def __init__(self, encode_text: Callable[[list[str]], Tensor], templates: str | Sequence[str] = "clip80"):
@@ -73,18 +74,34 @@ class TextBank:
         if not names:
             raise ValueError("embed needs at least one name")
         templates = self.templates if templates is None else tuple(get_templates(templates))
-        missing = [name for name in dict.fromkeys(names) if (name, templates) not in self._cache]
-        if missing:
-            prompts = [template.format(name) for name in missing for template in templates]
+        precision, ensemble_precision = self._text_options()
+        key = lambda name: (name, templates, precision, ensemble_precision)  # noqa: E731
+        for name in dict.fromkeys(names):
+            if key(name) in self._cache:
+                continue
+            # one class per encoder call, its templates as the batch: what CLIP's zero-shot notebook, MaskCLIP's
+            # tools/maskclip_utils/prompt_engineering.py zeroshot_classifier and PixelCLIP's
+            # pixelclip_predictor.py class_embeddings do. A class's embedding then never depends on the rest of
+            # the vocabulary: half-precision matrix kernels round differently for other batch sizes.
             with torch.no_grad():
-                features = self.encode_text(prompts)
+                features = self.encode_text([template.format(name) for template in templates])
             # each prompt is normalised in the encoder's precision (as CLIP's zero-shot code and the references
-            # do), the ensemble in fp32 even for half-precision encoders
-            features = (features / features.norm(dim=-1, keepdim=True)).float().view(len(missing), len(templates), -1)
-            ensembled = F.normalize(features.mean(dim=1), dim=-1)
-            for name, embedding in zip(missing, ensembled):
-                self._cache[(name, templates)] = embedding
-        return torch.stack([self._cache[(name, templates)] for name in names])
+            # do); the ensemble in fp32 even for half-precision encoders (PixelCLIP), or in the encoder's
+            # precision where the protocol says so (MaskCLIP: mean and norm of fp16 embeddings)
+            features = features / features.norm(dim=-1, keepdim=True)
+            if ensemble_precision == "text":
+                mean = features.mean(dim=0)
+                self._cache[key(name)] = (mean / mean.norm()).float()
+            else:
+                self._cache[key(name)] = F.normalize(features.float().mean(dim=0), dim=-1)
+        return torch.stack([self._cache[key(name)] for name in names])
+
+    def _text_options(self) -> tuple[str, str]:
+        """(text precision, ensemble precision) of the encoder when ``encode_text`` is a method of a model with
+        ``options`` (:class:`~ovseg.models.clip.DenseCLIP`, set per protocol), else the defaults: part of the cache
+        key, so a vocabulary encoded under one protocol is not reused under another."""
+        options = getattr(getattr(self.encode_text, "__self__", None), "options", None)
+        return (getattr(options, "text_precision", "model"), getattr(options, "text_ensemble_precision", "fp32"))
 
     def clear(self) -> None:
         self._cache.clear()

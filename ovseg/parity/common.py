@@ -8,6 +8,7 @@ import contextlib
 import subprocess
 import sys
 import types
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,7 +36,8 @@ IMAGE_SIZES: dict[str, tuple[int, int]] = {
 @dataclass
 class ParityRecord:
     """One compared quantity. ``max_rel_diff`` = max |ours − reference| / max |reference| (tensors);
-    ``identical_share`` = share of pixels with the same label (label maps)."""
+    ``identical_share`` = share of pixels with the same label (label maps); ``text_precision``: the class
+    embeddings' precision on each side where text enters the quantity (``"ovseg fp16, reference fp16"``)."""
 
     reference: str
     quantity: str
@@ -45,6 +47,7 @@ class ParityRecord:
     tolerance: float | None = None
     passed: bool = False
     detail: str = ""
+    text_precision: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,20 +62,22 @@ def max_rel_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def tensor_record(reference: str, quantity: str, ours: torch.Tensor, theirs: torch.Tensor, *,
-                  protocol: str | None = None, tolerance: float = FEATURE_TOLERANCE, detail: str = "") -> ParityRecord:
+                  protocol: str | None = None, tolerance: float = FEATURE_TOLERANCE, detail: str = "",
+                  text_precision: str | None = None) -> ParityRecord:
     diff = max_rel_diff(ours, theirs)
     return ParityRecord(reference, quantity, protocol, max_rel_diff=diff, tolerance=tolerance,
-                        passed=diff <= tolerance, detail=detail)
+                        passed=diff <= tolerance, detail=detail, text_precision=text_precision)
 
 
 def label_record(reference: str, quantity: str, ours: np.ndarray | torch.Tensor, theirs: np.ndarray | torch.Tensor,
-                 *, protocol: str | None = None, agreement: float = LABEL_AGREEMENT, detail: str = "") -> ParityRecord:
+                 *, protocol: str | None = None, agreement: float = LABEL_AGREEMENT, detail: str = "",
+                 text_precision: str | None = None) -> ParityRecord:
     ours, theirs = np.asarray(torch.as_tensor(ours).cpu()), np.asarray(torch.as_tensor(theirs).cpu())
     if ours.shape != theirs.shape:
         raise ValueError(f"{quantity}: label maps differ in shape: ours {ours.shape}, reference {theirs.shape}")
     share = float((ours == theirs).mean())
     return ParityRecord(reference, quantity, protocol, identical_share=share, tolerance=agreement,
-                        passed=share >= agreement, detail=detail)
+                        passed=share >= agreement, detail=detail, text_precision=text_precision)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
@@ -91,6 +96,47 @@ def random_openai_clip(path: Path, model_name: str = "ViT-B-16", seed: int = 0) 
         torch.save(state, tmp)
         tmp.replace(path)
     return path
+
+
+#: entries of OpenAI's TorchScript state dict that are not weights (its ``build_model`` deletes them)
+OPENAI_JIT_SCALARS = ("input_resolution", "context_length", "vocab_size")
+
+
+def trained_openai_clip(source: Path, work_dir: Path) -> Path:
+    """User-given CLIP weights (``ovseg parity --weights``) as a plain OpenAI-layout state dict under ``work_dir``:
+    OpenAI's released file (a TorchScript archive, e.g. ``ViT-B-16.pt``) or a state dict (``state_dict`` /
+    ``model`` wrappers unpacked). Both sides then load the same file."""
+    source = Path(source).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"--weights {source}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; OpenAI's files are archives
+            state = torch.jit.load(str(source), map_location="cpu").state_dict()
+    except RuntimeError:
+        state = torch.load(source, map_location="cpu", weights_only=False)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or "visual.conv1.weight" not in state or "token_embedding.weight" not in state:
+        raise ValueError(f"--weights {source}: not OpenAI-layout CLIP weights (no visual.conv1.weight / "
+                         "token_embedding.weight)")
+    state = {k: v.detach().clone() for k, v in state.items() if k not in OPENAI_JIT_SCALARS}
+    path = Path(work_dir) / f"trained-{source.stem}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def real_images(folder: Path) -> dict[str, np.ndarray]:
+    """``ovseg parity --images``: the images of a folder (or one file), named by file, RGB uint8 as stored."""
+    from ovseg.data.seg_dataset import ImageFolderDataset
+    from ovseg.data.files import read_image
+
+    dataset = ImageFolderDataset(folder)
+    return {f"image {file_id}": read_image(path) for file_id, path in zip(dataset.ids, dataset.paths)}
 
 
 def generated_image(height: int, width: int, seed: int) -> np.ndarray:

@@ -15,7 +15,9 @@ not install on this Python) and ``openai-clip`` (OpenAI's ``clip`` package) — 
 - ``pkg_resources`` (``clip`` imports ``packaging`` through it; newer setuptools no longer ship it);
 - the ``clip`` module seen by the two tools: OpenAI's ``clip.tokenize`` and, for ``clip.load`` (whatever model
   name the script asks for), what ``clip.load`` does with a state-dict file: OpenAI's ``build_model`` on the
-  random weights, on the requested device in fp32, and ``Tensor.cuda`` a no-op on a CPU run
+  random weights (fp16 after its ``convert_weights``), ``.float()`` where the script asks for ``device='cpu'``
+  (``convert_clip_weights.py``) and kept fp16 where it asks for no device (``prompt_engineering.py``: CUDA on the
+  machines that made the released text embeddings; ``text_precision``), and ``Tensor.cuda`` a no-op on a CPU run
   (``zeroshot_classifier`` moves its tensors with ``.cuda()``);
 - ``torch.load`` maps to the requested device while MaskCLIP's head loads its files (it asks for ``'cuda'``).
 
@@ -86,6 +88,9 @@ TEXT_NAMES = ("airplane", "bed ", "brick wall", "tv monitor")
 #: ovseg's ``single``; the 85-template ensemble is checked on TEXT_NAMES (85 templates for 300+ names would take
 #: ~20 min of CPU per side). ``run(..., label_templates="maskclip85")`` runs the protocol's own templates.
 LABEL_TEMPLATES = "single"
+#: the refinement and ResNet rows run both sides at the protocol's text precision (fp16: prompt_engineering.py on a
+#: GPU) and the Reference's default
+PROTOCOL_TEXT_PRECISION = "ovseg fp16, reference fp16"
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
@@ -189,9 +194,12 @@ def _mmcv1() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _openai_clip(weights: Path, device: str) -> Iterator[types.ModuleType]:
-    """The ``clip`` module MaskCLIP's tools import: OpenAI's package, loading ``weights`` in fp32 on ``device``
-    whatever name is asked for; on a CPU run ``Tensor.cuda`` returns the tensor itself."""
+def _openai_clip(weights: Path, device: str, text_precision: str = "fp16") -> Iterator[types.ModuleType]:
+    """The ``clip`` module MaskCLIP's tools import: OpenAI's package, loading ``weights`` on ``device`` whatever
+    name is asked for, in fp32 where the caller asks for ``device='cpu'`` and otherwise in ``text_precision``
+    (``fp16``: what ``clip.load`` gives on a GPU); on a CPU run ``Tensor.cuda`` returns the tensor itself."""
+    if text_precision not in ("fp16", "fp32"):
+        raise ValueError(f"MaskCLIP parity: text_precision must be 'fp16' or 'fp32', got {text_precision!r}")
     before = {name for name in sys.modules if name == "clip" or name.startswith("clip.")}
     saved_pkg_resources = sys.modules.get("pkg_resources")
     sys.modules["pkg_resources"] = saved_pkg_resources or pkg_resources_stand_in()
@@ -201,11 +209,14 @@ def _openai_clip(weights: Path, device: str) -> Iterator[types.ModuleType]:
         if saved_pkg_resources is None:
             del sys.modules["pkg_resources"]
 
-    def load(name, device_=None, jit=False, download_root=None, **kwargs):
-        # clip.load's path for a state-dict file (jit=False): build_model(state_dict).to(device); clip.load itself
-        # cannot read such a file with this torch (its failed torch.jit.load leaves the file read to the end)
+    def load(name, *args, **kwargs):
+        # clip.load's path for a state-dict file (jit=False): build_model(state_dict).to(device), then .float() only
+        # when the device is "cpu"; clip.load itself cannot read such a file with this torch (its failed
+        # torch.jit.load leaves the file read to the end)
+        asked = kwargs.get("device", args[0] if args else None)  # None: clip.load's default, CUDA when present
         state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        return openai_clip.model.build_model(state_dict).to(device).float(), None
+        model = openai_clip.model.build_model(state_dict).to(device)
+        return (model.float() if str(asked) == "cpu" or text_precision == "fp32" else model), None
 
     stand_in = types.ModuleType("clip")
     stand_in.load, stand_in.tokenize = load, openai_clip.tokenize
@@ -250,15 +261,17 @@ def _in_dir(folder: Path) -> Iterator[None]:
 class Reference:
     """MaskCLIP's code, loaded from a checkout inside :func:`reference_imports`."""
 
-    def __init__(self, ref_dir: Path, weights: Path, work_dir: Path, device: str, model_name: str = "ViT-B-16"):
+    def __init__(self, ref_dir: Path, weights: Path, work_dir: Path, device: str, model_name: str = "ViT-B-16",
+                 text_precision: str = "fp16"):
         self.ref_dir, self.weights, self.device = ref_dir, weights, device
         self.tag, self.config_infix = MODEL_TAGS[model_name]
         self.vit = self.tag.startswith("ViT")
+        self.text_precision = text_precision
         self.work_dir = work_dir
         self.pretrain = work_dir / "pretrain"
         self.pretrain.mkdir(parents=True, exist_ok=True)
         tools = ref_dir / "tools" / "maskclip_utils"
-        with _openai_clip(weights, device):
+        with _openai_clip(weights, device, text_precision):
             # tools/maskclip_utils/convert_clip_weights.py, run as its README says (`--model ViT16 [--backbone]`);
             # it writes pretrain/<tag>_clip_backbone.pth and pretrain/<tag>_clip_weights.pth under the cwd
             with _in_dir(work_dir):
@@ -290,7 +303,7 @@ class Reference:
 
     def text_embeddings(self, names: list[str], templates: list[str]) -> torch.Tensor:
         """``prompt_engineering.zeroshot_classifier`` and its ``__main__`` post-processing: [N, D] float."""
-        with _openai_clip(self.weights, self.device):
+        with _openai_clip(self.weights, self.device, self.text_precision):
             classifier = self.prompts["zeroshot_classifier"]
             classifier.__globals__["clip"] = sys.modules["clip"]  # the name its file bound when it was run
             weights = classifier(str(self.weights), names, templates)
@@ -384,13 +397,18 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
         image_sizes: dict[str, tuple[int, int]] | None = None, feature_sizes: dict[str, tuple[int, int]] | None = None,
         label_templates: str = LABEL_TEMPLATES, text_names: tuple[str, ...] = TEXT_NAMES,
         overrides: dict[str, Any] | None = None, resnets: tuple[str, ...] = RESNETS,
-        refinements: dict[str, tuple[float, float]] | None = None) -> list[ParityRecord]:
+        refinements: dict[str, tuple[float, float]] | None = None, text_precision: str | None = None,
+        weights: Path | None = None, images: Path | None = None) -> list[ParityRecord]:
     """Compare ovseg's ``maskclip`` protocol with MaskCLIP's code; returns the records (see module docstring).
 
     ``model_name`` / ``datasets`` / sizes allow a small, fast variant (tests); the defaults are the full check.
     ``resnets``: CLIP ResNets compared after the ViT (features, logits, label maps; the first also with each
     refinement); ``refinements`` (default :data:`REFINEMENTS`): key smoothing / prompt denoising label maps.
     ``overrides``: protocol settings changed on ovseg's side only (to see that a setting matters).
+    ``text_precision``: the class embeddings' precision on both sides, ``fp16`` (the protocol's: how the released
+    embeddings were made) or ``fp32`` (the reference's ``clip.load`` on a CPU); None: the protocol's.
+    ``weights`` (``ovseg parity --weights``): trained OpenAI CLIP weights for both sides instead of random ones;
+    the label maps then use the protocol's 85 templates. ``images``: a folder of real images for the label maps.
     """
     from ovseg.eval.evaluator import dense_options
     from ovseg.eval.inference import protocol_resize
@@ -407,7 +425,19 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     datasets = tuple(datasets or DATASETS)
     image_sizes = image_sizes or IMAGE_SIZES
     feature_sizes = feature_sizes or FEATURE_SIZES
-    weights = fp16_grid_weights(work_dir, model_name)
+    if weights is not None:
+        from ovseg.parity.common import trained_openai_clip
+
+        weights = trained_openai_clip(weights, work_dir)
+        label_templates = "maskclip85"  # the full set: what the released embeddings were made with
+    else:
+        weights = fp16_grid_weights(work_dir, model_name)
+    if images is not None:
+        from ovseg.parity.common import real_images
+
+        inputs = real_images(images)
+    else:
+        inputs = {label: generated_image(h, w, seed=seed) for seed, (label, (h, w)) in enumerate(image_sizes.items())}
     templates = get_templates(label_templates)
     records: list[ParityRecord] = []
     protocol = "maskclip"
@@ -417,13 +447,19 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
            else f"{100 * record.identical_share:.4f} %"),
         flush=True))
 
+    settings = load_protocol(protocol)
+    text_precision = text_precision or ("fp16" if settings.settings_for(None).text_precision == "fp16" else "fp32")
+    # ovseg in the reference's precision: OpenAI's fp16 model (prompts and their ensemble in fp16), or fp32
+    text_settings = ({"text_precision": "fp16", "text_ensemble_precision": "text"} if text_precision == "fp16"
+                     else {"text_precision": "model", "text_ensemble_precision": "fp32"})
+    precision_note = f"ovseg {text_precision}, reference {text_precision}"
     torch.manual_seed(0)
     method = _ovseg_method(weights, device, model_name)
-    scorer = OVSegScorer(method, protocol, {"templates": label_templates, **(overrides or {})}, device=device)
-    settings = load_protocol(protocol)
+    scorer = OVSegScorer(method, protocol, {"templates": label_templates, **text_settings, **(overrides or {})},
+                         device=device)
 
     with _mmcv1(), reference_imports(ref_dir, _stubs(ref_dir)):
-        reference = Reference(ref_dir, weights, work_dir, device, model_name)
+        reference = Reference(ref_dir, weights, work_dir, device, model_name, text_precision)
 
         # facts: templates and class names
         ovseg85 = get_templates("maskclip85")
@@ -447,10 +483,11 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
 
         # text embeddings: MaskCLIP's 85-template ensemble (their clip package) vs ovseg's TextBank
         theirs = reference.text_embeddings(list(text_names), list(ovseg85))
-        ours = method.encode_text([n.strip() for n in text_names], ovseg85)
+        with dense_options(method, scorer.evaluator.settings_for(datasets[0])):
+            ours = method.encode_text([n.strip() for n in text_names], ovseg85)
         rec(_tensor_record("text embeddings, maskclip85 (" + ", ".join(map(repr, text_names)) + ")",
-                          ours, theirs, protocol=protocol,
-                          detail="prompt_engineering.zeroshot_classifier (OpenAI clip, fp32) vs TextBank"))
+                          ours, theirs, protocol=protocol, text_precision=precision_note,
+                          detail="prompt_engineering.zeroshot_classifier (OpenAI clip) vs TextBank"))
 
         # dense features and head logits on the same normalised image
         entry = scorer.entry(datasets[0])
@@ -460,17 +497,19 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
             with dense_options(method, entry.settings):
                 normalised = method.encoder.normalize(image)
                 features = method.encoder.encode_dense(normalised)
-                logits = cosine_logits(features, text_ours)
+                logits = cosine_logits(features, text_ours, method.encoder.options.text_ensemble_precision == "fp32")
             their_features, their_logits = reference.dense(datasets[0], templates, normalised)
             grid = f"{features.shape[-2]}x{features.shape[-1]} tokens"
             rec(_tensor_record(f"dense features {label}", features, their_features, protocol=protocol,
                               detail=f"value path after ln_post, projected; {grid}"))
             rec(_tensor_record(f"head logits {label} ({datasets[0]})", logits, their_logits,
-                              protocol=protocol, detail=f"cosine vs MaskClipHead.cls_seg; {grid}"))
+                              protocol=protocol, text_precision=precision_note,
+                              detail=f"cosine vs MaskClipHead.cls_seg; {grid}"))
 
         # the test pipeline's input tensor (cv2 resize on uint8 + ImageNet normalisation)
-        height, width = next(iter(image_sizes.values()))
-        image = generated_image(height, width, seed=7)
+        image = next(iter(inputs.values())) if images is not None else generated_image(
+            *next(iter(image_sizes.values())), seed=7)
+        height, width = image.shape[:2]
         for dataset in dict.fromkeys((datasets[0], *[d for d in datasets if d.startswith("context")][:1])):
             s = scorer.entry(dataset).settings
             resized = protocol_resize(image_tensor(image)[None].to(device), s.short_side, s.long_side_max, None,
@@ -489,12 +528,13 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
 
         # full label maps
         for dataset in datasets:
-            for seed, (label, (height, width)) in enumerate(image_sizes.items()):
-                image = generated_image(height, width, seed=seed)
+            for label, image in inputs.items():
                 theirs = reference.labels(dataset, templates, image, work_dir / "image.png")
                 ours = scorer.labels(dataset, image)
                 rec(label_record(REFERENCE, f"label map {dataset} {label}", ours, theirs, protocol=protocol,
-                                 detail=f"templates {label_templates!r}; fp32"))
+                                 text_precision=precision_note,
+                                 detail=f"templates {label_templates!r}; image side fp32; "
+                                        f"{'trained' if weights.name.startswith('trained-') else 'random'} weights"))
 
         if refinements:
             _refinement_records(rec, reference, weights, device, model_name, datasets[0], image_sizes,
@@ -526,9 +566,9 @@ def _refinement_records(rec, reference: Reference, weights: Path, device: str, m
             image = generated_image(height, width, seed=seed)
             theirs = reference.labels(dataset, templates, image, reference.work_dir / "image.png", ks, pd_used)
             rec(label_record(REFERENCE, f"label map {name} {reference.tag} {dataset} {label}", scorer.labels(
-                dataset, image), theirs, protocol="maskclip",
+                dataset, image), theirs, protocol="maskclip", text_precision=PROTOCOL_TEXT_PRECISION,
                 detail=f"ks_thresh={ks}, pd_thresh={pd_used:.4g}{note} (maskclip_head.py refine_output); "
-                       f"templates {label_templates!r}; fp32"))
+                       f"templates {label_templates!r}; image side fp32"))
 
 
 def _class_splitting_threshold(weights: Path, device: str, model_name: str, dataset: str, label_templates: str,
@@ -575,7 +615,7 @@ def _resnet_records(rec, ref_dir: Path, work_dir: Path, device: str, model_name:
         with dense_options(method, entry.settings):
             normalised = method.encoder.normalize(image)
             features = method.encoder.encode_dense(normalised)
-            logits = cosine_logits(features, entry.text)
+            logits = cosine_logits(features, entry.text, method.encoder.options.text_ensemble_precision == "fp32")
         their_features, their_logits = reference.dense(dataset, templates, normalised)
         grid = f"{features.shape[-2]}x{features.shape[-1]} positions"
         rec(_tensor_record(f"dense features {model_name} {label}", features, their_features, protocol="maskclip",
@@ -586,7 +626,8 @@ def _resnet_records(rec, ref_dir: Path, work_dir: Path, device: str, model_name:
         image = generated_image(height, width, seed=seed)
         theirs = reference.labels(dataset, templates, image, work_dir / "image.png")
         rec(label_record(REFERENCE, f"label map {model_name} {dataset} {label}", scorer.labels(dataset, image),
-                         theirs, protocol="maskclip", detail=f"templates {label_templates!r}; fp32"))
+                         theirs, protocol="maskclip", text_precision=PROTOCOL_TEXT_PRECISION,
+                         detail=f"templates {label_templates!r}; image side fp32"))
     if refinements:
         _refinement_records(rec, reference, weights, device, model_name, dataset, image_sizes, label_templates,
                             refinements)

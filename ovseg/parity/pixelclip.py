@@ -83,11 +83,13 @@ def _ovseg_method(weights: Path, model_name: str, state: dict[str, torch.Tensor]
 def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parity"), *,
         model_name: str = "ViT-B-16", datasets: tuple[str, ...] | None = None,
         image_sizes: dict[str, tuple[int, int]] | None = None, dense_sides: tuple[int, ...] = DENSE_SIDES,
-        training: bool = True) -> list[ParityRecord]:
+        training: bool = True, weights: Path | None = None, images: Path | None = None) -> list[ParityRecord]:
     """Compare ovseg's ``pixelclip`` protocol and PixelCLIP with the authors' code (see the module docstring).
 
     ``model_name`` (``parity-vit-small`` for quick runs), ``datasets``, ``image_sizes``, ``dense_sides`` and
-    ``training`` allow a small, fast variant (tests); the defaults are the full check.
+    ``training`` allow a small, fast variant (tests); the defaults are the full check. ``weights`` (``ovseg parity
+    --weights``): trained OpenAI CLIP weights for both sides instead of random ones (the protocol's 8 templates
+    either way); ``images``: a folder of real images for the label maps.
     """
     from ovseg.data.classnames import read_class_names
     from ovseg.eval.protocols import load_protocol
@@ -101,8 +103,22 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     image_sizes = image_sizes or IMAGE_SIZES
     if model_name == pixelclip_train.SMALL_VIT:
         pixelclip_train._register_small_vit(work_dir)
-    weights = random_openai_clip(work_dir / f"random_{model_name}.pt", model_name)
+    if weights is not None:
+        from ovseg.parity.common import trained_openai_clip
+
+        weights = trained_openai_clip(weights, work_dir)
+    else:
+        weights = random_openai_clip(work_dir / f"random_{model_name}.pt", model_name)
+    weights_note = "trained" if weights.name.startswith("trained-") else "random"
+    if images is not None:
+        from ovseg.parity.common import real_images
+
+        inputs = real_images(images)
+    else:
+        inputs = {label: generated_image(h, w, seed=7 * h + w) for label, (h, w) in image_sizes.items()}
+    # their class_embeddings run on clip.load's model before `.float()` (fp16 weights), ovseg under the protocol
     protocol = load_protocol(PROTOCOL)
+    precision_note = f"ovseg {protocol.settings_for(None).text_precision}, reference fp16"
     commit = git_commit(ref_dir)[:12]
     records: list[ParityRecord] = []
     started = time.time()
@@ -155,20 +171,20 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
         entry = scorer.entry(dataset)
         theirs_text = F.normalize(model.sem_seg_head.predictor.text_features_test.mean(dim=1), dim=-1)
         rec(tensor_record(REFERENCE, f"text embeddings {dataset}", F.normalize(entry.text.float(), dim=-1),
-                          theirs_text, protocol=PROTOCOL,
+                          theirs_text, protocol=PROTOCOL, text_precision=precision_note,
                           detail=f"{theirs_text.shape[0]} names x 8 templates: their class_embeddings "
                                  f"(+ the test branch's mean, normalise) vs ovseg TextBank"))
         settings = entry.settings
-        for size_name, (h, w) in image_sizes.items():
-            image = generated_image(h, w, seed=7 * h + w)
+        for size_name, image in inputs.items():
             theirs = _reference_labels(model, cfg, image, device)
             ours = scorer.labels(dataset, image)
             rec(label_record(REFERENCE, f"labels {dataset} {size_name}", ours, theirs, protocol=PROTOCOL,
+                             text_precision=precision_note,
                              detail=f"resize {settings.resize_library}/{settings.resize_rule} short "
                                     f"{settings.short_side} (long <= {settings.long_side_max}), square "
                                     f"{cfg.MODEL.CLIP_RESOLUTION}, features at {method.inference_feature_size}²; "
                                     f"{torch.unique(theirs).numel()} classes in the reference map; "
-                                    f"fp32 {device}; checkout {commit}"))
+                                    f"image side fp32 {device}; {weights_note} weights; checkout {commit}"))
         del model
 
     if training:

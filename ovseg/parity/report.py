@@ -92,8 +92,8 @@ def parity_markdown(data: dict[str, Any]) -> str:
         env = ref.get("environment") or {}
         if env:
             lines.append("Run: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".")
-        lines += ["", "| quantity | protocol | max rel. diff | identical | bar | pass | note |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| quantity | protocol | max rel. diff | identical | bar | pass | text precision | note |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in ref.get("records", []):
             bar = r.get("tolerance")
             bar_text = "" if bar is None else (_fmt(bar, "share") if r.get("identical_share") is not None
@@ -101,7 +101,7 @@ def parity_markdown(data: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['quantity']} | {r.get('protocol') or ''} | {_fmt(r.get('max_rel_diff'), 'diff')} | "
                 f"{_fmt(r.get('identical_share'), 'share')} | {bar_text} | {'✓' if r.get('passed') else '✗'} | "
-                f"{r.get('detail', '')} |"
+                f"{r.get('text_precision') or ''} | {r.get('detail', '')} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -62,3 +62,66 @@ def test_comparison_statistics():
     theirs[0, 0] = 1
     record = label_record("R", "q", ours, theirs)
     assert record.identical_share == 0.99 and not record.passed
+
+
+def test_rows_show_the_text_precision_of_both_sides(tmp_path):
+    record = label_record("MaskCLIP", "label map voc20 odd 397x541", [[1, 2]], [[1, 2]], protocol="maskclip",
+                          text_precision="ovseg fp16, reference fp16")
+    update_parity(tmp_path, "MaskCLIP", "e" * 40, ["maskclip"], [record], {})
+    assert load_parity(tmp_path)["references"]["MaskCLIP"]["records"][0]["text_precision"] == \
+        "ovseg fp16, reference fp16"
+    assert "| ✓ | ovseg fp16, reference fp16 |" in (tmp_path / "PARITY.md").read_text()
+
+
+def test_parity_says_which_extra_is_missing_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from ovseg.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mmengine" else real_find_spec(name, *a))
+    (tmp_path / "NACLIP").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["parity", "--ref", f"NACLIP={tmp_path / 'NACLIP'}"])
+    message = str(exc.value)
+    assert "[parity] extra" in message and "mmengine" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["NACLIP"]  # nothing written (no outputs/parity)
+
+
+def test_parity_writes_into_outputs_by_default_not_the_committed_record():
+    import argparse
+
+    from ovseg.parity.commands import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    ns = parser.parse_args(["parity", "--ref", "NACLIP=/nowhere"])
+    assert ns.out == "outputs/parity"
+
+
+def test_trained_weights_are_read_from_a_state_dict_file(tmp_path):
+    import torch
+
+    from ovseg.parity.common import trained_openai_clip
+
+    state = {"visual.conv1.weight": torch.randn(4, 3, 2, 2), "token_embedding.weight": torch.randn(5, 4),
+             "context_length": torch.tensor(77)}  # OpenAI's archive carries three scalars build_model drops
+    torch.save({"state_dict": state}, tmp_path / "clip.pt")
+    loaded = torch.load(trained_openai_clip(tmp_path / "clip.pt", tmp_path / "work"))
+    assert sorted(loaded) == ["token_embedding.weight", "visual.conv1.weight"]
+    assert torch.equal(loaded["visual.conv1.weight"], state["visual.conv1.weight"])
+    torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: not OpenAI-layout CLIP weights"):
+        trained_openai_clip(tmp_path / "other.pt", tmp_path / "work")
+
+
+def test_weights_mode_names_the_references_that_lack_it(tmp_path, monkeypatch):
+    from ovseg.cli import main
+
+    (tmp_path / "NACLIP").mkdir()
+    (tmp_path / "clip.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--weights: not supported for NACLIP yet"):
+        main(["parity", "--ref", f"NACLIP={tmp_path / 'NACLIP'}", "--weights", str(tmp_path / "clip.pt")])

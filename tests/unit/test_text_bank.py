@@ -69,12 +69,14 @@ def test_ensemble_equals_manual_computation():
 def test_cache_hits_do_not_call_the_encoder():
     encoder = CountingEncoder()
     bank = TextBank(encoder, "single")
-    first = bank.embed(["cat", "dog"])
-    assert len(encoder.calls) == 1 and encoder.calls[0] == ["a photo of a cat.", "a photo of a dog."]
+    first = bank.embed(["cat", "dog", "cat"])
+    # one call per class (its templates are the batch), each class once
+    assert encoder.calls == [["a photo of a cat."], ["a photo of a dog."]]
 
     again = bank.embed(["dog", "cat", "dog"])  # order and duplicates follow the request
-    assert len(encoder.calls) == 1
+    assert len(encoder.calls) == 2
     torch.testing.assert_close(again, first[[1, 0, 1]])
+    torch.testing.assert_close(first[0], first[2])
 
     bank.embed(["cat", "bird"])  # only the new name is encoded
     assert encoder.calls[-1] == ["a photo of a bird."]
@@ -85,7 +87,7 @@ def test_cache_hits_do_not_call_the_encoder():
 
     bank.clear()
     bank.embed(["cat"])
-    assert len(encoder.calls) == 4
+    assert len(encoder.calls) == 5
 
 
 def test_with_tiny_clip_text_encoder():

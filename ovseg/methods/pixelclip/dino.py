@@ -1,7 +1,17 @@
-"""DINO k-means masks: last-layer DINO ViT patch tokens clustered per image, one-hot masks that tile the image."""
+"""DINO k-means masks: last-layer DINO ViT patch tokens clustered per image, one-hot masks that tile the image.
+
+PixelCLIP's ``get_dino_masks`` (``pixelclip/pixelclip.py``): ``torch.hub`` DINO ViT-S/16 (facebookresearch/dino
+``vision_transformer.py``), the image resized to whole patches, ``get_intermediate_layers(x)[0][:, 1:]`` (the last
+block through the final norm, without the class token), ``fast_pytorch_kmeans.KMeans(n_clusters=16)``
+``fit_predict`` per image, one-hot masks upsampled nearest. The same ViT runs here as a timm model (the hub
+checkpoint's keys are timm's), with DINO's own positional-embedding resize (``pos_embed_interpolation``).
+``ovseg parity --ref DINO=DIR`` compares features and masks with the authors' code.
+"""
 
 from __future__ import annotations
 
+import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DinoConfig", "DinoMasker", "kmeans"]
+__all__ = ["DinoConfig", "DinoMasker", "authors_kmeans", "dino_pos_embed", "kmeans"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,6 +36,13 @@ class DinoConfig:
             ``.safetensors``: timm's or the original DINO checkpoint), or None for random weights (tests).
         clusters: k-means clusters per image (PixelCLIP: 16).
         iterations: k-means iterations (Euclidean).
+        kmeans: ``fast_pytorch_kmeans`` (the authors' library, the ``[dino]`` extra: ``KMeans(n_clusters)``
+            ``fit_predict`` per image, its random start drawn from torch's global generator; what PixelCLIP's
+            ``get_dino_masks`` runs) or ``ovseg`` (:func:`kmeans`: batched, stops when no point moves, an empty
+            cluster keeps its centroid; seeded by the ``generator`` given to ``forward``).
+        pos_embed_interpolation: ``dino`` (facebookresearch/dino ``vision_transformer.py``
+            ``interpolate_pos_encoding``: bicubic by ``scale_factor`` (grid + 0.1) / 14, the hub model PixelCLIP
+            loads) or ``timm`` (timm's ``resample_abs_pos_embed``: bicubic to the grid size, antialiased).
         model_kwargs: extra ``timm.create_model`` arguments (tiny test models: ``{depth: 1, embed_dim: 32}``).
     """
 
@@ -33,7 +50,16 @@ class DinoConfig:
     weights: str | None = "hub"
     clusters: int = 16
     iterations: int = 100
+    kmeans: str = "ovseg"
+    pos_embed_interpolation: str = "dino"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kmeans not in ("ovseg", "fast_pytorch_kmeans"):
+            raise ValueError(f"DinoConfig.kmeans must be 'ovseg' or 'fast_pytorch_kmeans', got {self.kmeans!r}")
+        if self.pos_embed_interpolation not in ("dino", "timm"):
+            raise ValueError(f"DinoConfig.pos_embed_interpolation must be 'dino' or 'timm', got "
+                             f"{self.pos_embed_interpolation!r}")
 
 
 def kmeans(x: Tensor, k: int, iterations: int = 100, generator: torch.Generator | None = None) -> Tensor:
@@ -58,6 +84,39 @@ def kmeans(x: Tensor, k: int, iterations: int = 100, generator: torch.Generator 
             break
         assign = new
     return assign
+
+
+def authors_kmeans(x: Tensor, k: int, iterations: int = 100) -> Tensor:
+    """PixelCLIP's clustering: ``fast_pytorch_kmeans.KMeans(n_clusters=k)`` (Euclidean, ``max_iter`` 100, ``tol``
+    1e-4, ``init_method='random'``: k rows drawn with ``torch.randint``), one ``fit_predict`` per item of ``x``
+    [B, N, C] in order -> cluster index per point [B, N]."""
+    try:
+        from fast_pytorch_kmeans import KMeans
+    except ImportError as err:
+        raise ImportError(f"DinoConfig(kmeans='fast_pytorch_kmeans') needs the [dino] extra: pip install -e "
+                          f"'.[dino]' (fast-pytorch-kmeans, PixelCLIP's k-means; {err})") from None
+    clusterer = KMeans(n_clusters=k, max_iter=iterations)
+    return torch.stack([clusterer.fit_predict(item) for item in x])
+
+
+def dino_pos_embed(vit: nn.Module, x: Tensor) -> Tensor:
+    """timm ``VisionTransformer._pos_embed`` (patch tokens [B, h, w, C] -> class token + patches, positional
+    embedding added) resizing the embedding as DINO's ``interpolate_pos_encoding`` does: bicubic by
+    ``scale_factor`` (grid + 0.1) / trained grid (the scale itself sets the sampling positions), not to a size."""
+    batch, h, w, channels = x.shape
+    pos = vit.pos_embed
+    trained = pos.shape[1] - 1
+    side = int(math.sqrt(trained))
+    patch_pos = pos[:, 1:]
+    if not (h * w == trained and h == w):
+        patch_pos = F.interpolate(patch_pos.reshape(1, side, side, channels).permute(0, 3, 1, 2),
+                                  scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
+        if tuple(patch_pos.shape[-2:]) != (h, w):
+            raise RuntimeError(f"DINO positional-embedding resize gave {tuple(patch_pos.shape[-2:])}, "
+                               f"expected {(h, w)}")
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, channels)
+    x = torch.cat([vit.cls_token.expand(batch, -1, -1), x.reshape(batch, h * w, channels)], dim=1)
+    return vit.pos_drop(x + torch.cat([pos[:, :1], patch_pos], dim=1))
 
 
 class DinoMasker(nn.Module):
@@ -94,6 +153,11 @@ class DinoMasker(nn.Module):
                 raise ValueError(f"{path}: not weights of the DINO model {config.name}: "
                                  f"{str(err).strip().splitlines()[0][:300]}") from None
         self.model.requires_grad_(False).eval()
+        if config.pos_embed_interpolation == "dino":
+            if getattr(self.model, "num_prefix_tokens", 1) != 1 or getattr(self.model, "no_embed_class", False):
+                raise NotImplementedError(f"pos_embed_interpolation='dino' needs a ViT with one class token "
+                                          f"({config.name} has another layout)")
+            self.model._pos_embed = types.MethodType(dino_pos_embed, self.model)
         patch = self.model.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -117,6 +181,9 @@ class DinoMasker(nn.Module):
     def forward(self, images01: Tensor, generator: torch.Generator | None = None) -> Tensor:
         tokens, (h, w) = self.features(images01)
         k = self.config.clusters
-        assign = kmeans(tokens, k, self.config.iterations, generator)  # [B, h*w]
+        if self.config.kmeans == "fast_pytorch_kmeans":
+            assign = authors_kmeans(tokens, k, self.config.iterations)  # [B, h*w]
+        else:
+            assign = kmeans(tokens, k, self.config.iterations, generator)
         masks = F.one_hot(assign, k).permute(0, 2, 1).reshape(len(images01), k, h, w)
         return F.interpolate(masks.float(), size=images01.shape[-2:], mode="nearest").bool()

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ovseg.data.classnames import read_class_names
 from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, to_uint8_hwc
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
+from ovseg.eval.pamr import PAMR
 from ovseg.eval.protocols import Protocol, ProtocolSettings
 from ovseg.models.clip import DenseCLIP, DenseOptions
 from ovseg.models.text import get_templates
@@ -172,6 +174,10 @@ class Evaluator:
                         logits[i] = scores
         preds = []
         for scores, image, out_size in zip(logits, resized, out_sizes):
+            refine = None
+            if s.pamr_steps:
+                with dense_options(method, s):
+                    refine = PAMR(refinement_image(method, image, out_size), s.pamr_steps, s.pamr_dilations)
             preds.append(labels_from_logits(
                 scores,
                 out_size,
@@ -181,6 +187,7 @@ class Evaluator:
                 area_threshold=s.area_threshold,
                 background_index=entry.background_index,
                 via_size=tuple(image.shape[-2:]) if s.logits_upsample == "image_then_label" else None,
+                refine=refine,
                 max_chunk_bytes=self.max_chunk_bytes,
             ))
         return preds
@@ -205,6 +212,16 @@ class Evaluator:
             num_images = _sum_over_ranks(entry.num_images, confmat.device)
             out[name] = (confmat, scores_from_confusion(confmat), num_images)
         return out
+
+
+def refinement_image(method: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """The image post-processing reads (PAMR): the model input, normalised as the method's dense CLIP reads it,
+    resized bilinearly to the label size (NACLIP ``predict``). A method without a dense CLIP gives the [0,1] image
+    (PAMR's affinities are invariant to a per-channel affine map but for its 1e-8 guard)."""
+    encoders = [m for m in method.modules() if isinstance(m, DenseCLIP)]
+    if encoders:
+        image = encoders[0].normalize(image)
+    return F.interpolate(image.float(), size=out_size, mode="bilinear", align_corners=False)
 
 
 @contextmanager

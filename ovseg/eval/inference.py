@@ -136,12 +136,15 @@ def labels_from_logits(
     area_threshold: float | None = None,
     background_index: int | None = None,
     via_size: tuple[int, int] | None = None,
+    refine: Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_chunk_bytes: int = 64 * 2**20,
 ) -> torch.Tensor:
     """``[Q,h,w]`` query scores -> ``[H,W]`` class ids at the label size.
 
     ``via_size``: upsample to this size first, then to ``out_size`` (mmseg's whole inference resizes scores to
     the resized image, then to the original; each step bilinear, per channel, so chunking stays exact).
+    ``refine``: applied to the upsampled scores ``[1,q,H,W]`` of each chunk before the logit scale (post-processing
+    that treats every channel on its own, such as :class:`~ovseg.eval.pamr.PAMR`).
 
     Equivalent to: bilinear upsampling of all scores to ``out_size``, ``softmax(scale · s)`` over
     queries, max over each class's synonyms, SCLIP's area rule, argmax, and the probability
@@ -158,7 +161,8 @@ def labels_from_logits(
     query_to_class = query_to_class.to(logits.device, non_blocking=True)
     height, width = out_size
     largest = max(height * width, via_size[0] * via_size[1] if via_size else 0)
-    chunk = max(1, min(num_queries, max_chunk_bytes // (largest * 4)))
+    # refinement holds a few copies of its chunk (padded input, output, one shifted view)
+    chunk = max(1, min(num_queries, max_chunk_bytes // (largest * 4 * (4 if refine is not None else 1))))
 
     def best_query(allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         best_value = torch.full((height, width), -math.inf, device=logits.device)
@@ -168,7 +172,10 @@ def labels_from_logits(
             up = logits[None, q0 : q0 + chunk].float()
             if via_size is not None and tuple(via_size) != tuple(up.shape[-2:]):
                 up = F.interpolate(up, size=via_size, mode="bilinear", align_corners=False)
-            up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)[0]
+            up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)
+            if refine is not None:
+                up = refine(up)
+            up = up[0]
             if logit_scale:
                 up.mul_(logit_scale)
                 log_norm = torch.logaddexp(log_norm, torch.logsumexp(up, dim=0))

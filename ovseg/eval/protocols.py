@@ -88,6 +88,13 @@ class ProtocolSettings:
     #: prompt's embedding normalised in fp16; what PixelCLIP's predictor does).
     text_precision: str = "model"
 
+    # -- post-processing ----------------------------------------------------------------------------------------
+    #: PAMR rounds on the label-size scores before the softmax (NACLIP's ``pamr_steps``; 0: off), see
+    #: :mod:`ovseg.eval.pamr`
+    pamr_steps: int = 0
+    #: PAMR neighbourhood dilations (NACLIP's ``pamr_stride``)
+    pamr_dilations: list[int] = field(default_factory=lambda: [8, 16])
+
     def __post_init__(self):
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"protocol mode must be 'whole' or 'slide', got {self.mode!r}")
@@ -100,6 +107,10 @@ class ProtocolSettings:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"protocol setting {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (isinstance(self.pamr_steps, int) and self.pamr_steps >= 0):
+            raise ValueError(f"pamr_steps must be a non-negative integer, got {self.pamr_steps!r}")
+        if not (self.pamr_dilations and all(isinstance(d, int) and d > 0 for d in self.pamr_dilations)):
+            raise ValueError(f"pamr_dilations must be a list of positive integers, got {self.pamr_dilations!r}")
         if self.vision_ln_eps is not None and not self.vision_ln_eps > 0:
             raise ValueError(f"vision_ln_eps must be positive or null, got {self.vision_ln_eps!r}")
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.data.classnames import read_class_names
-from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, to_uint8_hwc
+from ovseg.eval.inference import labels_from_logits, labels_from_masks, protocol_resize, slide_logits, to_uint8_hwc
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
 from ovseg.eval.pamr import PAMR
 from ovseg.eval.protocols import Protocol, ProtocolSettings
@@ -147,11 +147,16 @@ class Evaluator:
 
     @torch.no_grad()
     def predict_batch(self, method: OVSegMethod, entry: DatasetEvaluation, images: list[torch.Tensor],
-                      out_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+                      out_sizes: list[tuple[int, int]], labels: list[torch.Tensor] | None = None
+                      ) -> list[torch.Tensor]:
         """Images ``[3,H,W]`` in [0,1] -> class ids at their ``out_sizes``. Whole-image protocols run the images
         that are the same size after the protocol's resize as one forward pass; sliding windows are batched
-        within each image."""
+        within each image. ``labels``: the ground truth, read only by mask-classification protocols (``masks:
+        ground_truth``: each class region of a label map is one mask to classify)."""
         s = entry.settings
+        if s.masks == "ground_truth" and labels is None:
+            raise ValueError(f"protocol {self.protocol.name!r} classifies ground-truth masks: it scores labelled "
+                             "datasets (ovseg test), not images without labels")
         square = method.input_size if s.square == "model" else s.square
         resized = [protocol_resize(image[None], s.short_side, s.long_side_max, square, s.resize_library,
                                    s.resize_rule) for image in images]
@@ -173,6 +178,12 @@ class Evaluator:
                     for i, scores in zip(members, out):
                         logits[i] = scores
         preds = []
+        if s.masks == "ground_truth":
+            via = s.logits_upsample == "image_then_label"
+            return [labels_from_masks(scores, out_size, entry.vocabulary.query_to_class, label,
+                                      via_size=tuple(image.shape[-2:]) if via else None,
+                                      max_chunk_bytes=self.max_chunk_bytes)
+                    for scores, image, out_size, label in zip(logits, resized, out_sizes, labels)]
         for scores, image, out_size in zip(logits, resized, out_sizes):
             refine = None
             if s.pamr_steps:
@@ -195,7 +206,7 @@ class Evaluator:
     def update(self, method: OVSegMethod, name: str, images: list[torch.Tensor], labels: list[torch.Tensor],
                ids: list[str] | None = None) -> None:
         entry = self.datasets[name]
-        preds = self.predict_batch(method, entry, images, [tuple(label.shape[-2:]) for label in labels])
+        preds = self.predict_batch(method, entry, images, [tuple(label.shape[-2:]) for label in labels], labels)
         for index, (image, label, pred) in enumerate(zip(images, labels, preds)):
             entry.metric.update(pred, label)
             entry.num_images += 1

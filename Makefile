@@ -51,9 +51,9 @@ bench: $(VENV)/.installed  ## inference throughput / memory benchmark (numbers i
 	$(PY) benchmarks/bench_inference.py
 
 # REFS: a folder with checkouts of the authors' code (git clone https://github.com/cvlab-kaist/PixelCLIP, …/chongzhou96/MaskCLIP,
-# …/wangf3014/SCLIP, …/sinahmr/NACLIP, …/mc-lan/ClearCLIP); the ones present are compared, the others skipped.
+# …/wangf3014/SCLIP, …/sinahmr/NACLIP, …/mc-lan/ClearCLIP, …/twke18/HSG); the ones present are compared, the others skipped.
 REFS ?= ../refs
-PARITY_REFS := $(foreach r,PixelCLIP MaskCLIP SCLIP NACLIP ClearCLIP,$(if $(wildcard $(REFS)/$(r)),--ref $(r)=$(REFS)/$(r)))
+PARITY_REFS := $(foreach r,PixelCLIP MaskCLIP SCLIP NACLIP ClearCLIP HSG,$(if $(wildcard $(REFS)/$(r)),--ref $(r)=$(REFS)/$(r)))
 parity: $(VENV)/.installed  ## parity with the authors' code (REFS=dir of their checkouts): benchmarks/PARITY.md, then RESULTS.md
 	@test -n "$(PARITY_REFS)" || { echo "no reference checkouts under REFS=$(REFS) (see the Makefile comment above this target)"; exit 1; }
 	$(PY) -m pip install -q -e '.[parity]' -c requirements/constraints.txt

@@ -15,6 +15,7 @@ REFERENCES: dict[str, str] = {
     "SCLIP": "ovseg.parity.sclip",
     "NACLIP": "ovseg.parity.naclip",
     "ClearCLIP": "ovseg.parity.clearclip",
+    "HSG": "ovseg.parity.hsg",
 }
 REPOSITORIES: dict[str, str] = {
     "PixelCLIP": "https://github.com/cvlab-kaist/PixelCLIP",
@@ -22,4 +23,5 @@ REPOSITORIES: dict[str, str] = {
     "SCLIP": "https://github.com/wangf3014/SCLIP",
     "NACLIP": "https://github.com/sinahmr/NACLIP",
     "ClearCLIP": "https://github.com/mc-lan/ClearCLIP",
+    "HSG": "https://github.com/twke18/HSG",
 }

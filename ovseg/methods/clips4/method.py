@@ -88,7 +88,7 @@ class CLIPS4(OVSegMethod):
         kmeans_iterations: int = 20,
         segments: Literal["segsort", "embedding"] = "segsort",
         location_weight: float = 1.0,
-        pixel_loss: Literal["segsort_plus", "segsort_multi_positive", "infonce"] = "segsort_plus",
+        pixel_loss: Literal["segsort_plus", "segsort", "segsort_multi_positive", "infonce"] = "segsort_plus",
         region_cut: bool = True,
         concentration: float = 16.0,
         pixel_temperature: float = 0.1,

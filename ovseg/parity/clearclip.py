@@ -30,7 +30,16 @@ from typing import Iterator
 import torch
 
 from ovseg.parity.common import ParityRecord, generated_image, reference_imports, stub_module, tensor_record
-from ovseg.parity.mmseg_clip import DENSE_SIZES, Harness, Reference, Variant, fp16_exact_clip, run_harness, stand_ins
+from ovseg.parity.mmseg_clip import (
+    CONFIG_STEMS,
+    DENSE_SIZES,
+    Harness,
+    Reference,
+    Variant,
+    fp16_exact_clip,
+    run_harness,
+    stand_ins,
+)
 
 PROTOCOLS = ("clearclip",)
 #: their model_type -> ovseg CLIPConfig fields (their ignore_residual=True: the last block is its attention alone)
@@ -119,9 +128,7 @@ HARNESS = Harness(
     reference="ClearCLIP",
     protocol="clearclip",
     segmentor=("clearclip_segmentor", "ClearCLIPSegmentation"),
-    configs={"voc21": "voc21", "voc20": "voc20", "context60": "context60", "context59": "context59",
-             "coco_object": "coco_object", "coco_stuff171": "coco_stuff164k", "cityscapes": "city_scapes",
-             "ade150": "ade20k"},
+    configs=CONFIG_STEMS,
     variants=(Variant("ClearCLIP", clip=VARIANTS["ClearCLIP"]),),
     label_variant="ClearCLIP",
     # VOC21 (own names, threshold 0.5), Context60 (threshold 0.15), COCO-Object (own names, 0.4), Cityscapes

@@ -51,6 +51,10 @@ DENSE_SIZES: dict[str, tuple[int, int]] = {"224x224": (224, 224), "448x448": (44
 #: the reference postprocess holds [classes, queries, rows, width] floats at once (synonym max); it runs on row
 #: blocks of at most this many bytes (exact: every step but SCLIP's area rule is per pixel)
 POSTPROCESS_BYTES = 512 * 2**20
+#: ovseg dataset -> ``configs/cfg_<stem>.py``, the same in SCLIP, NACLIP and ClearCLIP
+CONFIG_STEMS = {"voc21": "voc21", "voc20": "voc20", "context60": "context60", "context59": "context59",
+                "coco_object": "coco_object", "coco_stuff171": "coco_stuff164k", "cityscapes": "city_scapes",
+                "ade150": "ade20k"}
 
 
 @dataclass(frozen=True)

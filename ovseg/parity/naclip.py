@@ -23,7 +23,7 @@ from ovseg.parity.common import (
     reference_imports,
     tensor_record,
 )
-from ovseg.parity.mmseg_clip import Harness, Variant, run_harness
+from ovseg.parity.mmseg_clip import CONFIG_STEMS, Harness, Variant, run_harness
 
 PROTOCOLS = ("naclip",)
 
@@ -31,9 +31,7 @@ HARNESS = Harness(
     reference="NACLIP",
     protocol="naclip",
     segmentor=("naclip", "NACLIP"),
-    configs={"voc21": "voc21", "voc20": "voc20", "context60": "context60", "context59": "context59",
-             "coco_object": "coco_object", "coco_stuff171": "coco_stuff164k", "cityscapes": "city_scapes",
-             "ade150": "ade20k"},
+    configs=CONFIG_STEMS,
     variants=(
         Variant("reduced/naclip", set_params=("reduced", "naclip", 5.0),
                 clip={"last_block": "naclip", "residual": "none", "ffn": False}),

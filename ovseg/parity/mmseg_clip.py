@@ -298,11 +298,12 @@ class row_block_postprocess:
 def run_harness(harness: Harness, ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parity"),
                 datasets: tuple[str, ...] | None = None, image_sizes: dict[str, tuple[int, int]] | None = None,
                 full_text: bool = True, dense: bool = True, segmentor_kwargs: dict[str, Any] | None = None,
-                overrides: dict[str, Any] | None = None, label: str = "labels") -> list[ParityRecord]:
-    """Dense tokens of every variant (``dense``), then per dataset the text embeddings, the model input (first
-    dataset) and the label maps of ``harness.label_variant`` on ``image_sizes``; the reference segmentor gets
-    ``segmentor_kwargs`` on top of the harness's, ovseg's protocol ``overrides`` (e.g. NACLIP's PAMR on both
-    sides); label-map rows are named ``"<label> <dataset> <size>"``."""
+                overrides: dict[str, Any] | None = None, label: str = "labels",
+                inputs: bool = True) -> list[ParityRecord]:
+    """Dense tokens of every variant (``dense``), then per dataset the text embeddings and the model input (first
+    dataset; both with ``inputs``) and the label maps of ``harness.label_variant`` on ``image_sizes``; the
+    reference segmentor gets ``segmentor_kwargs`` on top of the harness's, ovseg's protocol ``overrides`` (e.g.
+    NACLIP's PAMR on both sides); label-map rows are named ``"<label> <dataset> <size>"``."""
     from ovseg.eval.evaluator import dense_options
     from ovseg.eval.inference import protocol_resize
     from ovseg.parity.common import OVSegScorer, image_tensor
@@ -357,12 +358,12 @@ def run_harness(harness: Harness, ref_dir: Path, device: str = "cpu", work_dir: 
                     name, f"text embeddings {dataset}", entry.text, seg.query_features, protocol=protocol,
                     detail=f"{len(entry.vocabulary.queries)} names x 80 ImageNet templates (their "
                            f"openai_imagenet_template, ovseg clip80), small random text tower {SMALL_TEXT}")]
-                               if dense else [])
+                               if inputs else [])
                 pipeline = ref.pipeline(dataset)
                 s = entry.settings
                 for size_name, (h, w) in image_sizes.items():
                     image = generated_image(h, w, seed=7 * h + w)
-                    if dataset == datasets[0] and dense:
+                    if dataset == datasets[0] and inputs:
                         theirs = ref.model_input(seg, pipeline, image, Path(scratch))
                         ours = method.encoder.normalize(protocol_resize(
                             image_tensor(image)[None].to(device), s.short_side, s.long_side_max, None,

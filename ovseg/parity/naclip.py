@@ -93,5 +93,5 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
             continue
         records += run_harness(HARNESS, ref_dir, device, work_dir, datasets=(dataset,),
                                image_sizes=kwargs.get("image_sizes") or sizes, full_text=False, dense=False,
-                               segmentor_kwargs=PAMR_ON, overrides=PAMR_OVERRIDES, label="labels PAMR")
+                               inputs=False, segmentor_kwargs=PAMR_ON, overrides=PAMR_OVERRIDES, label="labels PAMR")
     return records

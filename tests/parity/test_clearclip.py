@@ -16,5 +16,7 @@ def test_clearclip_dense_features_and_protocol_match_the_authors_code(tmp_path):
     assert {r.quantity.split()[2] for r in dense} == {"ClearCLIP", "SCLIP", "vanilla"}
     assert {r.quantity for r in records if r.quantity.startswith("labels")} == {
         "labels voc21 odd 397x541", "labels cityscapes odd 397x541"}
+    assert {"text embeddings voc21", "text embeddings cityscapes", "model input odd 397x541"} <= {
+        r.quantity for r in records}
     assert_all_passed(records)
     assert installed is None or sys.modules["open_clip"] is installed  # their vendored copy was set aside again

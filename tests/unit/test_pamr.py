@@ -92,3 +92,36 @@ def test_naclip_protocol_pamr_setting():
     assert (on.pamr_steps, on.pamr_dilations) == (10, [8, 16])
     with pytest.raises(ValueError, match="pamr_dilations"):
         protocol.settings_for("voc21", {"pamr_dilations": []})
+
+
+def test_evaluator_refines_with_the_image_at_label_size():
+    """``pamr_steps`` in the evaluator: PAMR of the label-size scores with the resized image brought to the label
+    size (a method without a dense CLIP: the [0,1] image), before the logit scale; 0 leaves the scores alone."""
+    from ovseg.eval.evaluator import Evaluator
+
+    class Pixels(torch.nn.Module):
+        input_size = 32
+
+        def encode_text(self, names, templates):
+            return torch.eye(len(names))
+
+        def dense_logits(self, images, text):
+            return torch.nn.functional.avg_pool2d(images[:, : text.shape[0]], 4)
+
+    overrides = {"mode": "whole", "short_side": 32, "long_side_max": 64, "resize_library": "torch",
+                 "class_names": "{dataset}", "templates": "single", "prob_threshold": None, "pamr_steps": 3,
+                 "pamr_dilations": [1, 2]}
+    evaluator = Evaluator(load_protocol("naclip"), overrides)
+    method, names = Pixels(), [["a"], ["b"], ["c"]]
+    entry = evaluator.add_dataset(method, "voc20", names, None, torch.device("cpu"))
+    image = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
+    resized = torch.nn.functional.interpolate(image[None], size=(32, 40), mode="bilinear", align_corners=False)
+    scores = method.dense_logits(resized, torch.eye(3))[0]
+    at_label = torch.nn.functional.interpolate(resized, size=(40, 50), mode="bilinear", align_corners=False)
+    expected = labels_from_logits(scores, (40, 50), entry.vocabulary.query_to_class, logit_scale=40.0,
+                                  via_size=(32, 40), refine=PAMR(at_label, 3, [1, 2]))
+    got = evaluator.predict(method, entry, image, (40, 50))
+    assert torch.equal(got, expected)
+    plain = Evaluator(load_protocol("naclip"), {**overrides, "pamr_steps": 0})
+    assert not torch.equal(got, plain.predict(method, plain.add_dataset(method, "voc20", names, None,
+                                                                         torch.device("cpu")), image, (40, 50)))

@@ -14,12 +14,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ovseg.data.classnames import read_class_names
 from ovseg.data.files import DataError, apply_exif_orientation
 from ovseg.eval.contract import EvaluatedMethod
-from ovseg.eval.inference import labels_from_logits, protocol_resize, slide_logits, to_uint8_hwc
+from ovseg.eval.inference import labels_from_logits, labels_from_masks, protocol_resize, slide_logits, to_uint8_hwc
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
+from ovseg.eval.pamr import PAMR
 from ovseg.eval.protocols import Protocol, ProtocolSettings
 from ovseg.models.clip import DenseCLIP, DenseOptions
 from ovseg.models.text import get_templates
@@ -145,11 +147,16 @@ class Evaluator:
 
     @torch.no_grad()
     def predict_batch(self, method: EvaluatedMethod, entry: DatasetEvaluation, images: list[torch.Tensor],
-                      out_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+                      out_sizes: list[tuple[int, int]], labels: list[torch.Tensor] | None = None
+                      ) -> list[torch.Tensor]:
         """Images ``[3,H,W]`` in [0,1] -> class ids at their ``out_sizes``. Whole-image protocols run the images
         that are the same size after the protocol's resize as one forward pass; sliding windows are batched
-        within each image."""
+        within each image. ``labels``: the ground truth, read only by mask-classification protocols (``masks:
+        ground_truth``: each class region of a label map is one mask to classify)."""
         s = entry.settings
+        if s.masks == "ground_truth" and labels is None:
+            raise ValueError(f"protocol {self.protocol.name!r} classifies ground-truth masks: it scores labelled "
+                             "datasets (ovseg test), not images without labels")
         square = method.input_size if s.square == "model" else s.square
         resized = [protocol_resize(image[None], s.short_side, s.long_side_max, square, s.resize_library,
                                    s.resize_rule) for image in images]
@@ -171,7 +178,17 @@ class Evaluator:
                     for i, scores in zip(members, out):
                         logits[i] = scores
         preds = []
+        if s.masks == "ground_truth":
+            via = s.logits_upsample == "image_then_label"
+            return [labels_from_masks(scores, out_size, entry.vocabulary.query_to_class, label,
+                                      via_size=tuple(image.shape[-2:]) if via else None,
+                                      max_chunk_bytes=self.max_chunk_bytes)
+                    for scores, image, out_size, label in zip(logits, resized, out_sizes, labels)]
         for scores, image, out_size in zip(logits, resized, out_sizes):
+            refine = None
+            if s.pamr_steps:
+                with dense_options(method, s):
+                    refine = PAMR(refinement_image(method, image, out_size), s.pamr_steps, s.pamr_dilations)
             preds.append(labels_from_logits(
                 scores,
                 out_size,
@@ -181,6 +198,7 @@ class Evaluator:
                 area_threshold=s.area_threshold,
                 background_index=entry.background_index,
                 via_size=tuple(image.shape[-2:]) if s.logits_upsample == "image_then_label" else None,
+                refine=refine,
                 max_chunk_bytes=self.max_chunk_bytes,
             ))
         return preds
@@ -200,7 +218,7 @@ class Evaluator:
                         f"{image.shape[-2]}, its label is {label.shape[-1]}x{label.shape[-2]} (protocol "
                         f"{self.protocol.name!r} applies the tag as its reference's reader does; `ovseg data "
                         f"verify` counts tagged images)")
-        preds = self.predict_batch(method, entry, images, [tuple(label.shape[-2:]) for label in labels])
+        preds = self.predict_batch(method, entry, images, [tuple(label.shape[-2:]) for label in labels], labels)
         for index, (image, label, pred) in enumerate(zip(images, labels, preds)):
             entry.metric.update(pred, label)
             entry.num_images += 1
@@ -217,6 +235,16 @@ class Evaluator:
             num_images = _sum_over_ranks(entry.num_images, confmat.device)
             out[name] = (confmat, scores_from_confusion(confmat), num_images)
         return out
+
+
+def refinement_image(method: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """The image post-processing reads (PAMR): the model input, normalised as the method's dense CLIP reads it,
+    resized bilinearly to the label size (NACLIP ``predict``). A method without a dense CLIP gives the [0,1] image
+    (PAMR's affinities are invariant to a per-channel affine map but for its 1e-8 guard)."""
+    encoders = [m for m in method.modules() if isinstance(m, DenseCLIP)]
+    if encoders:
+        image = encoders[0].normalize(image)
+    return F.interpolate(image.float(), size=out_size, mode="bilinear", align_corners=False)
 
 
 @contextmanager

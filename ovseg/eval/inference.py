@@ -136,12 +136,15 @@ def labels_from_logits(
     area_threshold: float | None = None,
     background_index: int | None = None,
     via_size: tuple[int, int] | None = None,
+    refine: Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_chunk_bytes: int = 64 * 2**20,
 ) -> torch.Tensor:
     """``[Q,h,w]`` query scores -> ``[H,W]`` class ids at the label size.
 
     ``via_size``: upsample to this size first, then to ``out_size`` (mmseg's whole inference resizes scores to
     the resized image, then to the original; each step bilinear, per channel, so chunking stays exact).
+    ``refine``: applied to the upsampled scores ``[1,q,H,W]`` of each chunk before the logit scale (post-processing
+    that treats every channel on its own, such as :class:`~ovseg.eval.pamr.PAMR`).
 
     Equivalent to: bilinear upsampling of all scores to ``out_size``, ``softmax(scale · s)`` over
     queries, max over each class's synonyms, SCLIP's area rule, argmax, and the probability
@@ -158,7 +161,8 @@ def labels_from_logits(
     query_to_class = query_to_class.to(logits.device, non_blocking=True)
     height, width = out_size
     largest = max(height * width, via_size[0] * via_size[1] if via_size else 0)
-    chunk = max(1, min(num_queries, max_chunk_bytes // (largest * 4)))
+    # refinement holds a few copies of its chunk (padded input, output, one shifted view)
+    chunk = max(1, min(num_queries, max_chunk_bytes // (largest * 4 * (4 if refine is not None else 1))))
 
     def best_query(allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         best_value = torch.full((height, width), -math.inf, device=logits.device)
@@ -168,7 +172,10 @@ def labels_from_logits(
             up = logits[None, q0 : q0 + chunk].float()
             if via_size is not None and tuple(via_size) != tuple(up.shape[-2:]):
                 up = F.interpolate(up, size=via_size, mode="bilinear", align_corners=False)
-            up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)[0]
+            up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)
+            if refine is not None:
+                up = refine(up)
+            up = up[0]
             if logit_scale:
                 up.mul_(logit_scale)
                 log_norm = torch.logaddexp(log_norm, torch.logsumexp(up, dim=0))
@@ -194,3 +201,43 @@ def labels_from_logits(
         top_prob = torch.exp(best_value - log_norm)
         pred = torch.where(top_prob < prob_threshold, torch.full_like(pred, background_index), pred)
     return pred
+
+
+def labels_from_masks(
+    logits: torch.Tensor,
+    out_size: tuple[int, int],
+    query_to_class: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    via_size: tuple[int, int] | None = None,
+    max_chunk_bytes: int = 64 * 2**20,
+) -> torch.Tensor:
+    """Zero-shot mask classification: ``[Q,h,w]`` query scores and an ``[H,W]`` mask-id map (a ground-truth label
+    map: each value one mask) -> ``[H,W]`` class ids, every pixel of a mask taking the mask's class.
+
+    A mask's class is the argmax over classes of the max over each class's synonyms of the query scores averaged
+    over the mask's pixels (after the same bilinear upsampling as :func:`labels_from_logits`). For cosine scores
+    the average is the cosine with the mask-pooled L2-normalised feature up to a positive factor, so the argmax is
+    that of mask-pooled features. Upsampling runs ``max_chunk_bytes`` of channels at a time (exact: per channel).
+    """
+    num_queries = logits.shape[0]
+    num_classes = int(query_to_class.max()) + 1
+    height, width = out_size
+    if tuple(masks.shape[-2:]) != (height, width):
+        raise ValueError(f"mask map {tuple(masks.shape[-2:])} and output size {tuple(out_size)} differ")
+    masks = masks.to(logits.device).long().reshape(height, width)
+    ids = masks.flatten()
+    num_ids = int(ids.max()) + 1
+    largest = max(height * width, via_size[0] * via_size[1] if via_size else 0)
+    chunk = max(1, min(num_queries, max_chunk_bytes // (largest * 4)))
+    pooled = torch.zeros(num_ids, num_queries, dtype=torch.float64, device=logits.device)
+    for q0 in range(0, num_queries, chunk):
+        up = logits[None, q0 : q0 + chunk].float()
+        if via_size is not None and tuple(via_size) != tuple(up.shape[-2:]):
+            up = F.interpolate(up, size=via_size, mode="bilinear", align_corners=False)
+        up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)[0]
+        pooled[:, q0 : q0 + up.shape[0]].index_add_(0, ids, up.flatten(1).T.double())
+    pooled /= torch.bincount(ids, minlength=num_ids).clamp(min=1)[:, None]
+    per_class = torch.full((num_ids, num_classes), -math.inf, dtype=pooled.dtype, device=pooled.device)
+    per_class = per_class.scatter_reduce(1, query_to_class.to(pooled.device).expand(num_ids, -1), pooled, "amax")
+    return per_class.argmax(dim=1)[masks]

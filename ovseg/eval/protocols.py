@@ -27,6 +27,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "text_precision": ("model", "fp16"),
     "text_ensemble_precision": ("fp32", "text"),
     "exif_orientation": ("ignore", "apply"),
+    "masks": ("none", "ground_truth"),
 }
 
 
@@ -97,6 +98,19 @@ class ProtocolSettings:
     #: carry no tag, so a 90° tag gives a label of another shape, an error naming the file).
     exif_orientation: str = "ignore"
 
+    # -- post-processing ----------------------------------------------------------------------------------------
+    #: PAMR rounds on the label-size scores before the softmax (NACLIP's ``pamr_steps``; 0: off), see
+    #: :mod:`ovseg.eval.pamr`
+    pamr_steps: int = 0
+    #: PAMR neighbourhood dilations (NACLIP's ``pamr_stride``)
+    pamr_dilations: list[int] = field(default_factory=lambda: [8, 16])
+
+    # -- what is labelled --------------------------------------------------------------------------------------
+    #: ``none``: every pixel (semantic segmentation). ``ground_truth``: zero-shot mask classification: each
+    #: ground-truth class region of an image is one mask, labelled with the class whose best synonym has the
+    #: highest score averaged over the mask (see :func:`ovseg.eval.inference.labels_from_masks`).
+    masks: str = "none"
+
     def __post_init__(self):
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"protocol mode must be 'whole' or 'slide', got {self.mode!r}")
@@ -109,6 +123,14 @@ class ProtocolSettings:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"protocol setting {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.masks != "none" and (self.prob_threshold is not None or self.area_threshold is not None
+                                     or self.pamr_steps):
+            raise ValueError("mask classification (masks: ground_truth) takes the argmax of pooled scores: "
+                             "prob_threshold, area_threshold and pamr_steps do not apply")
+        if not (isinstance(self.pamr_steps, int) and self.pamr_steps >= 0):
+            raise ValueError(f"pamr_steps must be a non-negative integer, got {self.pamr_steps!r}")
+        if not (self.pamr_dilations and all(isinstance(d, int) and d > 0 for d in self.pamr_dilations)):
+            raise ValueError(f"pamr_dilations must be a list of positive integers, got {self.pamr_dilations!r}")
         if self.vision_ln_eps is not None and not self.vision_ln_eps > 0:
             raise ValueError(f"vision_ln_eps must be positive or null, got {self.vision_ln_eps!r}")
 
@@ -158,12 +180,21 @@ def load_protocol(name_or_path: str) -> Protocol:
         raise ValueError(f"{path}: invalid protocol YAML ({e})") from None
     if not isinstance(data, dict) or "name" not in data or "defaults" not in data:
         raise ValueError(f"{path}: a protocol file needs `name` and `defaults` keys")
+    defaults = dict(data["defaults"] or {})
+    datasets = {k: dict(v or {}) for k, v in (data.get("datasets") or {}).items()}
+    if data.get("extends"):
+        # a variant of another protocol: its settings, then this file's on top (per dataset too)
+        if str(data["extends"]) == str(data["name"]):
+            raise ValueError(f"{path}: a protocol cannot extend itself")
+        base = load_protocol(str(data["extends"]))
+        defaults = {**base.defaults, **defaults}
+        datasets = {k: {**base.datasets.get(k, {}), **datasets.get(k, {})} for k in {*base.datasets, *datasets}}
     protocol = Protocol(
         name=str(data["name"]),
         version=int(data.get("version", 1)),
         description=str(data.get("description", "")),
-        defaults=dict(data["defaults"] or {}),
-        datasets={k: dict(v or {}) for k, v in (data.get("datasets") or {}).items()},
+        defaults=defaults,
+        datasets=datasets,
         source=str(path),
     )
     protocol.settings_for(None)  # validate the defaults early, naming the file on error

@@ -1,7 +1,7 @@
 """ClearCLIP (Lan et al., "ClearCLIP: Decomposing CLIP Representations for Dense Vision-Language Inference",
 ECCV 2024, arXiv 2407.12442): the last block with self-self (query-query) attention, its residual connection and
 its feed-forward network removed (Sec. 3.3-3.4). The attention is ``qq`` in :mod:`ovseg.models.attention`; the
-paper evaluates under the SCLIP harness (``sclip`` protocol)."""
+paper's numbers come from the authors' own mmseg pipeline, the ``clearclip`` protocol."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ovseg.models.clip import CLIPConfig
 class ClearCLIP(ZeroShotCLIP):
     """ClearCLIP: q-q attention in the last block, no residual, no MLP."""
 
-    default_protocol = "sclip"
+    default_protocol = "clearclip"
 
     def __init__(
         self,

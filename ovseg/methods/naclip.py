@@ -1,7 +1,8 @@
 """NACLIP (Hajimiri et al., "Pay Attention to Your Neighbours: Training-Free Open-Vocabulary Semantic
 Segmentation", WACV 2025, arXiv 2404.08181): the last block's attention is key-key attention plus a Gaussian
 neighbourhood bias over the patch grid (Sec. 3, "neighbourhood attention"), and the block keeps neither its
-residual nor its MLP (the released code's ``arch='reduced'``). PAMR post-processing is not part of this method.
+residual nor its MLP (the released code's ``arch='reduced'``). PAMR post-processing is a setting of the ``naclip``
+protocol (``pamr_steps``, :mod:`ovseg.eval.pamr`), not part of the model.
 
 This module registers the attention (``last_block: naclip``): the whole method is this file plus its configs.
 """
@@ -51,7 +52,7 @@ register_attention("naclip")(neighbourhood_attention)
 
 
 class NACLIP(ZeroShotCLIP):
-    """NACLIP: neighbourhood attention in the last block, no residual, no MLP (without PAMR)."""
+    """NACLIP: neighbourhood attention in the last block, no residual, no MLP (PAMR: the protocol's ``pamr_steps``)."""
 
     default_protocol = "naclip"
 

@@ -30,13 +30,16 @@ class DeepLabResNet(Backbone):
         weights: see the module doc.
         aspp_channels / atrous_rates: the ASPP head (DeepLab v3: 256, rates 12/24/36 at stride 8).
         embed_dim: output width; None takes the CLIP joint dimension from the teacher at ``build``.
+        own_width: ``embed_dim`` may differ from the teacher's (a model trained without CLIP losses, e.g.
+            SegSort's 32-dimensional embeddings); otherwise ``build`` refuses a mismatch.
     """
 
     mean: Tensor
     std: Tensor
 
     def __init__(self, depth: int = 101, output_stride: int = 8, weights: str | None = None,
-                 aspp_channels: int = 256, atrous_rates: tuple[int, ...] = (12, 24, 36), embed_dim: int | None = None):
+                 aspp_channels: int = 256, atrous_rates: tuple[int, ...] = (12, 24, 36), embed_dim: int | None = None,
+                 own_width: bool = False):
         super().__init__()
         if depth not in (50, 101):
             raise ValueError(f"DeepLabResNet depth must be 50 or 101, got {depth}")
@@ -44,8 +47,11 @@ class DeepLabResNet(Backbone):
             raise ValueError(f"DeepLabResNet output_stride must be 8 or 16, got {output_stride}")
         self.depth, self.output_stride, self.weights = depth, output_stride, weights
         self.aspp_channels, self.atrous_rates, self.embed_dim = aspp_channels, tuple(atrous_rates), embed_dim
+        self.own_width = own_width
         self._settings = dict(depth=depth, output_stride=output_stride, weights=weights, aspp_channels=aspp_channels,
                               atrous_rates=list(atrous_rates), embed_dim=embed_dim)
+        if own_width:
+            self._settings["own_width"] = True
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.body: nn.Module | None = None
@@ -76,7 +82,7 @@ class DeepLabResNet(Backbone):
     def build(self, teacher) -> None:
         if self.body is None:
             self._make(teacher.embed_dim)
-        elif self.embed_dim != teacher.embed_dim:
+        elif self.embed_dim != teacher.embed_dim and not self.own_width:
             raise ValueError(f"DeepLabResNet embed_dim {self.embed_dim} differs from CLIP's {teacher.embed_dim}")
         self.input_size = teacher.input_size
 

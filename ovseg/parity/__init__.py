@@ -16,6 +16,7 @@ REFERENCES: dict[str, str] = {
     "NACLIP": "ovseg.parity.naclip",
     "ClearCLIP": "ovseg.parity.clearclip",
     "DINO": "ovseg.parity.dino",
+    "HSG": "ovseg.parity.hsg",
 }
 REPOSITORIES: dict[str, str] = {
     "PixelCLIP": "https://github.com/cvlab-kaist/PixelCLIP",
@@ -24,4 +25,5 @@ REPOSITORIES: dict[str, str] = {
     "NACLIP": "https://github.com/sinahmr/NACLIP",
     "ClearCLIP": "https://github.com/mc-lan/ClearCLIP",
     "DINO": "https://github.com/facebookresearch/dino",
+    "HSG": "https://github.com/twke18/HSG",
 }

@@ -51,6 +51,10 @@ DENSE_SIZES: dict[str, tuple[int, int]] = {"224x224": (224, 224), "448x448": (44
 #: the reference postprocess holds [classes, queries, rows, width] floats at once (synonym max); it runs on row
 #: blocks of at most this many bytes (exact: every step but SCLIP's area rule is per pixel)
 POSTPROCESS_BYTES = 512 * 2**20
+#: ovseg dataset -> ``configs/cfg_<stem>.py``, the same in SCLIP, NACLIP and ClearCLIP
+CONFIG_STEMS = {"voc21": "voc21", "voc20": "voc20", "context60": "context60", "context59": "context59",
+                "coco_object": "coco_object", "coco_stuff171": "coco_stuff164k", "cityscapes": "city_scapes",
+                "ade150": "ade20k"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,16 @@ class Harness:
     #: keyword arguments every reference segmentor gets besides the config's (NACLIP: pamr_steps=0)
     segmentor_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    #: the reference side: a :class:`Reference` subclass and the context its imports need (``ref_dir`` ->
+    #: context manager); None: :class:`Reference` inside :func:`reference_imports` with :func:`stand_ins`
+    reference_type: Any = None
+    imports: Any = None
+
+    def reference_context(self, ref_dir: Path):
+        return self.imports(ref_dir) if self.imports else reference_imports(ref_dir, stand_ins())
+
+    def open_reference(self, ref_dir: Path, device: str) -> Reference:
+        return (self.reference_type or Reference)(self, ref_dir, device)
 
 
 # -- stand-ins ------------------------------------------------------------------------------------------------
@@ -283,7 +297,13 @@ class row_block_postprocess:
 # -- the comparison -------------------------------------------------------------------------------------------
 def run_harness(harness: Harness, ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parity"),
                 datasets: tuple[str, ...] | None = None, image_sizes: dict[str, tuple[int, int]] | None = None,
-                full_text: bool = True) -> list[ParityRecord]:
+                full_text: bool = True, dense: bool = True, segmentor_kwargs: dict[str, Any] | None = None,
+                overrides: dict[str, Any] | None = None, label: str = "labels",
+                inputs: bool = True) -> list[ParityRecord]:
+    """Dense tokens of every variant (``dense``), then per dataset the text embeddings and the model input (first
+    dataset; both with ``inputs``) and the label maps of ``harness.label_variant`` on ``image_sizes``; the
+    reference segmentor gets ``segmentor_kwargs`` on top of the harness's, ovseg's protocol ``overrides`` (e.g.
+    NACLIP's PAMR on both sides); label-map rows are named ``"<label> <dataset> <size>"``."""
     from ovseg.eval.evaluator import dense_options
     from ovseg.eval.inference import protocol_resize
     from ovseg.parity.common import OVSegScorer, image_tensor
@@ -298,17 +318,17 @@ def run_harness(harness: Harness, ref_dir: Path, device: str = "cpu", work_dir: 
     records: list[ParityRecord] = []
     started = time.time()
 
-    with reference_imports(ref_dir, stand_ins()):
-        ref = Reference(harness, ref_dir, device)
+    with harness.reference_context(ref_dir):
+        ref = harness.open_reference(ref_dir, device)
         label_variant = variants[harness.label_variant]
         method = ovseg_method(folder, label_variant).to(device).eval()
-        scorer = OVSegScorer(method, protocol, device=device)
+        scorer = OVSegScorer(method, protocol, overrides, device=device)
         settings = scorer.evaluator.settings_for(None)
 
         # dense features: every variant, the protocol's dense options (positional-embedding interpolation)
         seg = ref.segmentor(datasets[0], weights)
         net = seg.net
-        for variant in harness.variants:
+        for variant in harness.variants if dense else ():
             if variant.set_params:
                 net.visual.set_params(*variant.set_params)
             set_variant(method, variant)
@@ -330,20 +350,20 @@ def run_harness(harness: Harness, ref_dir: Path, device: str = "cpu", work_dir: 
         # label maps (and each dataset's text embeddings): the label variant, the protocol's dataset settings
         with tempfile.TemporaryDirectory() as scratch:
             for dataset in datasets:
-                extra = {}
-                seg = ref.segmentor(dataset, weights, **extra)
+                seg = ref.segmentor(dataset, weights, **(segmentor_kwargs or {}))
                 if label_variant.set_params:
                     seg.net.visual.set_params(*label_variant.set_params)
                 entry = scorer.entry(dataset)
-                records.append(tensor_record(
+                records.extend([tensor_record(
                     name, f"text embeddings {dataset}", entry.text, seg.query_features, protocol=protocol,
                     detail=f"{len(entry.vocabulary.queries)} names x 80 ImageNet templates (their "
-                           f"openai_imagenet_template, ovseg clip80), small random text tower {SMALL_TEXT}"))
+                           f"openai_imagenet_template, ovseg clip80), small random text tower {SMALL_TEXT}")]
+                               if inputs else [])
                 pipeline = ref.pipeline(dataset)
                 s = entry.settings
                 for size_name, (h, w) in image_sizes.items():
                     image = generated_image(h, w, seed=7 * h + w)
-                    if dataset == datasets[0]:
+                    if dataset == datasets[0] and inputs:
                         theirs = ref.model_input(seg, pipeline, image, Path(scratch))
                         ours = method.encoder.normalize(protocol_resize(
                             image_tensor(image)[None].to(device), s.short_side, s.long_side_max, None,
@@ -356,12 +376,13 @@ def run_harness(harness: Harness, ref_dir: Path, device: str = "cpu", work_dir: 
                     theirs = ref.labels(seg, pipeline, image, Path(scratch))
                     ours = scorer.labels(dataset, image)
                     present = torch.unique(theirs).numel()
+                    pamr = f", PAMR {s.pamr_steps} steps, dilations {s.pamr_dilations}" if s.pamr_steps else ""
                     records.append(label_record(
-                        name, f"labels {dataset} {size_name}", ours, theirs, protocol=protocol,
+                        name, f"{label} {dataset} {size_name}", ours, theirs, protocol=protocol,
                         detail=f"{label_variant.label}: {label_variant.detail}; {s.mode}"
                                f"{f' {s.crop}/{s.stride}' if s.mode == 'slide' else ''}, short side {s.short_side}, "
                                f"logit scale {s.logit_scale}, prob thd {s.prob_threshold}, area thd "
-                               f"{s.area_threshold}; {present} classes in the reference map; fp32 CPU"))
+                               f"{s.area_threshold}{pamr}; {present} classes in the reference map; fp32 CPU"))
                 del seg
 
     if full_text:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ovseg.parity.common import ParityRecord
-from ovseg.parity.mmseg_clip import Harness, Variant, run_harness
+from ovseg.parity.mmseg_clip import CONFIG_STEMS, Harness, Variant, run_harness
 
 PROTOCOLS = ("sclip",)
 
@@ -15,9 +15,7 @@ HARNESS = Harness(
     reference="SCLIP",
     protocol="sclip",
     segmentor=("clip_segmentor", "CLIPForSegmentation"),
-    configs={"voc21": "voc21", "voc20": "voc20", "context60": "context60", "context59": "context59",
-             "coco_object": "coco_object", "coco_stuff171": "coco_stuff164k", "cityscapes": "city_scapes",
-             "ade150": "ade20k"},
+    configs=CONFIG_STEMS,
     variants=(
         Variant("csa", encode_kwargs={"csa": True}, clip={"last_block": "qq_kk", "residual": "token", "ffn": True}),
         Variant("vanilla", encode_kwargs={"csa": False},

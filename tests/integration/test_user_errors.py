@@ -245,7 +245,7 @@ def _registered_attentions() -> str:
 
 @pytest.mark.parametrize("setting, typo, choices", [
     ("clip.last_block", "valu", _registered_attentions),
-    ("protocol", "maskclp", lambda: "maskclip, naclip, pixelclip, sclip, toyworld"),
+    ("protocol", "maskclp", lambda: "clearclip, maskclip, naclip, pixelclip, pixelclip_masks, sclip, toyworld"),
 ])
 def test_a_misspelt_choice_is_one_line_naming_the_valid_ones(setting, typo, choices, synthetic_root, monkeypatch,
                                                              capsys):

@@ -87,6 +87,26 @@ def test_deeplab_backbone_option():
     assert model.hparams["backbone"]["class_path"] == "ovseg.models.deeplab.DeepLabResNet"
 
 
+def test_segsort_baseline_trains_without_clip(monkeypatch):
+    """configs/segsort_voc.yaml: CLIP losses and unknown prototypes off -> the teacher never runs, the loss is the
+    SegSort pixel loss alone, and the DeepLab backbone keeps its own width (32)."""
+    from ovseg.models.deeplab import DeepLabResNet
+
+    with pytest.raises(ValueError, match="width"):
+        make(known_classes=["cat"], backbone=DeepLabResNet(depth=50, weights=None, embed_dim=32, own_width=True))
+    model = make(known_classes=["cat"], backbone=DeepLabResNet(depth=50, weights=None, embed_dim=32, own_width=True),
+                 pixel_loss="segsort", lambda_embedding=0.0, lambda_semantic=0.0, num_unknown=0)
+    assert not model.uses_clip and model.embed(torch.rand(2, 3, 64, 64)).shape == (2, 32, 8, 8)
+    monkeypatch.setattr(model, "teacher_features", lambda *a: pytest.fail("the teacher ran"))
+    views = torch.rand(1, 2, 3, 64, 64)
+    geometry = torch.tensor([[[0.0, 0.0, 1.0, 1.0, 0.0], [0.1, 0.1, 0.9, 0.9, 1.0]]])
+    regions = [torch.arange(64)[None].expand(64, -1) // 32]
+    out = model.compute_losses(views, geometry, [torch.rand(3, 64, 64)], regions)
+    assert torch.equal(out["loss"], out["pixel"]) and out["embedding"] == 0 and out["semantic"] == 0
+    out["loss"].backward()
+    assert model.backbone.head[1].weight.grad.abs().sum() > 0
+
+
 def test_known_unknown_scores_from_the_confusion_matrix():
     rng = np.random.default_rng(0)
     cm = rng.integers(0, 50, (5, 5)) + np.diag(rng.integers(50, 200, 5))

@@ -36,14 +36,14 @@ def test_clusters_cut_by_regions_equal_a_pixel_loop():
     assert len(plain_view) == sum(len(set(clusters[v].tolist())) for v in range(3))
 
 
-def hsg_segsort_plus(pixels, prototypes, own, groups, kappa):
-    """HSG's ``_calculate_log_likelihood`` with ``group_mode='segsort+'``, pixel by pixel."""
+def hsg_segsort_plus(pixels, prototypes, own, groups, kappa, group_mode="segsort+"):
+    """HSG's ``_calculate_log_likelihood`` with ``group_mode='segsort+'`` (or ``'segsort'``), pixel by pixel."""
     losses = []
     for p in range(pixels.shape[0]):
         sims = [math.exp(kappa * float(pixels[p] @ prototypes[s])) for s in range(prototypes.shape[0])]
         own_sim = sims[own[p]]
         same = sum(v for s, v in enumerate(sims) if groups[s] == groups[own[p]]) - own_sim
-        numerator = same if same > 0 else own_sim
+        numerator = same if same > 0 and group_mode == "segsort+" else own_sim
         different = sum(v for s, v in enumerate(sims) if groups[s] != groups[own[p]])
         losses.append(-math.log(numerator / (different + numerator)))
     return torch.tensor(losses, dtype=torch.float64)
@@ -70,6 +70,21 @@ def test_segsort_plus_equals_hsg_pixel_by_pixel():
     masked = pixel_segment_segsort_plus(pixels[keep], prototypes, own[keep], groups, valid, kappa, reduction="none")
     reference = hsg_segsort_plus(pixels[keep], prototypes[kept], remap[own[keep]], groups[kept], kappa)
     torch.testing.assert_close(masked, reference.to(masked.dtype), rtol=1e-9, atol=1e-9)
+
+
+def test_segsort_rule_equals_hsg_pixel_by_pixel():
+    """``group_mode='segsort'`` (SegSort, ``pixel_loss: segsort``): the own segment against other groups' segments."""
+    generator = torch.Generator().manual_seed(2)
+    pixels = F.normalize(torch.randn(30, 8, generator=generator), dim=-1).double()
+    prototypes = F.normalize(torch.randn(7, 8, generator=generator), dim=-1).double()
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 3])
+    own = torch.randint(0, 7, (30,), generator=generator)
+    ours = pixel_segment_segsort_plus(pixels, prototypes, own, groups, None, 4.0, reduction="none",
+                                      group_mode="segsort")
+    reference = hsg_segsort_plus(pixels, prototypes, own, groups, 4.0, group_mode="segsort")
+    torch.testing.assert_close(ours, reference.to(ours.dtype), rtol=1e-9, atol=1e-9)
+    plus = pixel_segment_segsort_plus(pixels, prototypes, own, groups, None, 4.0, reduction="none")
+    assert not torch.allclose(ours, plus)  # the two rules differ wherever a group holds other segments
 
 
 def test_region_labels_follow_each_views_crop_and_flip():

@@ -150,7 +150,8 @@ def test_unknown_class_name_file():
 def test_unknown_protocol():
     from ovseg.eval.protocols import load_protocol
 
-    with pytest.raises(ValueError, match=r"unknown protocol 'sclp'.*maskclip, naclip, pixelclip, sclip, toyworld"):
+    with pytest.raises(ValueError, match=r"unknown protocol 'sclp'.*clearclip, maskclip, naclip, pixelclip, "
+                                         r"pixelclip_masks, sclip, toyworld"):
         load_protocol("sclp")
 
 

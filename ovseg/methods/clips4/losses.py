@@ -96,12 +96,16 @@ def pixel_segment_segsort_plus(
     valid_prototypes: Tensor | None = None,
     concentration: float = 16.0,
     reduction: str = "mean",
+    group_mode: str = "segsort+",
 ) -> Tensor:
     """HSG's ``segsort+`` pixel-segment loss (``hsg/utils/segsort/loss.py``, ``pixel_loss: segsort_plus``): a pixel's
     positives are the *other* segments of its group (its visually coherent region, in both views); its own segment
     counts only when the group has no other segment, and is then the only positive. Segments of other groups are
     the negatives; the own segment, when left out of the positives, is left out of the sum as well:
     ``L(p) = −log Σ_{S+} exp(κ cos) / (Σ_{S+} exp(κ cos) + Σ_{S−} exp(κ cos))``.
+
+    ``group_mode="segsort"`` is SegSort's rule (the same file's other ``group_mode``; ``pixel_loss: segsort``): the
+    own segment is the only positive, the other segments of its group are left out of both sums.
 
     Args:
         pixels: ``[P, D]`` pixel embeddings.
@@ -111,7 +115,10 @@ def pixel_segment_segsort_plus(
         valid_prototypes: ``[S]`` bool; empty segments are left out of the sums.
         concentration: κ (HSG: 16).
         reduction: ``mean`` or ``none``.
+        group_mode: ``segsort+`` (HSG) or ``segsort`` (SegSort).
     """
+    if group_mode not in ("segsort+", "segsort"):
+        raise ValueError(f"group_mode must be 'segsort+' or 'segsort', got {group_mode!r}")
     if pixels.shape[0] == 0:
         return reduce(pixels.sum(-1) * 0.0 + prototypes.sum() * 0.0, reduction)
     logits = concentration * (pixels @ prototypes.t())  # [P, S]
@@ -119,7 +126,10 @@ def pixel_segment_segsort_plus(
     same = (groups[None, :] == groups[own][:, None]) & valid[None, :]
     is_own = torch.zeros_like(same).scatter_(1, own[:, None], True)
     others = same & ~is_own
-    positive = torch.where(others.any(dim=1, keepdim=True), others, is_own)
+    if group_mode == "segsort":
+        positive = is_own
+    else:
+        positive = torch.where(others.any(dim=1, keepdim=True), others, is_own)
     counted = positive | (~same & valid[None, :])
     return reduce(torch.logsumexp(logits.masked_fill(~counted, _NEG_INF), dim=1)
                   - torch.logsumexp(logits.masked_fill(~positive, _NEG_INF), dim=1), reduction)

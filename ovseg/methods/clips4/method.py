@@ -32,9 +32,11 @@ from ovseg.models.text import TextBank
 __all__ = ["CLIPS4", "vocabulary_split_scores"]
 
 #: ``pixel_loss``: HSG's ``segsort+`` over visually coherent regions (the paper's S+: the segments of the pixel's
-#: region in both views), SegSort's multi-positive form over the own + corresponding segment, or InfoNCE with one
-#: cross-view positive
-PIXEL_LOSSES = ("segsort_plus", "segsort_multi_positive", "infonce")
+#: region in both views), SegSort's rule (``segsort``: the own segment against the segments of other regions), the
+#: multi-positive form over the own + corresponding segment, or InfoNCE with one cross-view positive
+PIXEL_LOSSES = ("segsort_plus", "segsort", "segsort_multi_positive", "infonce")
+#: the pixel losses that group segments by the images' regions
+REGION_LOSSES = {"segsort_plus": "segsort+", "segsort": "segsort"}
 #: group id of a segment under ``segsort_plus``: global image index · REGION_SPAN + region
 REGION_SPAN = 1 << 24
 
@@ -86,7 +88,7 @@ class CLIPS4(OVSegMethod):
         kmeans_iterations: int = 20,
         segments: Literal["segsort", "embedding"] = "segsort",
         location_weight: float = 1.0,
-        pixel_loss: Literal["segsort_plus", "segsort_multi_positive", "infonce"] = "segsort_plus",
+        pixel_loss: Literal["segsort_plus", "segsort", "segsort_multi_positive", "infonce"] = "segsort_plus",
         region_cut: bool = True,
         concentration: float = 16.0,
         pixel_temperature: float = 0.1,
@@ -127,8 +129,9 @@ class CLIPS4(OVSegMethod):
             segments: ``segsort`` (k-means on embeddings + coordinates from a grid, HSG) or ``embedding``
                 (embeddings only, random starts: the earlier form).
             location_weight: weight of the coordinates beside the embeddings (HSG: 1).
-            pixel_loss: ``segsort_plus`` (HSG's rule over regions), ``segsort_multi_positive`` (own segment + the
-                other view's segment at the same point) or ``infonce`` (one cross-view positive).
+            pixel_loss: ``segsort_plus`` (HSG's rule over regions), ``segsort`` (SegSort's: the own segment against
+                the segments of other regions), ``segsort_multi_positive`` (own segment + the other view's segment at
+                the same point) or ``infonce`` (one cross-view positive).
             region_cut: cut the k-means clusters by the over-segmentation regions the batch carries (needed by
                 ``segsort_plus``; the training source must give regions).
             concentration: κ of the SegSort losses (HSG: 16).
@@ -148,7 +151,9 @@ class CLIPS4(OVSegMethod):
             unknown_targets: which segments meet the unknown prototypes and feed the bank: ``calibrated``,
                 ``shifted``, ``gated`` or ``shared`` (:mod:`ovseg.methods.clips4.prototypes`).
             lambda_embedding: λ_emb (R: 1).
-            lambda_semantic: λ_sem (R: 1).
+            lambda_semantic: λ_sem (R: 1). With both λ at 0 and ``num_unknown: 0`` no CLIP loss is left: the teacher
+                is not run while training and the backbone may have its own width (the SegSort baseline,
+                ``configs/segsort_voc.yaml``).
             lr: learning rate of the head; see the configs for the values used and why.
             backbone_lr_mult: the fine-tuned CLIP blocks' learning rate relative to ``lr`` (R: 0.1).
             momentum: SGD momentum (0.9, supplementary).
@@ -165,8 +170,8 @@ class CLIPS4(OVSegMethod):
             raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {pixel_loss!r}")
         if unknown_targets not in UNKNOWN_TARGETS:
             raise ValueError(f"unknown_targets must be one of {UNKNOWN_TARGETS}, got {unknown_targets!r}")
-        if pixel_loss == "segsort_plus" and not region_cut:
-            raise ValueError("pixel_loss segsort_plus groups segments by region: it needs region_cut: true")
+        if pixel_loss in REGION_LOSSES and not region_cut:
+            raise ValueError(f"pixel_loss {pixel_loss} groups segments by region: it needs region_cut: true")
         if own_segment not in ("exclude", "negative"):
             raise ValueError(f"own_segment must be 'exclude' or 'negative', got {own_segment!r}")
         if embedding_loss not in ("infonce", "cosine"):
@@ -178,6 +183,10 @@ class CLIPS4(OVSegMethod):
         self._register_load_state_dict_pre_hook(_rename_teacher_keys)
         self.backbone = backbone if backbone is not None else CLIPDenseEncoder()
         self.backbone.build(self.encoder)
+        if getattr(self.backbone, "embed_dim", None) not in (None, self.encoder.embed_dim) and self.uses_clip:
+            raise ValueError(f"the backbone's width {self.backbone.embed_dim} differs from CLIP's "
+                             f"{self.encoder.embed_dim}: the CLIP losses compare them (set both lambdas and "
+                             "num_unknown to 0 for a CLIP-free baseline)")
         self.hparams["backbone"] = self.backbone.settings
 
         self.known_names: list[str] = resolve_vocabulary(known_classes)
@@ -264,7 +273,8 @@ class CLIPS4(OVSegMethod):
         ``[Ht, Wt]`` -> the loss terms and diagnostics."""
         hp = self.hparams
         z = self.embed(views.flatten(0, 1))  # [2B, D, h, w], order: image0 A, image0 B, image1 A, ...
-        teacher = self.teacher_features(teacher_images)  # the CLIP teacher may run in bf16 (no gradient)
+        # the CLIP teacher may run in bf16 (no gradient); without a CLIP loss it does not run
+        teacher = self.teacher_features(teacher_images) if self.uses_clip else []
         # the losses in float32: softmaxes at temperature 0.01-0.1 (see ovseg/utils/precision.py)
         with float32(z.device):
             height, width = z.shape[-2:]
@@ -274,9 +284,9 @@ class CLIPS4(OVSegMethod):
             clusters = segment_pixels(zf.detach(), height, width, k, hp.kmeans_iterations, hp.segments,
                                       hp.location_weight)
             region = self.view_regions(regions, geometry, (height, width)) if hp.region_cut else None
-            if hp.pixel_loss == "segsort_plus" and region is None:
-                raise ValueError("pixel_loss segsort_plus needs the images' regions: the training source must give "
-                                 "them (TwoViewImages regions: slic | felzenszwalb, not none)")
+            if hp.pixel_loss in REGION_LOSSES and region is None:
+                raise ValueError(f"pixel_loss {hp.pixel_loss} needs the images' regions: the training source must "
+                                 "give them (TwoViewImages regions: slic | felzenszwalb, not none)")
             index, segment_view, segment_region = cut_by_regions(clusters, region)
             # one segment count on every process (gathers need one shape): padding segments are empty, hence invalid
             count = global_max(len(segment_view), z.device)
@@ -286,13 +296,18 @@ class CLIPS4(OVSegMethod):
             all_prototypes, offset = gather_with_grad(prototypes)
             all_valid = gather_detached(valid)
             groups = None
-            if hp.pixel_loss == "segsort_plus":
+            if hp.pixel_loss in REGION_LOSSES:
                 image = world()[0] * views.shape[0] + segment_view // 2
                 local_groups = torch.full((count,), -1, dtype=torch.long, device=z.device)
                 local_groups[:len(segment_view)] = image * REGION_SPAN + segment_region
                 groups = gather_detached(local_groups)
             loss_pixel, overlap = self._pixel_loss(zf, index, geometry, all_prototypes, offset, all_valid,
                                                    (height, width), groups)
+            if not self.uses_clip:  # the SegSort baseline: the pixel loss alone, the teacher never runs
+                zero = loss_pixel.new_zeros(())
+                return {"loss": loss_pixel, "pixel": loss_pixel, "embedding": zero, "semantic": zero,
+                        "overlap": overlap, "unknown_argmax": zero, "unknown_target": zero,
+                        "segments": valid.sum().float() / zf.shape[0]}
 
             # CLIP teacher features warped into each view, pooled over the model's segments
             with torch.no_grad():
@@ -337,11 +352,13 @@ class CLIPS4(OVSegMethod):
                 per_view_losses.append(global_mean(pixel_segment_infonce(
                     zf.view(batch, 2, n, dim)[:, src][inside], all_prototypes, other[inside], all_valid,
                     own[inside] if hp.own_segment == "exclude" else None, hp.pixel_temperature, reduction="none")))
-        if hp.pixel_loss == "segsort_plus":
-            # S+: the other segments of the pixel's region, in both views (HSG's segsort+); every pixel counts
+        if hp.pixel_loss in REGION_LOSSES:
+            # segsort+: S+ = the other segments of the pixel's region, in both views (HSG); segsort: the own segment
+            # against other regions' segments (SegSort); every pixel counts
             loss = global_mean(pixel_segment_segsort_plus(zf.reshape(-1, dim), all_prototypes,
                                                           offset + index.reshape(-1), groups, all_valid,
-                                                          hp.concentration, reduction="none"))
+                                                          hp.concentration, reduction="none",
+                                                          group_mode=REGION_LOSSES[hp.pixel_loss]))
         elif hp.pixel_loss == "segsort_multi_positive":
             # zf's order is image0 A, image0 B, ...: positives per image, then view
             positive_sets = torch.stack(positives, dim=1).reshape(-1, 2)
@@ -373,10 +390,18 @@ class CLIPS4(OVSegMethod):
                 "unknown_argmax": (is_unknown & valid).sum() / count,
                 "unknown_target": (is_target & valid).sum() / count}
 
+    @property
+    def uses_clip(self) -> bool:
+        """Whether training reads the CLIP teacher (any CLIP loss or unknown prototypes)."""
+        hp = self.hparams
+        return bool(hp.lambda_embedding or hp.lambda_semantic or hp.num_unknown)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.compute_losses(batch["image"], batch["geometry"], batch["teacher_image"], batch.get("regions"))
-        with float32(self.device):
-            fed = self.unknown.update(out["all_clip"], self.known_text, self._unknown_generator)
+        fed = False
+        if self.uses_clip:
+            with float32(self.device):
+                fed = self.unknown.update(out["all_clip"], self.known_text, self._unknown_generator)
         size = batch["image"].shape[0]
         self.log_dict({f"train/{k}": out[k].detach() for k in ("loss", "pixel", "embedding", "semantic")},
                       prog_bar=True, batch_size=size)

@@ -177,6 +177,8 @@ class DeepLabResNet(Backbone):
         from torchvision.models.segmentation.deeplabv3 import ASPP
 
         named = self.weights if self.weights and not Path(self.weights).expanduser().is_file() else None
+        if named and (named.endswith((".pth", ".pt", ".bin")) or "/" in named):
+            raise FileNotFoundError(f"DeepLabResNet weights: no such file {named}")
         if named and self.stem == "deep":
             raise ValueError(f"DeepLabResNet stem 'deep': torchvision's {named} weights are for its 7x7 stem; give an "
                              f"mmseg ResNet-V1c checkpoint file instead")

@@ -1,7 +1,9 @@
 """Dense CLIP image features on top of open_clip (and, optionally, Hugging Face ``transformers``).
 
 ``DenseCLIP`` wraps an unmodified open_clip model (or a transformers ``CLIPModel``) and adds a dense path:
-one projected feature vector per patch (ViT) or per output pixel (ConvNeXt), in the CLIP joint embedding space.
+one projected feature vector per patch (ViT) or per output pixel (ConvNeXt, CLIP ResNet), in the CLIP joint embedding
+space. For CLIP's ResNets (``RN50`` …, open_clip's ``ModifiedResNet``) the dense path is MaskCLIP's: the attention
+pool's value and output projections applied to every position as 1×1 convolutions, the pooling itself skipped.
 For ViTs every block but the last runs unchanged; the last block is re-expressed as a function over that
 block's own modules and weights so MaskCLIP / PixelCLIP / SCLIP-style variants can be selected by config
 (``last_block``, ``residual``, ``ffn``) without vendoring open_clip.
@@ -25,6 +27,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from ovseg.models.attention import AttentionTokens, get_attention
 from ovseg.models.clip_loading import (
     HF_PREFIX,
+    check_open_clip_resnet,
     check_open_clip_vit,
     check_timm,
     hf_tokenizer,
@@ -238,8 +242,8 @@ class DenseCLIP(nn.Module):
     """A CLIP model with a dense image path.
 
     Attributes: ``model`` (the wrapped open_clip model or transformers ``CLIPModel``), ``kind``
-    (``"vit"``, ``"timm"`` or ``"hf_vit"``), ``mean``/``std`` ([1,3,1,1] buffers), ``patch_size`` (ViT patch or
-    ConvNeXt total stride), ``input_size`` (trained image size), ``embed_dim`` and ``weights_id``.
+    (``"vit"``, ``"timm"``, ``"resnet"`` or ``"hf_vit"``), ``mean``/``std`` ([1,3,1,1] buffers), ``patch_size`` (ViT
+    patch, ConvNeXt or ResNet total stride), ``input_size`` (trained image size), ``embed_dim`` and ``weights_id``.
     """
 
     mean: Tensor
@@ -276,6 +280,11 @@ class DenseCLIP(nn.Module):
                 self.kind = "vit"
                 self.patch_size = int(visual.patch_size[0])
                 self.embed_dim = int(visual.proj.shape[1])
+            elif isinstance(visual, ModifiedResNet):
+                check_open_clip_resnet(visual)
+                self.kind = "resnet"
+                self.patch_size = 32  # total stride of the stem and the four stages
+                self.embed_dim = int(visual.attnpool.c_proj.out_features)
             elif isinstance(visual, TimmModel):
                 check_timm(visual)
                 self.kind = "timm"
@@ -327,7 +336,9 @@ class DenseCLIP(nn.Module):
             raise ValueError(f"text_precision must be 'model' or 'fp16', got {options.text_precision!r}")
         if options.text_precision == "fp16" and self.kind == "hf_vit":
             raise NotImplementedError("text_precision='fp16' needs an open_clip model, this one is from transformers")
-        if options.vision_activation == "gelu" and not self._activations:
+        # MaskCLIP's ResNet configs (configs/_base_/models/maskclip_r50.py) keep the CLIP's own ReLUs: the `gelu`
+        # of the maskclip protocol is its ViT config's act_cfg, nothing to swap in a ResNet
+        if options.vision_activation == "gelu" and not self._activations and self.kind != "resnet":
             raise NotImplementedError(f"vision_activation='gelu' needs a ViT image tower, this model is {self.kind!r}")
         for mlp, name, original in self._activations:
             setattr(mlp, name, nn.GELU() if options.vision_activation == "gelu" else original)
@@ -349,13 +360,35 @@ class DenseCLIP(nn.Module):
         return self.encode_dense(images)
 
     def encode_dense(self, images: Tensor) -> Tensor:
-        """Normalised images [B,3,H,W] -> projected dense features [B, D, H//p, W//p] (not L2-normalised)."""
+        """Normalised images [B,3,H,W] -> projected dense features [B, D, h, w] (not L2-normalised) on the
+        :meth:`token_grid` of the input."""
+        return self.encode_dense_keys(images, keys=False)[0]
+
+    def encode_dense_keys(self, images: Tensor, keys: bool = True) -> tuple[Tensor, Tensor | None]:
+        """:meth:`encode_dense` and, with ``keys``, the last attention's keys per position [B, C, h, w] as
+        MaskCLIP's key smoothing reads them (``mmseg/models/decode_heads/maskclip_head.py``): ResNets, the attention
+        pool's ``k_proj`` on the last stage's features (no positional embedding); ViTs, the last block's key
+        projection of ``ln_1(x)`` passed through its ``out_proj`` (``mmseg/models/backbones/vit.py``
+        ``TransformerEncoderLayer.forward(return_qkv=True)``)."""
         if self.kind == "timm":
-            return self._timm_dense(images)
+            if keys:
+                raise NotImplementedError("attention keys need a ViT or a CLIP ResNet, this model is 'timm'")
+            return self._timm_dense(images), None
+        if self.kind == "resnet":
+            return self._resnet_dense(images, keys)
         batch, _, height, width = images.shape
         grid = self.token_grid(height, width)
-        patch_tokens = self.encode_tokens(images)[:, 1:]
-        return patch_tokens.transpose(1, 2).reshape(batch, -1, *grid)
+        key_out: list[Tensor] | None = [] if keys else None
+        if self.kind == "vit":
+            tokens = self._open_clip_vit_tokens(images, key_out)
+        elif key_out is not None:
+            raise NotImplementedError("attention keys are implemented for open_clip ViTs and ResNets")
+        else:
+            tokens = self.encode_tokens(images)
+        features = tokens[:, 1:].transpose(1, 2).reshape(batch, -1, *grid)
+        if key_out is None:
+            return features, None
+        return features, key_out[0][:, 1:].transpose(1, 2).reshape(batch, -1, *grid)
 
     def encode_tokens(self, images: Tensor) -> Tensor:
         """ViTs only: normalised images -> projected tokens [B, 1+h*w, D], class token first, patches row-major.
@@ -413,9 +446,13 @@ class DenseCLIP(nn.Module):
         return text.eval()
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
-        """The patch grid of a ``height``×``width`` input: floor division, or ceiling under corner padding."""
+        """The patch grid of a ``height``×``width`` input: floor division, or ceiling under corner padding (a ViT
+        patch-embedding setting; convolutional towers are not padded). A CLIP ResNet's stride-2 stem convolution
+        rounds up, its five 2×2 average pools down."""
         p = self.patch_size
-        if self.options.patch_padding == "corner" and self.kind != "timm":
+        if self.kind == "resnet":
+            return -(-height // 2) // 16, -(-width // 2) // 16
+        if self.options.patch_padding == "corner" and self.kind not in ("timm", "resnet"):
             return -(-height // p), -(-width // p)
         return height // p, width // p
 
@@ -483,6 +520,7 @@ class DenseCLIP(nn.Module):
         last: TransformerBlockView,
         ln_post: nn.Module,
         project: Callable[[Tensor], Tensor],
+        key_out: list[Tensor] | None = None,
     ) -> Tensor:
         if self.options.patch_padding == "corner":
             # mmcv AdaptivePadding('corner'): zeros (in normalised units) at the bottom/right up to whole patches
@@ -500,11 +538,13 @@ class DenseCLIP(nn.Module):
                                "set patch_dropout=0)")
         for block in blocks:
             x = block(x)
+        if key_out is not None:
+            key_out.append(last.out_proj(F.linear(last.ln_1(x), last.k_weight, last.k_bias)))
         cfg = self.config
         x = dense_last_block(x, last, cfg.last_block, cfg.residual, cfg.ffn, grid)
         return project(ln_post(x))
 
-    def _open_clip_vit_tokens(self, images: Tensor) -> Tensor:
+    def _open_clip_vit_tokens(self, images: Tensor, key_out: list[Tensor] | None = None) -> Tensor:
         visual = self.model.visual
         transformer = visual.transformer
         resblocks = list(transformer.resblocks)
@@ -525,6 +565,7 @@ class DenseCLIP(nn.Module):
             last=TransformerBlockView.from_open_clip(resblocks[-1]),
             ln_post=visual.ln_post,
             project=lambda x: x @ visual.proj,
+            key_out=key_out,
         )
 
     def _hf_vit_tokens(self, images: Tensor) -> Tensor:
@@ -554,6 +595,21 @@ class DenseCLIP(nn.Module):
             ln_post=vision.post_layernorm,
             project=self.model.visual_projection,
         )
+
+    def _resnet_dense(self, images: Tensor, keys: bool) -> tuple[Tensor, Tensor | None]:
+        """CLIP ResNet: stem and four stages as trained, then MaskCLIP's dense head
+        (``mmseg/models/decode_heads/maskclip_head.py``, ``attn_pooling=False``): ``c_proj(v_proj(x))`` per position
+        as 1×1 convolutions. The attention pool's positional embedding and query-key attention are not used."""
+        visual = self.model.visual
+        x = visual.stem(images.to(self._dtype))
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        pool = visual.attnpool
+
+        def per_position(linear: nn.Linear, inputs: Tensor) -> Tensor:
+            return F.conv2d(inputs, linear.weight[:, :, None, None], linear.bias)
+
+        features = per_position(pool.c_proj, per_position(pool.v_proj, x))
+        return features, per_position(pool.k_proj, x) if keys else None
 
     def _timm_dense(self, images: Tensor) -> Tensor:
         """ConvNeXt: trunk features -> the trunk head's norm per pixel (no pooling) -> head layers per pixel.

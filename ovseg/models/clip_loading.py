@@ -197,6 +197,13 @@ def check_open_clip_vit(visual: nn.Module) -> None:
                 "(qk_norm / scaled-cosine / scale_* block options)")
 
 
+def check_open_clip_resnet(visual: nn.Module) -> None:
+    """Refuse ResNet towers whose dense head MaskCLIP's recipe does not describe."""
+    pool = getattr(visual, "attnpool", None)
+    if pool is None or not all(hasattr(pool, name) for name in ("k_proj", "v_proj", "c_proj")):
+        raise NotImplementedError("dense features for a CLIP ResNet need its attention pool (k_proj, v_proj, c_proj)")
+
+
 def check_timm(visual: nn.Module) -> None:
     from timm.layers import ClassifierHead, NormMlpClassifierHead
 

@@ -37,6 +37,9 @@ CONFIG = "configs/maskclip_plus/anno_free/maskclip_plus_vit16_deeplabv2_r101-d8_
 #: crop side of the compared step (the config's 512 works too, ~10x slower on a CPU); batch of two crops, the
 #: second image smaller than the crop (padding)
 CROP = 224
+#: (ks_thresh, pd_thresh) of the teacher: the released anno-free configs (off), and the ``kspd`` configs'
+#: ``configs/maskclip_plus/anno_free/maskclip_plus_kspd_vit16_*.py`` (key smoothing 1.0, prompt denoising 0.5)
+TEACHER_SETTINGS = ((0.0, 0.0), (1.0, 0.5))
 
 
 @contextlib.contextmanager
@@ -101,6 +104,20 @@ def _reference_grad_names(model) -> dict[str, torch.nn.Parameter]:
     return out
 
 
+def _capture_loss_inputs(head) -> dict[str, torch.Tensor]:
+    """Wrap ``head.losses`` so each call leaves its class scores and final labels (pseudo labels, 255 ignored) in the
+    returned dict."""
+    captured: dict[str, torch.Tensor] = {}
+    original = head.losses
+
+    def losses(seg_logit, seg_label):
+        captured["logits"], captured["labels"] = seg_logit.detach().clone(), seg_label.detach().clone()
+        return original(seg_logit, seg_label)
+
+    head.losses = losses
+    return captured
+
+
 def _crops(crop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two crops in [0, 1] ``[2, 3, S, S]`` and their valid masks: a full one and one padded bottom/right."""
     images = torch.zeros(2, 3, crop, crop)
@@ -124,7 +141,6 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     work_dir.mkdir(parents=True, exist_ok=True)
     weights = maskclip_parity.fp16_grid_weights(work_dir, model_name)
     records: list[ParityRecord] = []
-    step = f"training step, 2 crops {crop}x{crop}"
 
     def rec(record: ParityRecord) -> None:
         records.append(record)
@@ -147,76 +163,75 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
         import mmseg.models.decode_heads.maskclip_plus_head  # noqa: F401
         import mmseg.models.losses  # noqa: F401
 
-        cfg = Config.fromfile(str(ref_dir / CONFIG))
-        cfg.model.pretrained = None
-        _bn(cfg.model)
-        head_cfg = cfg.model.decode_head
-        head_cfg.num_classes = head_cfg.text_categories = len(names)
-        head_cfg.clip_unlabeled_cats = list(range(len(names)))
-        head_cfg.text_embeddings_path = str(text_path)
-        head_cfg.clip_weights_path = str(helper.pretrain / "ViT16_clip_weights.pth")
-        torch.manual_seed(0)
-        with _cuda_tensors_on(device), maskclip_parity._torch_load_on(device):
-            reference = helper._build_segmentor(cfg.model, train_cfg=cfg.get("train_cfg"),
-                                                test_cfg=cfg.get("test_cfg"))
-            reference.init_weights()
-        reference = reference.to(device).train()
+        for ks_thresh, pd_thresh in TEACHER_SETTINGS:
+            setting = f"ks {ks_thresh:g} / pd {pd_thresh:g}" if ks_thresh or pd_thresh else "plain teacher"
+            step = f"training step, 2 crops {crop}x{crop}, {setting}"
+            cfg = Config.fromfile(str(ref_dir / CONFIG))
+            cfg.model.pretrained = None
+            _bn(cfg.model)
+            head_cfg = cfg.model.decode_head
+            head_cfg.num_classes = head_cfg.text_categories = len(names)
+            head_cfg.clip_unlabeled_cats = list(range(len(names)))
+            head_cfg.text_embeddings_path = str(text_path)
+            head_cfg.clip_weights_path = str(helper.pretrain / "ViT16_clip_weights.pth")
+            head_cfg.ks_thresh, head_cfg.pd_thresh = ks_thresh, pd_thresh
+            torch.manual_seed(0)
+            with _cuda_tensors_on(device), maskclip_parity._torch_load_on(device):
+                reference = helper._build_segmentor(cfg.model, train_cfg=cfg.get("train_cfg"),
+                                                    test_cfg=cfg.get("test_cfg"))
+                reference.init_weights()
+            reference = reference.to(device).train()
 
-        # ovseg: the same teacher CLIP file, the reference's student weights and text embeddings
-        method = MaskCLIPPlus(clip=CLIPConfig(name=model_name, pretrained=str(weights), quick_gelu=True,
-                                              last_block="value"),
-                              classes=[n.strip() for n in names], train_templates="single")
-        missing = method.load_state_dict(student_state_from_reference(reference), strict=False)
-        student_missing = [k for k in missing.missing_keys if k.startswith("student.")
-                           and not k.endswith("num_batches_tracked")]
-        if student_missing:
-            raise RuntimeError(f"student weights not copied from the reference: {student_missing[:5]}")
-        method.class_text.copy_(text.to(method.class_text))
-        method = method.to(device).train()
+            # ovseg: the same teacher CLIP file, the reference's student weights and text embeddings
+            method = MaskCLIPPlus(clip=CLIPConfig(name=model_name, pretrained=str(weights), quick_gelu=True,
+                                                  last_block="value"),
+                                  classes=[n.strip() for n in names], train_templates="single",
+                                  teacher_options={"ks_thresh": ks_thresh, "pd_thresh": pd_thresh})
+            missing = method.load_state_dict(student_state_from_reference(reference), strict=False)
+            student_missing = [k for k in missing.missing_keys if k.startswith("student.")
+                               and not k.endswith("num_batches_tracked")]
+            if student_missing:
+                raise RuntimeError(f"student weights not copied from the reference: {student_missing[:5]}")
+            method.class_text.copy_(text.to(method.class_text))
+            method = method.to(device).train()
 
-        # the reference step: EncoderDecoder.forward_train on the normalised, zero-padded crops, labels all
-        # suppressed (-1) except the padding (255), as the anno-free pipeline hands them over
-        normalised = (images.to(device) - method.student.mean) / method.student.std
-        normalised = normalised * valid[:, None].to(device)
-        gt = torch.where(valid, torch.tensor(-1), torch.tensor(255))[:, None].long().to(device)
-        captured = {}
-        losses_fn = reference.decode_head.losses
+            # the reference step: EncoderDecoder.forward_train on the normalised, zero-padded crops, labels all
+            # suppressed (-1) except the padding (255), as the anno-free pipeline hands them over
+            normalised = (images.to(device) - method.student.mean) / method.student.std
+            normalised = normalised * valid[:, None].to(device)
+            gt = torch.where(valid, torch.tensor(-1), torch.tensor(255))[:, None].long().to(device)
+            captured = _capture_loss_inputs(reference.decode_head)
+            metas = [dict(img_shape=(crop, crop, 3), ori_shape=(crop, crop, 3), pad_shape=(crop, crop, 3),
+                          flip=False)] * len(images)
+            theirs = reference.forward_train(normalised, metas, gt)
+            reference.zero_grad()
+            theirs["decode.loss_ce"].backward()
 
-        def losses(seg_logit, seg_label):
-            captured["logits"], captured["labels"] = seg_logit.detach().clone(), seg_label.detach().clone()
-            return losses_fn(seg_logit, seg_label)
+            out = method.compute_loss(images.to(device), valid.to(device))
+            method.zero_grad()
+            out["loss"].backward()
 
-        reference.decode_head.losses = losses
-        metas = [dict(img_shape=(crop, crop, 3), ori_shape=(crop, crop, 3), pad_shape=(crop, crop, 3),
-                      flip=False)] * len(images)
-        theirs = reference.forward_train(normalised, metas, gt)
-        reference.zero_grad()
-        theirs["decode.loss_ce"].backward()
-
-        out = method.compute_loss(images.to(device), valid.to(device))
-        method.zero_grad()
-        out["loss"].backward()
-
-        rec(label_record(REFERENCE, f"pseudo labels, {step}", out["targets"], captured["labels"][:, 0],
-                         protocol=None, agreement=1.0,
-                         detail=f"MaskCLIP teacher argmax at crop size, padding 255 (assign_label, clip=True); "
-                                f"{len(out['targets'].unique()) - 1} classes present"))
-        rec(tensor_record(REFERENCE, f"student class scores, {step}", out["logits"].detach(), captured["logits"],
-                          tolerance=TRAINING_TOLERANCE, detail="DeepLab-v2 R-50-V1c features . text (cls_seg)"))
-        rec(tensor_record(REFERENCE, f"loss, {step}", out["loss"].detach(), theirs["decode.loss_ce"].detach(),
-                          tolerance=TRAINING_TOLERANCE, detail="CrossEntropyLoss, mean over all pixels (mmseg 0.x)"))
-        grads = _reference_grad_names(reference)
-        ours = dict(method.named_parameters())
-        for group, prefix in (("backbone", "student.body."), ("ASPP-v2 head", "student.head.")):
-            keys = [k for k in grads if k.startswith(prefix)]
-            worst, worst_key = 0.0, ""
-            for key in keys:
-                diff = tensor_record(REFERENCE, key, ours[key].grad, grads[key].grad).max_rel_diff
-                if diff >= worst:
-                    worst, worst_key = diff, key
-            rec(ParityRecord(REFERENCE, f"student gradients, {group}, {step}", None, max_rel_diff=worst,
-                             tolerance=TRAINING_TOLERANCE, passed=worst <= TRAINING_TOLERANCE,
-                             detail=f"{len(keys)} tensors, worst {worst_key}"))
+            rec(label_record(REFERENCE, f"pseudo labels, {step}", out["targets"], captured["labels"][:, 0],
+                             protocol=None, agreement=1.0,
+                             detail=f"MaskCLIP teacher argmax at crop size, padding 255 (assign_label, clip=True); "
+                                    f"{len(out['targets'].unique()) - 1} classes present"))
+            rec(tensor_record(REFERENCE, f"student class scores, {step}", out["logits"].detach(), captured["logits"],
+                              tolerance=TRAINING_TOLERANCE, detail="DeepLab-v2 R-50-V1c features . text (cls_seg)"))
+            rec(tensor_record(REFERENCE, f"loss, {step}", out["loss"].detach(), theirs["decode.loss_ce"].detach(),
+                              tolerance=TRAINING_TOLERANCE,
+                              detail="CrossEntropyLoss, mean over all pixels (mmseg 0.x)"))
+            grads = _reference_grad_names(reference)
+            ours = dict(method.named_parameters())
+            for group, prefix in (("backbone", "student.body."), ("ASPP-v2 head", "student.head.")):
+                keys = [k for k in grads if k.startswith(prefix)]
+                worst, worst_key = 0.0, ""
+                for key in keys:
+                    diff = tensor_record(REFERENCE, key, ours[key].grad, grads[key].grad).max_rel_diff
+                    if diff >= worst:
+                        worst, worst_key = diff, key
+                rec(ParityRecord(REFERENCE, f"student gradients, {group}, {step}", None, max_rel_diff=worst,
+                                 tolerance=TRAINING_TOLERANCE, passed=worst <= TRAINING_TOLERANCE,
+                                 detail=f"{len(keys)} tensors, worst {worst_key}"))
     print(f"  MaskCLIP+ parity: {time.time() - started:.0f} s", flush=True)
     return records
 

@@ -68,12 +68,13 @@ def test_leaderboard_plumbing(tmp_path, capsys):
     root, out = tmp_path / "toy", tmp_path / "lb"
     main(["toyworld", "generate", "--root", str(root), "--num-train", "16", "--num-val", "3"])
     assert main(["toyworld", "leaderboard", "--root", str(root), "--out", str(out), "--pixelclip-steps", "1",
-                 "--clips4-steps", "1", "--folds", "--fold-steps", "1", "--gallery", "2", "--",
+                 "--clips4-steps", "1", "--maskclip-plus-steps", "1", "--folds", "--fold-steps", "1", "--gallery",
+                 "2", "--",
                  "--data.batch_size", "2", "--trainer.enable_progress_bar", "false"]) == 0
     table = json.loads((out / "leaderboard.json").read_text())
     for key, stages in (("clip", ["test"]), ("maskclip", ["test"]), ("sclip", ["test"]), ("clearclip", ["test"]),
                         ("naclip", ["test"]), ("pixelclip", ["frozen", "tuned"]),
-                        ("clips4", ["frozen", "tuned"])):
+                        ("clips4", ["frozen", "tuned"]), ("maskclip_plus", ["tuned"])):
         for stage in stages:
             own = json.loads((out / key / stage / "results.json").read_text())["datasets"]["toyworld"]
             row = table["methods"][key][stage]
@@ -83,6 +84,9 @@ def test_leaderboard_plumbing(tmp_path, capsys):
             row = table["methods"][key]
             assert gain["mIoU"] == round(row["tuned"]["mIoU"] - row["frozen"]["mIoU"], 2)
             assert (out / key / "fit" / "checkpoints" / "last.ckpt").is_file()
+    # MaskCLIP+ starts from its teacher: its start is the MaskCLIP row, never tested again
+    assert table["methods"]["maskclip_plus"]["frozen"] == table["methods"]["maskclip"]["test"]
+    assert not (out / "maskclip_plus" / "frozen").exists()
     # fold i: the fold's names are the unknown ones; known mIoU is over the other classes
     folds = table["folds"]
     for i, row in enumerate(folds["tuned"]["folds"]):
@@ -94,15 +98,16 @@ def test_leaderboard_plumbing(tmp_path, capsys):
         assert row["known_mIoU"] == pytest.approx(np.mean(known), abs=0.02)
     markdown = (out / "leaderboard.md").read_text()
     assert "| PixelCLIP | fine-tuned 1 steps |" in markdown and "toy 4-fold" in markdown
+    assert "| MaskCLIP+ | start: MaskCLIP (teacher) |" in markdown
     assert table["recognition"]["num_images"] == 3 and "zero-shot recognition" in markdown
     assert "leaderboard:" in capsys.readouterr().out
     picture = Image.open(out / "predictions.png")
-    # image, ground truth, CLIP, MaskCLIP, SCLIP, ClearCLIP, NACLIP, 2 x (frozen, tuned); 2x scale
-    assert picture.width == 11 * 2 * 96 + 10 * 4
+    # image, ground truth, CLIP, MaskCLIP, SCLIP, ClearCLIP, NACLIP, 2 x (frozen, tuned), MaskCLIP+ tuned; 2x scale
+    assert picture.width == 12 * 2 * 96 + 11 * 4
     # rerunning with --reuse recomputes nothing and gives the same table
     mtime = (out / "clips4" / "tuned" / "results.json").stat().st_mtime_ns
     assert main(["toyworld", "leaderboard", "--root", str(root), "--out", str(out), "--pixelclip-steps", "1",
-                 "--clips4-steps", "1", "--gallery", "2", "--reuse"]) == 0
+                 "--clips4-steps", "1", "--maskclip-plus-steps", "1", "--gallery", "2", "--reuse"]) == 0
     assert (out / "clips4" / "tuned" / "results.json").stat().st_mtime_ns == mtime
     assert json.loads((out / "leaderboard.json").read_text())["methods"] == table["methods"]
     with pytest.raises(FileNotFoundError, match="holds no complete toy world.*ovseg toyworld generate"):

@@ -69,6 +69,15 @@ DATASETS: dict[str, tuple[str, str, str, bool]] = {
     "coco_stuff171": ("configs/maskclip/maskclip_vit16_512x512_coco-stuff164k.py", "coco_stuff_classes", "stuff",
                       False),
 }
+#: open_clip model name -> (MaskCLIP's model tag in convert_clip_weights.py / pretrain file names, the infix of its
+#: configs/maskclip/maskclip_<infix>_*.py config files)
+MODEL_TAGS: dict[str, tuple[str, str]] = {"ViT-B-16": ("ViT16", "vit16"), "RN50": ("RN50", "r50"),
+                                          "RN50x16": ("RN50x16", "r50x16")}
+#: the CLIP ResNets compared (dense features, head logits, label maps): RN50 and a wider one with its own config
+RESNETS: tuple[str, ...] = ("RN50", "RN50x16")
+#: MaskCLIP's refinements as its ``kspd`` configs set them (configs/maskclip_plus/anno_free/*kspd*.py,
+#: ``ks_thresh=1.0, pd_thresh=0.5``), and each alone
+REFINEMENTS: dict[str, tuple[float, float]] = {"KS+PD": (1.0, 0.5), "KS": (1.0, 0.0), "PD": (0.0, 0.5)}
 #: dense-feature comparison sizes: the trained size, twice it, and one that is not a multiple of 16
 FEATURE_SIZES: dict[str, tuple[int, int]] = {"224x224": (224, 224), "448x448": (448, 448), "odd 250x330": (250, 330)}
 #: class names whose 85-template text embeddings are compared (raw MaskCLIP spellings: ADE's "bed " keeps its space)
@@ -240,29 +249,32 @@ def _in_dir(folder: Path) -> Iterator[None]:
 class Reference:
     """MaskCLIP's code, loaded from a checkout inside :func:`reference_imports`."""
 
-    def __init__(self, ref_dir: Path, weights: Path, work_dir: Path, device: str):
+    def __init__(self, ref_dir: Path, weights: Path, work_dir: Path, device: str, model_name: str = "ViT-B-16"):
         self.ref_dir, self.weights, self.device = ref_dir, weights, device
+        self.tag, self.config_infix = MODEL_TAGS[model_name]
+        self.vit = self.tag.startswith("ViT")
         self.work_dir = work_dir
         self.pretrain = work_dir / "pretrain"
         self.pretrain.mkdir(parents=True, exist_ok=True)
         tools = ref_dir / "tools" / "maskclip_utils"
         with _openai_clip(weights, device):
             # tools/maskclip_utils/convert_clip_weights.py, run as its README says (`--model ViT16 [--backbone]`);
-            # it writes pretrain/ViT16_clip_backbone.pth and pretrain/ViT16_clip_weights.pth under the cwd
+            # it writes pretrain/<tag>_clip_backbone.pth and pretrain/<tag>_clip_weights.pth under the cwd
             with _in_dir(work_dir):
                 for extra in (["--backbone"], []):
                     argv = sys.argv
-                    sys.argv = ["convert_clip_weights.py", "--model", "ViT16", *extra]
+                    sys.argv = ["convert_clip_weights.py", "--model", self.tag, *extra]
                     try:
                         runpy.run_path(str(tools / "convert_clip_weights.py"), run_name="__main__")
                     finally:
                         sys.argv = argv
             self.prompts = runpy.run_path(str(tools / "prompt_engineering.py"), run_name="maskclip_prompts")
-        self.backbone_ckpt = self.pretrain / "ViT16_clip_backbone.pth"
-        self.visual_projs = self.pretrain / "ViT16_clip_weights.pth"
+        self.backbone_ckpt = self.pretrain / f"{self.tag}_clip_backbone.pth"
+        self.visual_projs = self.pretrain / f"{self.tag}_clip_weights.pth"
 
         from mmseg.datasets.pipelines import Compose
-        from mmseg.models.backbones.vit import VisionTransformer  # noqa: F401  (registers the backbone)
+        from mmseg.models.backbones.resnet import ResNetClip  # noqa: F401  (registers the backbones)
+        from mmseg.models.backbones.vit import VisionTransformer  # noqa: F401
         from mmseg.models.builder import build_segmentor
         from mmseg.models.decode_heads.maskclip_head import MaskClipHead  # noqa: F401
         from mmseg.models.segmentors.encoder_decoder import EncoderDecoder  # noqa: F401
@@ -283,17 +295,21 @@ class Reference:
             weights = classifier(str(self.weights), names, templates)
         return weights.permute(1, 0).float()
 
-    def model(self, dataset: str, templates: list[str]):
-        key = (dataset, tuple(templates))
+    def model(self, dataset: str, templates: list[str], ks_thresh: float = 0.0, pd_thresh: float = 0.0):
+        """The segmentor of ``configs/maskclip/maskclip_<model>_*_<dataset>.py`` as ``tools/test.py`` builds it, with
+        the decode head's ``ks_thresh`` / ``pd_thresh`` set (as the ``kspd`` configs do)."""
+        key = (dataset, tuple(templates), ks_thresh, pd_thresh)
         if key in self._models:
             return self._models[key]
         from mmcv import Config
         from mmcv.runner import load_checkpoint
 
         config_file, _, set_name, _ = DATASETS[dataset]
+        config_file = config_file.replace("maskclip_vit16_", f"maskclip_{self.config_infix}_")
         names = self.class_names(dataset)
-        text_path = self.pretrain / f"{dataset}_{len(templates)}t_ViT16_clip_text.pth"
-        torch.save(self.text_embeddings(names, templates).cpu(), text_path)
+        text_path = self.pretrain / f"{dataset}_{len(templates)}t_{self.tag}_clip_text.pth"
+        if not text_path.is_file():
+            torch.save(self.text_embeddings(names, templates).cpu(), text_path)
         cfg = Config.fromfile(str(self.ref_dir / config_file))
         # tools/test.py
         cfg.model.pretrained = None
@@ -301,6 +317,7 @@ class Reference:
         cfg.model.decode_head.num_classes = cfg.model.decode_head.text_categories = len(names)
         cfg.model.decode_head.text_embeddings_path = str(text_path)
         cfg.model.decode_head.visual_projs_path = str(self.visual_projs)
+        cfg.model.decode_head.ks_thresh, cfg.model.decode_head.pd_thresh = ks_thresh, pd_thresh
         with _torch_load_on(self.device):
             model = self._build_segmentor(cfg.model, test_cfg=cfg.get("test_cfg"))
         checkpoint = load_checkpoint(model, str(self.backbone_ckpt), map_location="cpu",
@@ -316,11 +333,12 @@ class Reference:
         return model, pipeline
 
     @torch.no_grad()
-    def labels(self, dataset: str, templates: list[str], image: np.ndarray, path: Path) -> np.ndarray:
+    def labels(self, dataset: str, templates: list[str], image: np.ndarray, path: Path,
+               ks_thresh: float = 0.0, pd_thresh: float = 0.0) -> np.ndarray:
         """tools/test.py single_gpu_test for one image file: the test pipeline, then ``model(return_loss=False)``."""
         import cv2
 
-        model, pipeline = self.model(dataset, templates)
+        model, pipeline = self.model(dataset, templates, ks_thresh, pd_thresh)
         cv2.imwrite(str(path), image[..., ::-1])  # RGB -> BGR file; LoadImageFromFile reads BGR, Normalize to_rgb
         data = pipeline(dict(img_info=dict(filename=str(path)), img_prefix=None))
         img = data["img"][0][None].to(self.device)
@@ -334,8 +352,11 @@ class Reference:
         model, _ = self.model(dataset, templates)
         outputs = model.backbone(normalised.to(self.device))
         head = model.decode_head
-        _, _, _, v = head._transform_inputs(outputs)
-        return head.proj(v), head(outputs)
+        if self.vit:
+            _, _, _, v = head._transform_inputs(outputs)
+            return head.proj(v), head(outputs)
+        x = head._transform_inputs(outputs)  # the last stage (in_index=3)
+        return head.c_proj(head.v_proj(x)), head(outputs)
 
 
 # -- comparisons ----------------------------------------------------------------------------------------------
@@ -348,11 +369,12 @@ def _tensor_record(quantity: str, ours: torch.Tensor, theirs: torch.Tensor, **kw
                             tolerance=kwargs.get("tolerance", FEATURE_TOLERANCE), passed=False, detail=str(err))
 
 
-def _ovseg_method(weights: Path, device: str, model_name: str):
+def _ovseg_method(weights: Path, device: str, model_name: str, ks_thresh: float = 0.0, pd_thresh: float = 0.0):
     from ovseg.methods import MaskCLIP
     from ovseg.models.clip import CLIPConfig
 
-    method = MaskCLIP(clip=CLIPConfig(name=model_name, pretrained=str(weights), quick_gelu=True, last_block="value"))
+    method = MaskCLIP(clip=CLIPConfig(name=model_name, pretrained=str(weights), quick_gelu=True, last_block="value"),
+                      ks_thresh=ks_thresh, pd_thresh=pd_thresh)
     return method.to(device).eval()
 
 
@@ -360,10 +382,13 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
         model_name: str = "ViT-B-16", datasets: tuple[str, ...] | None = None,
         image_sizes: dict[str, tuple[int, int]] | None = None, feature_sizes: dict[str, tuple[int, int]] | None = None,
         label_templates: str = LABEL_TEMPLATES, text_names: tuple[str, ...] = TEXT_NAMES,
-        overrides: dict[str, Any] | None = None) -> list[ParityRecord]:
+        overrides: dict[str, Any] | None = None, resnets: tuple[str, ...] = RESNETS,
+        refinements: dict[str, tuple[float, float]] | None = None) -> list[ParityRecord]:
     """Compare ovseg's ``maskclip`` protocol with MaskCLIP's code; returns the records (see module docstring).
 
     ``model_name`` / ``datasets`` / sizes allow a small, fast variant (tests); the defaults are the full check.
+    ``resnets``: CLIP ResNets compared after the ViT (features, logits, label maps; the first also with each
+    refinement); ``refinements`` (default :data:`REFINEMENTS`): key smoothing / prompt denoising label maps.
     ``overrides``: protocol settings changed on ovseg's side only (to see that a setting matters).
     """
     from ovseg.eval.evaluator import dense_options
@@ -374,6 +399,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     from ovseg.parity.common import image_tensor
 
     started = time.time()
+    refinements = REFINEMENTS if refinements is None else refinements
     ref_dir = Path(ref_dir).resolve()
     work_dir = Path(work_dir).resolve() / "maskclip"  # the reference runs with this as its working folder
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -396,7 +422,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     settings = load_protocol(protocol)
 
     with _mmcv1(), reference_imports(ref_dir, _stubs(ref_dir)):
-        reference = Reference(ref_dir, weights, work_dir, device)
+        reference = Reference(ref_dir, weights, work_dir, device, model_name)
 
         # facts: templates and class names
         ovseg85 = get_templates("maskclip85")
@@ -468,5 +494,98 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
                 ours = scorer.labels(dataset, image)
                 rec(label_record(REFERENCE, f"label map {dataset} {label}", ours, theirs, protocol=protocol,
                                  detail=f"templates {label_templates!r}; fp32"))
+
+        if refinements:
+            _refinement_records(rec, reference, weights, device, model_name, datasets[0], image_sizes,
+                                label_templates, refinements)
+        for resnet in resnets:
+            _resnet_records(rec, ref_dir, work_dir, device, resnet, datasets[0], image_sizes, feature_sizes,
+                            label_templates, refinements if resnet == resnets[0] else {})
     print(f"  MaskCLIP parity: {time.time() - started:.0f} s", flush=True)
     return records
+
+
+def _refinement_records(rec, reference: Reference, weights: Path, device: str, model_name: str, dataset: str,
+                        image_sizes: dict[str, tuple[int, int]], label_templates: str,
+                        refinements: dict[str, tuple[float, float]]) -> None:
+    """Label maps with MaskCLIP's key smoothing / prompt denoising on (its head's ``refine_output``) against
+    :class:`ovseg.methods.MaskCLIP` with the same ``ks_thresh`` / ``pd_thresh``."""
+    from ovseg.models.text import get_templates
+
+    templates = get_templates(label_templates)
+    split = None
+    for name, (ks, pd) in refinements.items():
+        if pd > 0 and split is None:
+            split = _class_splitting_threshold(weights, device, model_name, dataset, label_templates, image_sizes)
+        pd_used = min(pd, split) if pd > 0 else pd
+        method = _ovseg_method(weights, device, model_name, ks_thresh=ks, pd_thresh=pd_used)
+        scorer = OVSegScorer(method, "maskclip", {"templates": label_templates}, device=device)
+        note = "" if pd_used == pd else f" (the kspd configs' {pd} removes every class on random weights)"
+        for seed, (label, (height, width)) in enumerate(image_sizes.items()):
+            image = generated_image(height, width, seed=seed)
+            theirs = reference.labels(dataset, templates, image, reference.work_dir / "image.png", ks, pd_used)
+            rec(label_record(REFERENCE, f"label map {name} {reference.tag} {dataset} {label}", scorer.labels(
+                dataset, image), theirs, protocol="maskclip",
+                detail=f"ks_thresh={ks}, pd_thresh={pd_used:.4g}{note} (maskclip_head.py refine_output); "
+                       f"templates {label_templates!r}; fp32"))
+
+
+def _class_splitting_threshold(weights: Path, device: str, model_name: str, dataset: str, label_templates: str,
+                               image_sizes: dict[str, tuple[int, int]]) -> float:
+    """A prompt-denoising threshold that keeps some classes and removes others on random weights: the median over
+    classes of their top ``softmax(100·cos)`` confidence on the first image (random CLIPs are never confident
+    enough for MaskCLIP's 0.5, which would remove every class and leave the label map to ties)."""
+    from ovseg.eval.evaluator import dense_options
+    from ovseg.eval.inference import protocol_resize
+    from ovseg.methods.zeroshot import REFINE_TEMPERATURE
+    from ovseg.parity.common import image_tensor
+
+    method = _ovseg_method(weights, device, model_name)
+    entry = OVSegScorer(method, "maskclip", {"templates": label_templates}, device=device).entry(dataset)
+    s = entry.settings
+    height, width = next(iter(image_sizes.values()))
+    image = image_tensor(generated_image(height, width, seed=0))[None].to(device)
+    resized = protocol_resize(image, s.short_side, s.long_side_max, None, s.resize_library, s.resize_rule)
+    with dense_options(method, s):
+        logits = method.dense_logits(resized, entry.text)
+    confidence = torch.softmax(logits * REFINE_TEMPERATURE, dim=1).flatten(2).amax(dim=-1)[0]
+    return round(float(confidence.median()), 4)
+
+
+def _resnet_records(rec, ref_dir: Path, work_dir: Path, device: str, model_name: str, dataset: str,
+                    image_sizes: dict[str, tuple[int, int]], feature_sizes: dict[str, tuple[int, int]],
+                    label_templates: str, refinements: dict[str, tuple[float, float]]) -> None:
+    """A CLIP ResNet: MaskCLIP's ``ResNetClip`` backbone + ``MaskClipHead`` (``maskclip_<rn>_*.py`` configs) vs
+    ovseg's ResNet dense path on the same random weights: features and logits at ``feature_sizes``, label maps at
+    ``image_sizes`` (plain, then with each refinement)."""
+    from ovseg.eval.evaluator import dense_options
+    from ovseg.methods.base import cosine_logits
+    from ovseg.models.text import get_templates
+    from ovseg.parity.common import image_tensor
+
+    weights = fp16_grid_weights(work_dir, model_name)
+    templates = get_templates(label_templates)
+    reference = Reference(ref_dir, weights, work_dir, device, model_name)
+    method = _ovseg_method(weights, device, model_name)
+    scorer = OVSegScorer(method, "maskclip", {"templates": label_templates}, device=device)
+    entry = scorer.entry(dataset)
+    for label, (height, width) in feature_sizes.items():
+        image = image_tensor(generated_image(height, width, seed=height + width))[None].to(device)
+        with dense_options(method, entry.settings):
+            normalised = method.encoder.normalize(image)
+            features = method.encoder.encode_dense(normalised)
+            logits = cosine_logits(features, entry.text)
+        their_features, their_logits = reference.dense(dataset, templates, normalised)
+        grid = f"{features.shape[-2]}x{features.shape[-1]} positions"
+        rec(_tensor_record(f"dense features {model_name} {label}", features, their_features, protocol="maskclip",
+                          detail=f"ResNetClip + v_proj/c_proj 1x1 vs attention-pool value path; {grid}"))
+        rec(_tensor_record(f"head logits {model_name} {label} ({dataset})", logits, their_logits,
+                          protocol="maskclip", detail=f"cosine vs MaskClipHead.cls_seg; {grid}"))
+    for seed, (label, (height, width)) in enumerate(image_sizes.items()):
+        image = generated_image(height, width, seed=seed)
+        theirs = reference.labels(dataset, templates, image, work_dir / "image.png")
+        rec(label_record(REFERENCE, f"label map {model_name} {dataset} {label}", scorer.labels(dataset, image),
+                         theirs, protocol="maskclip", detail=f"templates {label_templates!r}; fp32"))
+    if refinements:
+        _refinement_records(rec, reference, weights, device, model_name, dataset, image_sizes, label_templates,
+                            refinements)

@@ -62,6 +62,7 @@ class Method:
 METHODS = (
     Method("clip", "CLIP (zero-shot, vanilla last block)", "clip.yaml", False),
     Method("maskclip", "MaskCLIP (zero-shot, value path)", "maskclip.yaml", False),
+    Method("maskclip_kspd", "MaskCLIP + key smoothing, prompt denoising (zero-shot)", "maskclip_kspd.yaml", False),
     Method("sclip", "SCLIP (zero-shot, correlative self-attention)", "sclip.yaml", False),
     Method("clearclip", "ClearCLIP (zero-shot, q-q attention, no residual/FFN)", "clearclip.yaml", False),
     Method("naclip", "NACLIP (zero-shot, neighbourhood attention, no residual/FFN)", "naclip.yaml", False),

@@ -72,8 +72,8 @@ def test_leaderboard_plumbing(tmp_path, capsys):
                  "2", "--",
                  "--data.batch_size", "2", "--trainer.enable_progress_bar", "false"]) == 0
     table = json.loads((out / "leaderboard.json").read_text())
-    for key, stages in (("clip", ["test"]), ("maskclip", ["test"]), ("sclip", ["test"]), ("clearclip", ["test"]),
-                        ("naclip", ["test"]), ("pixelclip", ["frozen", "tuned"]),
+    for key, stages in (("clip", ["test"]), ("maskclip", ["test"]), ("maskclip_kspd", ["test"]), ("sclip", ["test"]),
+                        ("clearclip", ["test"]), ("naclip", ["test"]), ("pixelclip", ["frozen", "tuned"]),
                         ("clips4", ["frozen", "tuned"]), ("maskclip_plus", ["tuned"])):
         for stage in stages:
             own = json.loads((out / key / stage / "results.json").read_text())["datasets"]["toyworld"]
@@ -102,8 +102,9 @@ def test_leaderboard_plumbing(tmp_path, capsys):
     assert table["recognition"]["num_images"] == 3 and "zero-shot recognition" in markdown
     assert "leaderboard:" in capsys.readouterr().out
     picture = Image.open(out / "predictions.png")
-    # image, ground truth, CLIP, MaskCLIP, SCLIP, ClearCLIP, NACLIP, 2 x (frozen, tuned), MaskCLIP+ tuned; 2x scale
-    assert picture.width == 12 * 2 * 96 + 11 * 4
+    # image, ground truth, CLIP, MaskCLIP, MaskCLIP KS/PD, SCLIP, ClearCLIP, NACLIP, 2 x (frozen, tuned), MaskCLIP+
+    # tuned; 2x scale
+    assert picture.width == 13 * 2 * 96 + 12 * 4
     # rerunning with --reuse recomputes nothing and gives the same table
     mtime = (out / "clips4" / "tuned" / "results.json").stat().st_mtime_ns
     assert main(["toyworld", "leaderboard", "--root", str(root), "--out", str(out), "--pixelclip-steps", "1",

@@ -147,3 +147,21 @@ def test_maskclip_refinements_change_labels_only_when_on(tiny_rn):
     assert refined.hparams["ks_thresh"] == 1.0 and refined.hparams["pd_thresh"] == 0.5
     with pytest.raises(ValueError, match="ks_thresh"):
         MaskCLIP(clip=CLIPConfig(name="tiny-rn", pretrained=None), ks_thresh=-1)
+
+
+def test_clips4_student_on_a_clip_resnet_fine_tunes_the_last_stages_and_the_value_path(tiny_rn):
+    from ovseg.methods.clips4 import CLIPDenseEncoder
+
+    student = CLIPDenseEncoder(trainable_blocks=1, output_stride=8, head_dim=16)
+    student.build(tiny_rn)
+    trainable = {name for name, p in student.clip.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith(("model.visual.layer4.", "model.visual.attnpool.v_proj.",
+                                              "model.visual.attnpool.c_proj.")) for name in trainable)
+    assert any(name.startswith("model.visual.attnpool.c_proj.") for name in trainable)
+    images = torch.rand(2, 3, 96, 128)
+    out = student(images)
+    assert out.shape == (2, tiny_rn.embed_dim, 12, 16)  # stride 32 -> 8
+    # the head starts as plain upsampling of the teacher's dense features
+    teacher = tiny_rn.encode_dense(tiny_rn.normalize(images))
+    expected = torch.nn.functional.interpolate(teacher, scale_factor=4, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

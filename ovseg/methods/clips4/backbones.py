@@ -70,8 +70,9 @@ class CLIPDenseEncoder(Backbone):
 
         Args:
             trainable_blocks: fine-tune the last N transformer blocks plus ``ln_post`` and the projection
-                (R: 4; 0 freezes the encoder and trains the head only). Non-ViT CLIPs: N > 0 trains the whole
-                image tower.
+                (R: 4; 0 freezes the encoder and trains the head only). CLIP ResNets: the last N of the four
+                stages plus the attention pool's value and output projections (the dense path). Other CLIPs:
+                N > 0 trains the whole image tower.
             output_stride: 8 (R) or the patch size (no upsampling).
             head_dim: hidden width of the head.
         """
@@ -91,6 +92,12 @@ class CLIPDenseEncoder(Backbone):
                 block.requires_grad_(True)
             visual.ln_post.requires_grad_(True)
             visual.proj.requires_grad_(True)
+        elif teacher.kind == "resnet" and self.trainable_blocks > 0:
+            visual = clip.model.visual
+            for stage in [visual.layer1, visual.layer2, visual.layer3, visual.layer4][-self.trainable_blocks:]:
+                stage.requires_grad_(True)
+            visual.attnpool.v_proj.requires_grad_(True)
+            visual.attnpool.c_proj.requires_grad_(True)
         elif self.trainable_blocks > 0:
             clip.model.visual.requires_grad_(True)
         self.clip = clip

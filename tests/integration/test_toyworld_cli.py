@@ -165,7 +165,9 @@ def test_clips4_study_plumbing(tmp_path, capsys):
 # this world. CLIP-S4's gain is asserted on the mean and on every seed; PixelCLIP's only as not falling apart (its
 # mean stays within 2 mIoU of the frozen start). Floors leave headroom for thread-count and platform noise.
 SEEDS = (0, 1, 2)
-MIN_MEAN_GAIN = {"clips4": {"mIoU": 0.4, "pAcc": 1.2}, "pixelclip": {"mIoU": -2.0}}
+# MaskCLIP+ 100 steps (student = the toy CLIP's tower, configs/toyworld/maskclip_plus.yaml) against its MaskCLIP
+# teacher: -0.79 / -0.88 / -0.79 mIoU, +0.67 / +0.24 / +0.08 pAcc; asserted only as not falling apart.
+MIN_MEAN_GAIN = {"clips4": {"mIoU": 0.4, "pAcc": 1.2}, "pixelclip": {"mIoU": -2.0}, "maskclip_plus": {"mIoU": -2.0}}
 MIN_EVERY_SEED_GAIN = {"clips4": {"mIoU": 0.3, "pAcc": 1.0}}
 
 

@@ -4,6 +4,7 @@ with the CLI, so configs can say ``class_path: MaskCLIP``."""
 from ovseg.methods.base import OVSegMethod
 from ovseg.methods.clearclip import ClearCLIP
 from ovseg.methods.clips4 import CLIPS4
+from ovseg.methods.maskclip_plus import MaskCLIPPlus
 from ovseg.methods.naclip import NACLIP
 from ovseg.methods.pixelclip import PixelCLIP
 from ovseg.methods.probes import KNNProbe, LinearProbe
@@ -11,4 +12,4 @@ from ovseg.methods.sclip import SCLIP
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
 __all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "PixelCLIP", "CLIPS4",
-           "KNNProbe", "LinearProbe"]
+           "MaskCLIPPlus", "KNNProbe", "LinearProbe"]

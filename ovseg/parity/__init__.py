@@ -12,6 +12,7 @@ leaderboard reads the latter to mark which protocols have passed. Nothing of the
 REFERENCES: dict[str, str] = {
     "PixelCLIP": "ovseg.parity.pixelclip",
     "MaskCLIP": "ovseg.parity.maskclip",
+    "MaskCLIP+": "ovseg.parity.maskclip_plus",
     "SCLIP": "ovseg.parity.sclip",
     "NACLIP": "ovseg.parity.naclip",
     "ClearCLIP": "ovseg.parity.clearclip",
@@ -21,6 +22,7 @@ REFERENCES: dict[str, str] = {
 REPOSITORIES: dict[str, str] = {
     "PixelCLIP": "https://github.com/cvlab-kaist/PixelCLIP",
     "MaskCLIP": "https://github.com/chongzhou96/MaskCLIP",
+    "MaskCLIP+": "https://github.com/chongzhou96/MaskCLIP",
     "SCLIP": "https://github.com/wangf3014/SCLIP",
     "NACLIP": "https://github.com/sinahmr/NACLIP",
     "ClearCLIP": "https://github.com/mc-lan/ClearCLIP",

@@ -62,7 +62,9 @@ def _leaderboard(ns: argparse.Namespace) -> int:
     from ovseg.utils.project import project_path
 
     settings = LeaderboardSettings(root=ns.root, out=ns.out, pixelclip_steps=ns.pixelclip_steps,
-                                   clips4_steps=ns.clips4_steps, folds=ns.folds, fold_steps=ns.fold_steps,
+                                   clips4_steps=ns.clips4_steps,
+                                   maskclip_plus_steps=ns.maskclip_plus_steps, folds=ns.folds,
+                                   fold_steps=ns.fold_steps,
                                    seed=ns.seed, gallery=ns.gallery, reuse=ns.reuse, extra=ns.extra)
     start = time.perf_counter()
     table = run_leaderboard(settings)
@@ -131,11 +133,13 @@ def register(commands) -> None:
 
     default = LeaderboardSettings()
     lb = sub.add_parser("leaderboard", help="every method on toy val: zero-shot CLIP/MaskCLIP, PixelCLIP and CLIP-S4 "
-                                            "frozen -> fine-tuned (gain), optional toy 4-fold protocol")
+                                            "frozen -> fine-tuned (gain), MaskCLIP+ teacher -> trained student, "
+                                            "optional toy 4-fold protocol")
     lb.add_argument("--root", default=default.root, help="a root written by `ovseg toyworld generate`")
     lb.add_argument("--out", default=default.out)
     lb.add_argument("--pixelclip-steps", type=int, default=default.pixelclip_steps)
     lb.add_argument("--clips4-steps", type=int, default=default.clips4_steps)
+    lb.add_argument("--maskclip-plus-steps", type=int, default=default.maskclip_plus_steps)
     lb.add_argument("--folds", action="store_true", help="also CLIP-S4's toy 4-fold unknown-class protocol")
     lb.add_argument("--fold-steps", type=int, default=default.fold_steps)
     lb.add_argument("--seed", type=int, default=default.seed)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ovseg.cli import main
+from tests.integration.conftest import out_args
 from ovseg.runner import OVSegCLI
 from ovseg.data.folds import fold_classes, known_classes
 from ovseg.data.synthetic import write_synthetic
@@ -20,20 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs/tiny/clips4.yaml")
 
 
-@pytest.fixture
-def voc_root(tmp_path):
-    root = tmp_path / "data"
-    write_synthetic("voc_aug", root, split="trainaug", num_images=4, seed=1)
-    write_synthetic("voc21", root, split="val", num_images=2, seed=2)
-    return root
-
-
-def _out_args(out):
-    return ["--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)]
 
 
 def _fit(root, out, *extra):
-    return OVSegCLI(args=["fit", "--config", TINY, "--data.root", str(root), *_out_args(out), *extra])
+    return OVSegCLI(args=["fit", "--config", TINY, "--data.root", str(root), *out_args(out), *extra])
 
 
 def test_fit_checkpoints_and_test_scores_known_classes(voc_root, tmp_path):
@@ -44,7 +35,7 @@ def test_fit_checkpoints_and_test_scores_known_classes(voc_root, tmp_path):
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert bool(state["state_dict"]["unknown.initialized"])  # unknown_init_segments: 4 in the tiny config
     main(["test", "--config", TINY, "--data.root", str(voc_root), "--ckpt_path", str(ckpt),
-          "--model.init_args.results_dir", str(tmp_path / "res"), *_out_args(tmp_path / "test")])
+          "--model.init_args.results_dir", str(tmp_path / "res"), *out_args(tmp_path / "test")])
     results = json.loads((tmp_path / "res/results.json").read_text())
     voc = results["datasets"]["voc21"]
     assert results["method"] == "CLIPS4" and voc["protocol"] == "maskclip"
@@ -87,7 +78,7 @@ def test_fold_training_never_encodes_the_held_out_names(tmp_path):
     # scored with all 59 names: held-out classes are reported as unknown
     ckpt = tmp_path / "fit/lightning_logs/version_0/checkpoints/last.ckpt"
     main(["test", "--config", TINY, "--data.root", str(root), "--ckpt_path", str(ckpt), "--data.datasets",
-          "[context59]", "--model.init_args.results_dir", str(tmp_path / "res"), *_out_args(tmp_path / "test")])
+          "[context59]", "--model.init_args.results_dir", str(tmp_path / "res"), *out_args(tmp_path / "test")])
     entry = json.loads((tmp_path / "res/results.json").read_text())["datasets"]["context59"]
     assert entry["unknown_classes"] == fold_classes(fold) and entry["known_classes"] == known_classes(fold)
     assert {"known_mIoU", "unknown_mIoU", "hIoU"} <= set(entry)
@@ -96,7 +87,7 @@ def test_fold_training_never_encodes_the_held_out_names(tmp_path):
 def _subprocess_fit(root, out, extra=()):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline",
            "OVSEG_DEBUG": "1"}
-    cmd = [sys.executable, "-m", "ovseg", "fit", "--config", TINY, "--data.root", str(root), *_out_args(out),
+    cmd = [sys.executable, "-m", "ovseg", "fit", "--config", TINY, "--data.root", str(root), *out_args(out),
            "--trainer.max_steps", "2", *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 

@@ -55,7 +55,8 @@ def _losses(version_dir: Path) -> dict[int, dict[str, float]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config, devices", [("configs/tiny/pixelclip.yaml", 1), ("configs/tiny/clips4.yaml", 1),
-                                             ("configs/tiny/clips4.yaml", 2)])
+                                             ("configs/tiny/clips4.yaml", 2), ("configs/tiny/maskclip_plus.yaml", 1),
+                                             ("configs/tiny/maskclip_plus.yaml", 2)])
 def test_killed_and_resumed_fit_equals_the_uninterrupted_run(tmp_path, config, devices):
     root = _root(tmp_path)
     full = _fit(config, root, tmp_path / "full", devices=devices)

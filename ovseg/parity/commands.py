@@ -80,12 +80,13 @@ def run(ns: argparse.Namespace) -> int:
     for name, ref_dir in ns.ref:
         if not ref_dir.is_dir():
             raise SystemExit(f"--ref {name}={ref_dir}: no such folder (git clone {REPOSITORIES[name]})")
-    check_requirements([name for name, _ in ns.ref])
+    # the arguments first (cheap, and wrong whatever is installed), then the environment
     trained = {k: v for k, v in (("weights", ns.weights), ("images", ns.images)) if v is not None}
     unsupported = [name for name, _ in ns.ref if name not in TRAINED_WEIGHTS]
     if trained and unsupported:
         raise SystemExit(f"--{'/--'.join(trained)}: not supported for {', '.join(unsupported)} yet (only "
                          f"{', '.join(TRAINED_WEIGHTS)}); run those without it")
+    check_requirements([name for name, _ in ns.ref])
     if ns.weights is not None and not ns.weights.is_file():
         raise SystemExit(f"--weights {ns.weights}: no such file")
     if ns.images is not None and not ns.images.exists():

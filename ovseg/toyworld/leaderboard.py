@@ -248,6 +248,8 @@ def _base_name(label: str) -> str:
 
 
 def _stage_kind(stage: str) -> str:
+    if stage.startswith("start:"):  # a method started from another row's model (MaskCLIP+: its teacher)
+        return "frozen start"
     return next((kind for kind in README_TOLERANCE if stage.startswith(kind)), stage)
 
 

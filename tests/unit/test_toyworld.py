@@ -214,7 +214,8 @@ def test_make_demo_says_whether_each_number_is_inside_the_readmes_range():
         base = m.title.split(" (")[0]
         if m.trained:
             methods[m.key] = {"title": m.title, "steps": 100, "frozen": scores(expected[(base, "frozen start")]),
-                              "tuned": scores(expected[(base, "fine-tuned")] + 1.1), "gain": scores(0.0)}
+                              "tuned": scores(expected[(base, "fine-tuned")] + 1.1), "gain": scores(0.0),
+                              **({"start": m.start} if m.start else {})}
         else:
             methods[m.key] = {"title": m.title, "test": scores(expected.get((base, "zero-shot"), 50.0) + 0.06)}
     table = {"methods": methods, "folds": {"tuned": {"mean": {"mIoU": 18.53}}}}

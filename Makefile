@@ -10,7 +10,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install demo demo-tiny test test-full test-ddp bench parity lint clean
+.PHONY: help install demo demo-tiny test test-full test-ddp bench gpu-wheels parity lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,13 @@ test-full: $(VENV)/.installed  ## every test, slow ones included
 
 bench: $(VENV)/.installed  ## inference throughput / memory benchmark (numbers in benchmarks/README.md)
 	$(PY) benchmarks/bench_inference.py
+
+# wheels of what a GPU image lacks, for its Python (GPU_PYTHON), for `WHEELS=.whl bash benchmarks/gpu_check.sh` offline
+GPU_PYTHON ?= 3.12
+gpu-wheels: $(VENV)/.installed  ## download into .whl/ the wheels benchmarks/gpu_check.sh needs on the lent GPU image (no network there)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	  $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p)) \
+	  -d .whl -c requirements/constraints.txt -r requirements/gpu-image-missing.txt
 
 # REFS: a folder with checkouts of the authors' code (git clone https://github.com/cvlab-kaist/PixelCLIP, …/chongzhou96/MaskCLIP,
 # …/wangf3014/SCLIP, …/sinahmr/NACLIP, …/mc-lan/ClearCLIP, …/twke18/HSG, facebookresearch/dino); the ones present are compared, the others skipped.

@@ -104,14 +104,20 @@ def bench_protocols(name: str, device: str, repeats: int, batch: int = 4) -> dic
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     method = MaskCLIP(CLIPConfig(name=MODELS[name], pretrained=None, last_block="vanilla")).to(device).eval()
     images = [torch.rand(3, 375, 500, device=device) for _ in range(batch)]
+    # ground truth of 25x25-pixel class blocks (up to 21 regions an image) for the mask-classification protocols
+    labels = [torch.randint(0, 21, (15, 20), device=device).repeat_interleave(25, 0).repeat_interleave(25, 1)
+              for _ in range(batch)]
     out = {}
     for protocol in available_protocols():
         if protocol == "toyworld":
             continue
         evaluator = Evaluator(load_protocol(protocol), {"templates": "single"}, window_batch_size=8)
         entry = evaluator.add_dataset(method, "voc21", None, 0, torch.device(device))  # its VOC names
-        def predict(evaluator=evaluator, entry=entry):
-            return evaluator.predict_batch(method, entry, images, [(375, 500)] * batch)
+        # mask-classification protocols (masks: ground_truth) classify each class region of a label map
+        given = labels if entry.settings.masks == "ground_truth" else None
+
+        def predict(evaluator=evaluator, entry=entry, given=given):
+            return evaluator.predict_batch(method, entry, images, [(375, 500)] * batch, given)
 
         seconds = timed(predict, repeats, sync)
         out[f"{protocol}_{entry.settings.mode}_images_per_s"] = round(batch / seconds, 2)

@@ -31,26 +31,27 @@ ROOT = Path(__file__).resolve().parents[1]
 PIXELCLIP = "benchmarks/bench_pixelclip.py"
 
 #: name -> (budget in seconds, arguments after the Python interpreter); {data} is the data folder, {out} the output
-#: folder. The budgets add up to 7 min 55 s (one H100/H200): what the step needs there with a margin.
+#: folder. The budgets add up to 8 min (one H100/H200): what the step needed on the slower of two H200 hosts
+#: (2026-12-04; the data steps are CPU-bound and host CPUs differ 2x) with a margin.
 STEPS = {
     "env": (15, ["-c", "import json, sys, torch; print(json.dumps({'python': sys.version.split()[0], "
                        "'torch': torch.__version__, 'cuda': torch.version.cuda, 'cuda_available': "
                        "torch.cuda.is_available(), 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() "
                        "else None}))"]),
-    "data_half": (40, [PIXELCLIP, "data", "--data", "{data}/half", "--images", "32", "--size", "750x1125",
+    "data_half": (35, [PIXELCLIP, "data", "--data", "{data}/half", "--images", "32", "--size", "750x1125",
                        "--masks", "100", "--json", "{out}/data_half.json"]),
-    "data_raw": (50, [PIXELCLIP, "data", "--data", "{data}/raw", "--images", "12", "--size", "1500x2250",
+    "data_raw": (35, [PIXELCLIP, "data", "--data", "{data}/raw", "--images", "12", "--size", "1500x2250",
                       "--masks", "100", "--json", "{out}/data_raw.json"]),
     # the training step at batch 12, 640² crops from 750x1125 images (SA-1B halved), load in the step
-    "step": (90, [PIXELCLIP, "step", "--model", "vitb16", "--device", "cuda", "--batch", "12", "--crop", "640",
+    "step": (75, [PIXELCLIP, "step", "--model", "vitb16", "--device", "cuda", "--batch", "12", "--crop", "640",
                   "--resize-short", "1024", "--data", "{data}/half", "--size", "750x1125", "--masks", "100",
                   "--steps", "8", "--precision", "fp32,bf16", "--workers", "0", "--json", "{out}/step.json"]),
     # the shipped data path (raw download halved at read time) with N workers, the buffer empty when timing starts
-    "data_wait": (180, [PIXELCLIP, "step", "--model", "vitb16", "--device", "cuda", "--batch", "12", "--crop",
+    "data_wait": (240, [PIXELCLIP, "step", "--model", "vitb16", "--device", "cuda", "--batch", "12", "--crop",
                         "640", "--resize-short", "1024", "--data", "{data}/raw", "--downscale", "0.5", "--size",
                         "1500x2250", "--masks", "100", "--steps", "24", "--precision", "fp32,bf16", "--workers",
                         "4,8,12", "--json", "{out}/data_wait.json"]),
-    "inference": (100, ["benchmarks/bench_inference.py", "--models", "vitb16", "--device", "cuda", "--protocols",
+    "inference": (80, ["benchmarks/bench_inference.py", "--models", "vitb16", "--device", "cuda", "--protocols",
                         "--batching", "--json", "{out}/inference.json"]),
 }
 #: the same steps at toy size on the CPU (``--cpu-smoke``): the arguments replaced, in order
@@ -213,10 +214,13 @@ def report(record: dict) -> str:
     """benchmarks/README.md's GPU-check tables from a ``gpu_check.json`` (also one cut short: what was measured)."""
     steps = record["steps"]
     seconds = record.get("seconds", sum(e["seconds"] for e in steps.values()))
+    # a record cut short (the run killed from outside) lacks the steps it did not reach
+    unrun = [name for name in STEPS if name not in steps] if not record["ok"] else []
+    failed = [name for name, entry in steps.items() if entry["status"] != "ok"]
     lines = [f"`gpu_check.sh` ({record['mode']}), {record['started'][:10]}, commit {(record.get('commit') or '?')[:7]}"
              f", {record.get('nvidia_smi') or 'no GPU'}; torch {steps.get('env', {}).get('result', {}).get('torch')}"
              f"; {seconds:.0f} s of a {record['budget_s']} s budget"
-             f"{'' if record['ok'] else '; FAILED: ' + ', '.join(n for n, e in steps.items() if e['status'] != 'ok')}"
+             f"{'; FAILED: ' + ', '.join(failed) if failed else ''}{'; not run: ' + ', '.join(unrun) if unrun else ''}"
              ".", ""]
     step = steps.get("step", {}).get("result")
     if step:

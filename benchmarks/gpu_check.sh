@@ -9,7 +9,7 @@
 #    machine's CUDA torch is kept); the pyproject dependencies it lacks are installed with the pinned versions of
 #    requirements/constraints.txt (as `make install`; torch and its CUDA libraries are left as they are; WHEELS=DIR
 #    installs from a folder of wheels, offline); what cannot be installed is named in one line, exit 4;
-# 3. the steps of benchmarks/gpu_check.py, each killed past its budget (7 min 55 s in all on one H100/H200):
+# 3. the steps of benchmarks/gpu_check.py, each killed past its budget (8 min in all on one H100/H200):
 #    generate the data once (outputs/gpu_check_data), PixelCLIP ViT-B/16 step fp32/bf16 by part, data wait with
 #    4/8/12 workers on the shipped data path, MaskCLIP ViT-B/16 images/s per protocol. Exit 1 if any step failed.
 set -uo pipefail
@@ -35,6 +35,10 @@ if [ -z "${PY:-}" ]; then
   else
     python3 -m venv --system-site-packages .venv >/dev/null 2>&1 || { echo "gpu_check: cannot create .venv with python3 -m venv" >&2; exit 4; }
     PY=.venv/bin/python
+    # python3 may itself be a venv (the CUDA images' /opt/torch/.venv): --system-site-packages then reaches its
+    # base interpreter's packages, not python3's, so its site-packages (its CUDA torch) are added by a .pth file
+    python3 -c "import site; print('\n'.join(site.getsitepackages()))" \
+      > "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_gpu_check_machine_site.pth"
   fi
 fi
 missing=$("$PY" benchmarks/gpu_check.py missing 2>/dev/null) || { echo "gpu_check: $PY does not run benchmarks/gpu_check.py" >&2; exit 4; }
@@ -46,10 +50,16 @@ if [ -n "$missing" ] && [ "${GPU_CHECK_INSTALL:-1}" = 1 ]; then
   else
     cp requirements/constraints.txt "$constraints"
   fi
-  set -f  # "jsonargparse[signatures]>=4.32" is not a glob
-  # shellcheck disable=SC2086  # one argument per requirement
-  "$PY" -m pip install -q ${WHEELS:+--no-index --find-links "$WHEELS"} -c "$constraints" $missing >/dev/null 2>&1
-  set +f
+  if [ -n "${WHEELS:-}" ]; then
+    # offline: every wheel of the folder, as it is (the missing distributions and theirs, downloaded for this
+    # machine's Python: benchmarks/README.md); no resolution against the machine's packages, which stay
+    "$PY" -m pip install -q --no-index --no-deps "$WHEELS"/*.whl >/dev/null 2>&1
+  else
+    set -f  # "jsonargparse[signatures]>=4.32" is not a glob
+    # shellcheck disable=SC2086  # one argument per requirement
+    "$PY" -m pip install -q -c "$constraints" $missing >/dev/null 2>&1
+    set +f
+  fi
   rm -f "$constraints"
   missing=$("$PY" benchmarks/gpu_check.py missing 2>/dev/null)
 fi

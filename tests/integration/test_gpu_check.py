@@ -60,6 +60,43 @@ def test_missing_packages_that_cannot_be_installed_are_named_in_one_line(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_new_venv_over_a_python3_that_is_itself_a_venv_sees_its_torch(tmp_path):
+    # the GPU images' python3 is /opt/torch/.venv/bin/python3: `venv --system-site-packages` alone would reach its
+    # base interpreter's packages, without torch. A copy of the script's files run with python3 = this test's venv
+    # interpreter and a fake GPU
+    root = tmp_path / "repo"
+    for name in ("benchmarks/gpu_check.sh", "benchmarks/gpu_check.py", "pyproject.toml"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, root / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    proc = subprocess.run(["bash", str(root / "benchmarks/gpu_check.sh")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                            "GPU_CHECK_INSTALL": "0", "OUT": str(tmp_path / "out")})
+    assert (root / ".venv/bin/python").exists(), proc.stderr
+    assert "lacks" not in proc.stderr, proc.stderr
+    record = json.loads((tmp_path / "out/gpu_check.json").read_text())
+    import torch
+
+    env = record["steps"]["env"]
+    assert env["result"]["torch"] == torch.__version__  # imported from the machine's packages
+    # no CUDA here: env fails, saying why, and nothing after it runs
+    assert proc.returncode == 1 and env["output_tail"] == f"torch {torch.__version__} sees no CUDA device"
+
+
+def test_a_record_cut_short_names_the_steps_it_did_not_reach():
+    gpu_check = _module("gpu_check")
+    record = {"mode": "gpu", "started": "2026-12-04T00:00:00", "budget_s": 480, "ok": False,
+              "steps": {"env": {"status": "ok", "seconds": 1.0, "result": {"torch": "2"}},
+                        "data_half": {"status": "failed", "seconds": 1.0}}}
+    summary = gpu_check.report(record).splitlines()[0]
+    assert "FAILED: data_half;" in summary and "not run: data_raw, step, data_wait, inference." in summary
+
+
 def test_missing_lists_only_what_is_not_installed(tmp_path):
     gpu_check = _module("gpu_check")
     pyproject = tmp_path / "pyproject.toml"

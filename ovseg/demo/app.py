@@ -9,9 +9,11 @@ import os
 import socket
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from ovseg.demo.engine import DemoEngine, DemoError, MethodResult, ProtocolChoice
+from ovseg.eval.visualize import blend, colourise
 
 OWN_PROTOCOL = "each method's own"
 PROTOCOL_MODE = "the protocol's"
@@ -40,12 +42,26 @@ def legend_html(index: int, result: MethodResult) -> str:
            f"{rows}</table>"
 
 
+def shown_path(path: str) -> str:
+    """A config path as the page shows it: relative to the working folder when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def header_markdown(result: MethodResult | None, name: str, weights: str, config: str) -> str:
+    config = shown_path(config)
     if result is None:
         return f"### {name}\nweights `{weights}` · config `{config}`"
     reused = " · image features reused" if result.features_reused else ""
     return (f"### {name}\nweights `{weights}` · config `{config}`  \n{result.protocol}  \n"
             f"{result.pred.shape[1]}×{result.pred.shape[0]} px · {result.seconds:.2f} s{reused}")
+
+
+def display_scale(size: tuple[int, int], at_least: int = 320) -> int:
+    """Small images (the toy world's 96 px) are shown enlarged, pixels as blocks; the label PNG keeps their size."""
+    return max(1, at_least // max(size))
 
 
 def build_app(engine: DemoEngine, classes: str | None = None) -> Any:
@@ -123,10 +139,14 @@ def build_app(engine: DemoEngine, classes: str | None = None) -> Any:
                 return [f'<span id="ovseg-error">error: {html.escape(message)}</span>'] + [
                     gr.update() if k == 0 else None
                     for _ in engine.methods for k in range(5)]
-            values: list[Any] = [f"{len(results)} method(s) · {len(results[0].class_names)} classes"]
+            values: list[Any] = [f"query {engine.queries} · {len(results)} method(s) · "
+                                 f"{len(results[0].class_names)} classes"]
+            scale = display_scale(pixels.shape[:2])
             for index, (loaded, result) in enumerate(zip(engine.methods, results)):
-                values += [header_markdown(result, loaded.name, loaded.weights, loaded.config), result.overlay,
-                           result.label_colours().astype("uint8"), legend_html(index, result), str(result.label_png)]
+                big = result.pred.repeat(scale, 0).repeat(scale, 1)
+                values += [header_markdown(result, loaded.name, loaded.weights, loaded.config),
+                           blend(pixels.repeat(scale, 0).repeat(scale, 1), big), colourise(big),
+                           legend_html(index, result), str(result.label_png)]
             return values
 
         run.click(segment, [image, listed, words, protocol, mode, crop, stride, short_side], outputs,

@@ -30,7 +30,7 @@ from ovseg.data.files import DataError, read_image
 from ovseg.data.seg_dataset import ImageFolderDataset
 from ovseg.eval.protocols import ProtocolSettings
 from ovseg.eval.session import Predictor
-from ovseg.eval.visualize import CLASS_COLOURS, overlay_with_legend, save_label_png
+from ovseg.eval.visualize import CLASS_COLOURS, save_label_png
 
 #: largest upload accepted (also given to the web server, which refuses larger bodies before they are read)
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -138,7 +138,6 @@ class MethodResult:
     pred: np.ndarray  #: class ids [H, W]
     seconds: float
     features_reused: bool
-    overlay: Any = None  #: PIL image: the blended picture with its legend
     label_png: Path | None = None
 
     @property
@@ -151,9 +150,6 @@ class MethodResult:
     def colour(self, name: str) -> str:
         r, g, b = CLASS_COLOURS[self.class_names.index(name) % len(CLASS_COLOURS)]
         return f"#{int(r):02x}{int(g):02x}{int(b):02x}"
-
-    def label_colours(self) -> np.ndarray:
-        return CLASS_COLOURS[self.pred % len(CLASS_COLOURS)]
 
 
 class DemoEngine:
@@ -170,6 +166,11 @@ class DemoEngine:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one query at a time: the models and caches are shared
         self._queries = 0
+
+    @property
+    def queries(self) -> int:
+        """How many queries the page has run."""
+        return self._queries
 
     # -- images ---------------------------------------------------------------------------------------------------
     @property
@@ -239,7 +240,6 @@ class DemoEngine:
                     class_names=display, pred=pred, seconds=seconds,
                     features_reused=cache is not None and cache.hits > hits,
                 )
-                result.overlay = overlay_with_legend(image, pred, display)
                 result.label_png = self.out_dir / f"query{self._queries}_{index}_{loaded.name}_label.png"
                 save_label_png(result.label_png, pred, len(display))
                 results.append(result)

@@ -1,7 +1,8 @@
 """``ovseg demo`` driven in a real headless browser (Debian's ``chromium`` + ``chromium-driver``, selenium): a toy
 image uploaded, two vocabularies typed one after the other; for each method, the classes and pixel shares of the
 rendered legend and the label map downloaded from the page are those of ``ovseg predict`` on the same image and words.
-A screenshot of the page after each query is kept (``outputs/demo/ovseg_demo_query{1,2}.png``; the README shows\nthe first as ``docs/demo.png``).
+A screenshot of the page after each query is kept (``outputs/demo/ovseg_demo_query{1,2}.png``; the README shows
+the first as ``docs/demo.png``).
 
 Skipped where gradio, selenium, chromium or chromedriver is missing; ``make test-demo`` installs them."""
 
@@ -31,7 +32,7 @@ pytestmark = [
     pytest.mark.slow,  # ~2 min on 2 shared CPU cores: the app's start, four `ovseg predict` runs, the browser
     pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio not installed (make test-demo)"),
     pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="selenium not installed (make test-demo)"),
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium / chromedriver not installed (make test-demo)"),
+    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium / chromedriver missing (make test-demo)"),
 ]
 
 
@@ -99,7 +100,8 @@ def test_the_page_shows_what_ovseg_predict_predicts(app, tmp_path):
                 for i, c in enumerate(CONFIGS) for j, w in enumerate(VOCABULARIES)}
 
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1600,1250"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1600,1250"):
         options.add_argument(arg)
     options.binary_location = CHROMIUM
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

@@ -52,6 +52,8 @@ def shown_path(path: str) -> str:
 
 def header_markdown(result: MethodResult | None, name: str, weights: str, config: str) -> str:
     config = shown_path(config)
+    if weights.startswith("checkpoint:"):
+        weights = "checkpoint:" + shown_path(weights.removeprefix("checkpoint:"))
     if result is None:
         return f"### {name}\nweights `{weights}` · config `{config}`"
     reused = " · image features reused" if result.features_reused else ""
@@ -62,6 +64,23 @@ def header_markdown(result: MethodResult | None, name: str, weights: str, config
 def display_scale(size: tuple[int, int], at_least: int = 320) -> int:
     """Small images (the toy world's 96 px) are shown enlarged, pixels as blocks; the label PNG keeps their size."""
     return max(1, at_least // max(size))
+
+
+#: method panels in one row of the page
+METHODS_PER_ROW = 3
+
+
+def _method_panel(gr: Any, index: int, loaded: Any) -> tuple[Any, ...]:
+    """One method's column: what runs, the overlay, the label map, the legend with shares, the label PNG."""
+    with gr.Column(min_width=200, elem_id=f"ovseg-method-{index}", variant="panel"):
+        header = gr.Markdown(header_markdown(None, loaded.name, loaded.weights, loaded.config),
+                             elem_id=f"ovseg-header-{index}")
+        overlay = gr.Image(label="overlay", interactive=False, elem_id=f"ovseg-overlay-{index}", height=230)
+        labels = gr.Image(label="label map", interactive=False, elem_id=f"ovseg-labels-{index}", height=230)
+        legend = gr.HTML(elem_id=f"ovseg-legend-box-{index}")
+        download = gr.File(label="label map PNG (pixel = class index)", interactive=False,
+                           elem_id=f"ovseg-download-{index}")
+    return header, overlay, labels, legend, download
 
 
 def build_app(engine: DemoEngine, classes: str | None = None) -> Any:
@@ -101,22 +120,14 @@ def build_app(engine: DemoEngine, classes: str | None = None) -> Any:
                                            minimum=0)
                 run = gr.Button("Segment", variant="primary", elem_id="ovseg-run")
                 status = gr.Markdown(elem_id="ovseg-status")
-            with gr.Column(scale=3):
+            with gr.Column(scale=4):
                 panels = []
-                for index, loaded in enumerate(engine.methods):
-                    with gr.Group(elem_id=f"ovseg-method-{index}"):
-                        header = gr.Markdown(header_markdown(None, loaded.name, loaded.weights, loaded.config),
-                                             elem_id=f"ovseg-header-{index}")
-                        with gr.Row():
-                            overlay = gr.Image(label="overlay", interactive=False, elem_id=f"ovseg-overlay-{index}",
-                                               height=260)
-                            labels = gr.Image(label="label map", interactive=False, elem_id=f"ovseg-labels-{index}",
-                                              height=260)
-                            with gr.Column(min_width=160):
-                                legend = gr.HTML(elem_id=f"ovseg-legend-box-{index}")
-                                download = gr.File(label="label map PNG (pixel = class index)", interactive=False,
-                                                   elem_id=f"ovseg-download-{index}")
-                    panels.append((header, overlay, labels, legend, download))
+                for first in range(0, len(engine.methods), METHODS_PER_ROW):  # methods side by side, a few a row
+                    with gr.Row(equal_height=False):
+                        for index in range(first, min(first + METHODS_PER_ROW, len(engine.methods))):
+                            panels.append(_method_panel(gr, index, engine.methods[index]))
+                        for _ in range(first + METHODS_PER_ROW - len(engine.methods)):
+                            gr.Column(min_width=200)  # keeps the last row's panels as wide as the others
 
         outputs = [status] + [c for panel in panels for c in panel]
 

@@ -8,6 +8,8 @@ hooks hand over to the session).
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -73,6 +75,35 @@ def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: l
     return Vocabulary(names), source
 
 
+class FeatureCache:
+    """The image features of the last ``size`` forward passes, keyed by the exact input batch (its bytes, shape,
+    device) and the protocol settings that decide how a dense CLIP reads it: a second vocabulary on the same image
+    (``ovseg demo``) runs only the text side. Used for methods whose ``reuses_features`` is True: their
+    ``dense_logits(x, text)`` is ``logits_from_features(dense_features(x), text)``."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def features(self, method: EvaluatedMethod, images: torch.Tensor, settings: ProtocolSettings) -> Any:
+        digest = hashlib.sha1(images.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
+        key = (digest, tuple(images.shape), str(images.dtype), str(images.device), settings.normalization,
+               settings.patch_padding, settings.pos_embed_interpolation, settings.vision_activation,
+               settings.vision_ln_eps)
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+        self.misses += 1
+        features = method.dense_features(images)
+        self._items[key] = features
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return features
+
+
 @dataclass
 class DatasetEvaluation:
     name: str
@@ -108,6 +139,8 @@ class Evaluator:
         self.gallery_size = gallery_size
         self.max_chunk_bytes = max_chunk_bytes
         self.datasets: dict[str, DatasetEvaluation] = {}
+        #: image features kept across vocabularies (``ovseg demo``); None: every call runs the image side
+        self.feature_cache: FeatureCache | None = None
 
     def settings_for(self, dataset: str | None) -> ProtocolSettings:
         return self.protocol.settings_for(dataset, self.overrides)
@@ -162,6 +195,8 @@ class Evaluator:
                                    s.resize_rule) for image in images]
 
         def dense_fn(batch: torch.Tensor) -> torch.Tensor:
+            if self.feature_cache is not None and getattr(method, "reuses_features", False):
+                return method.logits_from_features(self.feature_cache.features(method, batch, s), entry.text)
             return method.dense_logits(batch, entry.text)
 
         logits: list[torch.Tensor | None] = [None] * len(images)

@@ -47,9 +47,14 @@ def label_font(size: int = 11) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
+def blend(image: np.ndarray, pred: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``image`` uint8 HxWx3 with the class colours of ``pred`` (class ids HxW) laid over it."""
+    return (image * (1 - alpha) + colourise(pred) * alpha).astype(np.uint8)
+
+
 def overlay_with_legend(image: np.ndarray, pred: np.ndarray, class_names: list[str], alpha: float = 0.5) -> Image.Image:
     """``image`` uint8 HxWx3, ``pred`` class ids HxW -> blended picture with a legend of the classes present."""
-    blended = (image * (1 - alpha) + colourise(pred) * alpha).astype(np.uint8)
+    blended = blend(image, pred, alpha)
     present = [int(c) for c in np.unique(pred)]
     font = label_font()
     row = 16

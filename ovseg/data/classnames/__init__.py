@@ -72,9 +72,18 @@ def parse_class_list(text: str) -> list[list[str]]:
         if not Path(text).expanduser().is_file():
             raise FileNotFoundError(f"class-name file {text!r} not found (for inline names, separate them with ',')")
         classes = read_class_names(Path(text).expanduser())
-    else:
-        classes = [[s.strip() for s in item.split(";") if s.strip()] for item in text.split(",")]
-        classes = [c for c in classes if c]
+        if not classes:
+            raise ValueError(f"no class names in {text!r}")
+        check_unique_names(classes, text)
+        return classes
+    return parse_inline_classes(text)
+
+
+def parse_inline_classes(text: str) -> list[list[str]]:
+    """``"cat,dog;puppy,sky"`` -> ``[["cat"], ["dog", "puppy"], ["sky"]]``, never read as a file name (what
+    ``ovseg demo`` does with the words typed in its page); no names, or a name given twice, is an error."""
+    classes = [[s.strip() for s in item.split(";") if s.strip()] for item in text.split(",")]
+    classes = [c for c in classes if c]
     if not classes:
         raise ValueError(f"no class names in {text!r}")
     check_unique_names(classes, text)

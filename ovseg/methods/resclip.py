@@ -153,7 +153,7 @@ def intact_paths(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def feedback_attention(labels: Tensor, std: float = GAUSSIAN_STD, delete_same_entity: bool = True) -> Tensor:
     """SFR's attention ``[1+N, 1+N]`` from a patch-label grid ``[h, w]`` (clip/model.py generate_attention_sfr, then
-    custom_attn's ``/ max``): 1 between patches of one label (and on the diagonal); with ``delete_same_entity`` a
+    custom_attn's ``/ max``): 1 between patches of one label; with ``delete_same_entity`` a
     pair whose path is not intact (:func:`intact_paths`) is multiplied by ``exp(-steps / max_steps)``; each row is
     convolved (zero padding) with a normalised 1-D Gaussian of ``std`` over the row-major patch index (kernel
     ``min(N, int(6 std + 1))``, made odd), clipped at 0 and divided by its sum + 1e-8; the class token's row and
@@ -162,7 +162,6 @@ def feedback_attention(labels: Tensor, std: float = GAUSSIAN_STD, delete_same_en
     n = rows * cols
     flat = labels.flatten()
     same = (flat[:, None] == flat[None]).float()
-    same.fill_diagonal_(1)
     if delete_same_entity:
         intact, steps = intact_paths(labels)
         decay = torch.exp(-steps / steps.max())

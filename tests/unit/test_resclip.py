@@ -247,3 +247,42 @@ def test_bad_settings_are_refused_with_what_is_wrong():
         ResCLIP(clip=CLIPConfig(name="toyworld-vit", pretrained=None, last_block="value"), rcs_layers=[1])
     with pytest.raises(ValueError, match=r"rcs_weights must be \(tau, lambda\)"):
         _tiny(dataset_settings={"voc21": {"rcs_weights": [2.0]}})
+
+
+@pytest.mark.parametrize("baseline", ["naclip", "qq_kk", "qq", "vanilla"])
+def test_resclip_attention_equals_float64_formula_of_each_baseline(baseline):
+    """custom_attn of each attn_strategy, float64 tokens: the SFR mix on the logits (the matrix and λ_s times it in
+    fp16), NACLIP's bias after the mix, softmaxes summed, the RCS mix on the probabilities."""
+    from types import SimpleNamespace
+
+    from ovseg.methods.resclip import resclip_attention
+    from ovseg.models.attention import AttentionTokens
+
+    g = torch.Generator().manual_seed(3)
+    rows, cols, heads, width = 2, 3, 2, 8
+    n = 1 + rows * cols
+    w = {name: torch.randn(width, width, generator=g, dtype=torch.float64) for name in "qkv"}
+    b = {name: torch.randn(width, generator=g, dtype=torch.float64) for name in "qkv"}
+    block = SimpleNamespace(q_weight=w["q"], q_bias=b["q"], k_weight=w["k"], k_bias=b["k"], v_weight=w["v"],
+                            v_bias=b["v"], num_heads=heads)
+    normed = torch.randn(2, n, width, generator=g, dtype=torch.float64)
+    rcs = torch.softmax(torch.randn(2, heads, n, n, generator=g, dtype=torch.float64), -1)
+    sfr = torch.rand(2, n, n, generator=g, dtype=torch.float64)
+    sfr = sfr / sfr.amax(dim=(1, 2), keepdim=True)
+    ours = resclip_attention(AttentionTokens(normed, block, (rows, cols)), baseline, rcs, (2.0, 0.3), sfr, (2.2, 0.7),
+                             std=1.3)
+
+    split = lambda t: t.reshape(2, n, heads, -1).permute(0, 2, 1, 3)  # noqa: E731
+    q, k, v = (split(normed @ w[x].T + b[x]) for x in "qkv")
+    omega = torch.zeros(n, n, dtype=torch.float64)
+    for p in range(n - 1):
+        for p2 in range(n - 1):
+            omega[1 + p, 1 + p2] = math.exp(-((p // cols - p2 // cols) ** 2 + (p % cols - p2 % cols) ** 2) / (2 * 1.3**2))
+    lam_sfr = (sfr.half() * 0.7).double()[:, None]  # the fp16 matrix times λ_s, rounded to fp16
+    pairs = {"naclip": [(k, k)], "qq_kk": [(q, q), (k, k)], "qq": [(q, q)], "vanilla": [(q, k)]}[baseline]
+    probs = 0
+    for a, c in pairs:
+        logits = 2.2 * (0.3 * (a @ c.transpose(-1, -2)) / 2 + lam_sfr)
+        probs = probs + torch.softmax(logits + (omega if baseline == "naclip" else 0), -1)
+    expected = 2.0 * (0.7 * probs + 0.3 * rcs) @ v
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)

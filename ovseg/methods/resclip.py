@@ -226,7 +226,7 @@ class ResCLIP(ZeroShotCLIP):
         default_settings: dict[str, Any] | None = None,
         rcs: bool = True,
         sfr: bool = True,
-        rcs_layers: list[int] = list(RCS_LAYERS),
+        rcs_layers: tuple[int, ...] = RCS_LAYERS,
         gaussian_std: float = GAUSSIAN_STD,
         sfr_logit_scale: float = SFR_LOGIT_SCALE,
         **evaluation: Any,

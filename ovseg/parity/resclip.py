@@ -219,8 +219,9 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
                         records.append(label_record(
                             "ResCLIP", f"labels {dataset} {size_name}", ours, theirs, protocol="naclip",
                             detail=f"wo_resi/resclip, temp_thd {tuned.temp_thd}, rcs {tuned.rcs_weights}, sfr "
-                                   f"{tuned.sfr_weights}; {s.mode}{f' {s.crop}/{s.stride}' if s.mode == 'slide' else ''}"
-                                   f", short side {s.short_side}, logit scale {s.logit_scale}, prob thd "
+                                   f"{tuned.sfr_weights}; {s.mode}"
+                                   f"{f' {s.crop}/{s.stride}' if s.mode == 'slide' else ''}, short side "
+                                   f"{s.short_side}, logit scale {s.logit_scale}, prob thd "
                                    f"{s.prob_threshold}; {torch.unique(theirs).numel()} classes in the reference "
                                    "map; fp32 CPU"))
                         print(f"[ResCLIP] {records[-1].quantity}: {records[-1].identical_share:.6f} "

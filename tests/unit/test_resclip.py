@@ -277,7 +277,8 @@ def test_resclip_attention_equals_float64_formula_of_each_baseline(baseline):
     omega = torch.zeros(n, n, dtype=torch.float64)
     for p in range(n - 1):
         for p2 in range(n - 1):
-            omega[1 + p, 1 + p2] = math.exp(-((p // cols - p2 // cols) ** 2 + (p % cols - p2 % cols) ** 2) / (2 * 1.3**2))
+            dist2 = (p // cols - p2 // cols) ** 2 + (p % cols - p2 % cols) ** 2
+            omega[1 + p, 1 + p2] = math.exp(-dist2 / (2 * 1.3**2))
     lam_sfr = (sfr.half() * 0.7).double()[:, None]  # the fp16 matrix times λ_s, rounded to fp16
     pairs = {"naclip": [(k, k)], "qq_kk": [(q, q), (k, k)], "qq": [(q, q)], "vanilla": [(q, k)]}[baseline]
     probs = 0

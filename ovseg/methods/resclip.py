@@ -21,6 +21,13 @@ sclip``: each of q qᵀ s and k kᵀ s mixed, softmaxes summed), ``qq`` (ClearCL
 The released configs tune ``temp_thd`` and the (τ, λ) pairs per dataset (``configs/cfg_*.py``):
 :data:`DATASET_SETTINGS`, read for the dataset being scored (the evaluator names it, :meth:`ResCLIP.scoring`).
 
+Where the released code differs from its own intent, ovseg follows the code that made the numbers, or says so:
+the segmentor stores ``use_rcs``/``use_sfr`` as one-element tuples (``self.use_rcs=use_rcs,``), so the released runs
+always use both (``rcs``/``sfr`` here are ``VisionTransformer.forward``'s switches, for the paper's ablations);
+the first pass's PAMR sits in a ``try``/``except RuntimeError`` that goes on without it (e.g. out of GPU memory),
+ovseg always runs it; the reference takes one window at a time (its first-pass softmax loop is right for one image
+only), ovseg computes SFR per image of a batch.
+
 Evaluation pipeline: ResCLIP's ``configs/cfg_*.py`` and ``resclip_segmentor.py`` are NACLIP's (short side 336
 everywhere, 224/112 windows, whole-image VOC, logit scale 40, probability threshold 0.1 on VOC21 / Context60 /
 COCO-Object, SCLIP's class-name files, byte-identical in the checkout, and ``pamr_steps=0``): the ``naclip``
@@ -321,6 +328,10 @@ class ResCLIP(ZeroShotCLIP):
             probs = self._first_pass_probabilities(first, images, text, grid)
             s = self.current
             labels = patch_labels(probs, self.encoder.patch_size, s.temp_thd)
+            if tuple(labels.shape[-2:]) != tuple(grid):
+                raise ValueError(f"ResCLIP's feedback reads whole patches of the input: the protocol's patch padding "
+                                 f"({self.encoder.options.patch_padding!r}) gives a {grid} grid for "
+                                 f"{tuple(images.shape[-2:])} inputs; use patch_padding: none")
             sfr = torch.stack([feedback_attention(grid_labels, self.gaussian_std, s.delete_same_entity)
                                for grid_labels in labels])
         return self._block(x, last, grid, rcs, sfr)

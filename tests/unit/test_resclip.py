@@ -287,3 +287,13 @@ def test_resclip_attention_equals_float64_formula_of_each_baseline(baseline):
         probs = probs + torch.softmax(logits + (omega if baseline == "naclip" else 0), -1)
     expected = 2.0 * (0.7 * probs + 0.3 * rcs) @ v
     torch.testing.assert_close(ours, expected, atol=1e-12, rtol=0)
+
+
+def test_corner_padding_is_refused_naming_the_setting():
+    from ovseg.models.clip import DenseOptions
+
+    method = _tiny()
+    text = method.encode_text(["a", "b"], ["a photo of a {}."])
+    with method.encoder.using(DenseOptions(patch_padding="corner")):
+        with pytest.raises(ValueError, match=r"padding \('corner'\) gives a \(6, 8\) grid .* patch_padding: none"):
+            method.dense_logits(torch.rand(1, 3, 44, 60), text)

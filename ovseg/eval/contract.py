@@ -13,7 +13,9 @@ from torch import nn
 
 class EvaluatedMethod(Protocol):
     """A method as :class:`~ovseg.eval.evaluator.Evaluator` and :class:`~ovseg.eval.session.EvaluationSession`
-    use it: text and dense image embeddings, and the Lightning state the results record."""
+    use it: text and dense image embeddings, and the Lightning state the results record. Optional: a context manager
+    ``scoring(dataset)``, entered around the dense scores of each dataset's images (a method with per-dataset
+    settings reads the name there; :func:`ovseg.eval.evaluator.scoring`)."""
 
     device: torch.device
     trainer: Any  #: the Lightning Trainer running it

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -200,7 +200,7 @@ class Evaluator:
             return method.dense_logits(batch, entry.text)
 
         logits: list[torch.Tensor | None] = [None] * len(images)
-        with dense_options(method, s):
+        with dense_options(method, s), scoring(method, entry.name):
             if s.mode == "slide":
                 for i, image in enumerate(resized):
                     logits[i] = slide_logits(dense_fn, image, s.crop, s.stride, self.window_batch_size)
@@ -280,6 +280,14 @@ def refinement_image(method: torch.nn.Module, image: torch.Tensor, out_size: tup
     if encoders:
         image = encoders[0].normalize(image)
     return F.interpolate(image.float(), size=out_size, mode="bilinear", align_corners=False)
+
+
+def scoring(method: torch.nn.Module, dataset: str) -> ContextManager[Any]:
+    """The method's ``scoring(dataset)`` block around its dense scores, if it has one: a method whose settings are
+    tuned per dataset (ResCLIP's released configs) reads which dataset is scored (``predict`` for ``ovseg
+    predict``'s words)."""
+    hook = getattr(method, "scoring", None)
+    return hook(dataset) if callable(hook) else nullcontext()
 
 
 @contextmanager

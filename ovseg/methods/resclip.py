@@ -289,6 +289,10 @@ class ResCLIP(ZeroShotCLIP):
         finally:
             self.current = previous
 
+    #: SFR feeds the first pass's labels, made with the words, back into the last block: the image side depends on
+    #: the vocabulary, so ``ovseg demo`` must not reuse it across vocabularies
+    reuses_features = False
+
     @torch.no_grad()
     def dense_logits(self, images: Tensor, text: Tensor) -> Tensor:
         normalized = self.encoder.normalize(images)

@@ -168,3 +168,24 @@ def test_ckpt_path_belongs_to_the_config_before_it():
     assert ns.host == "127.0.0.1"
     with pytest.raises(SystemExit):
         build_command_parser(only="demo").parse_args(["demo", "--ckpt_path", "x.ckpt", "--config", "a.yaml"])
+
+
+TOY_CONFIGS = sorted(p.name for p in (REPO / "configs/toyworld").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", TOY_CONFIGS)
+def test_a_method_that_reuses_features_splits_dense_logits_exactly(config):
+    # the page reuses dense_features across vocabularies for these methods: the split must be the whole method
+    # (a method whose image side reads the words, e.g. ResCLIP's semantic feedback, must say reuses_features False)
+    method = LoadedMethod.load(str(REPO / "configs/toyworld" / config), None, trainer_args("cpu")).method.eval()
+    if not method.reuses_features:
+        pytest.skip(f"{type(method).__name__} does not reuse image features")
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 80)
+    with torch.no_grad():
+        features = method.dense_features(images)
+        dim = (features[0] if isinstance(features, tuple) else features).shape[1]
+        text = torch.nn.functional.normalize(torch.randn(5, dim), dim=-1)
+        whole = method.dense_logits(images, text)
+        split = method.logits_from_features(features, text)
+    torch.testing.assert_close(split, whole, rtol=0, atol=0)

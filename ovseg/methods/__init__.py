@@ -9,7 +9,8 @@ from ovseg.methods.naclip import NACLIP
 from ovseg.methods.pixelclip import PixelCLIP
 from ovseg.methods.probes import KNNProbe, LinearProbe
 from ovseg.methods.sclip import SCLIP
+from ovseg.methods.scclip import SCCLIP
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
-__all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "PixelCLIP", "CLIPS4",
+__all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "SCCLIP", "PixelCLIP", "CLIPS4",
            "MaskCLIPPlus", "KNNProbe", "LinearProbe"]

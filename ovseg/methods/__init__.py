@@ -12,5 +12,5 @@ from ovseg.methods.sclip import SCLIP
 from ovseg.methods.scclip import SCCLIP
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
-__all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "SCCLIP", "PixelCLIP", "CLIPS4",
-           "MaskCLIPPlus", "KNNProbe", "LinearProbe"]
+__all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "SCCLIP", "PixelCLIP",
+           "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]

@@ -116,7 +116,8 @@ def dense_records(ref_dir: Path, device: str, work_dir: Path) -> list[ParityReco
                 "SC-CLIP", f"dense tokens {size_name}", ours, theirs, protocol="scclip",
                 detail=f"{ours.shape[1]} patch tokens after ln_post/proj, fp32 CPU; their VisionTransformer.forward "
                        f"(return_all=True), pre_adjust_idx 8, post_adjust_idx 3, multi 3..9, res_cls 0.3; ovseg "
-                       f"SCCLIP (SelfCalibration defaults); pos_embed_interpolation={settings.pos_embed_interpolation}"))
+                       f"SCCLIP (SelfCalibration defaults); "
+                       f"pos_embed_interpolation={settings.pos_embed_interpolation}"))
     return records
 
 

@@ -17,6 +17,7 @@ REFERENCES: dict[str, str] = {
     "NACLIP": "ovseg.parity.naclip",
     "ClearCLIP": "ovseg.parity.clearclip",
     "ResCLIP": "ovseg.parity.resclip",
+    "SC-CLIP": "ovseg.parity.scclip",
     "DINO": "ovseg.parity.dino",
     "HSG": "ovseg.parity.hsg",
 }
@@ -28,6 +29,7 @@ REPOSITORIES: dict[str, str] = {
     "NACLIP": "https://github.com/sinahmr/NACLIP",
     "ClearCLIP": "https://github.com/mc-lan/ClearCLIP",
     "ResCLIP": "https://github.com/yvhangyang/ResCLIP",
+    "SC-CLIP": "https://github.com/SuleBai/SC-CLIP",
     "DINO": "https://github.com/facebookresearch/dino",
     "HSG": "https://github.com/twke18/HSG",
 }

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ovseg.data.classnames import read_class_names
 from ovseg.data.files import DataError, apply_exif_orientation
+from ovseg.data.specs import IGNORE_INDEX
 from ovseg.eval.contract import EvaluatedMethod
 from ovseg.eval.inference import labels_from_logits, labels_from_masks, protocol_resize, slide_logits, to_uint8_hwc
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
@@ -121,7 +122,9 @@ class Evaluator:
         background_index: int | None,
         device: torch.device,
         settings: ProtocolSettings | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> DatasetEvaluation:
+        """``ignore_index``: the label value not scored (the dataset spec's: 65535 where 255 is a class)."""
         settings = settings or self.settings_for(name)
         vocabulary, source = dataset_vocabulary(settings, name, class_names, background_index)
         with dense_options(method, settings):
@@ -132,7 +135,7 @@ class Evaluator:
             vocabulary=vocabulary,
             class_names_source=source,
             text=text,
-            metric=ConfusionMatrix(len(vocabulary.class_names)).to(device),
+            metric=ConfusionMatrix(len(vocabulary.class_names), ignore_index=ignore_index).to(device),
             background_index=background_index,
             dataset_class_names=class_names,
         )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovseg.data.classnames import read_class_names
+from ovseg.data.classnames import display_names, read_class_names
 from ovseg.data.files import DataError, apply_exif_orientation
 from ovseg.data.specs import IGNORE_INDEX
 from ovseg.eval.contract import EvaluatedMethod
@@ -45,7 +45,7 @@ class Vocabulary:
 
     @property
     def display_names(self) -> list[str]:
-        return [synonyms[0] for synonyms in self.class_names]
+        return display_names(self.class_names)
 
 
 def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: list[list[str]] | None,
@@ -61,7 +61,7 @@ def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: l
             raise ValueError(
                 f"class-name file {source!r} has {len(names)} classes but dataset {dataset_name!r} has {len(default)}"
             )
-    display = [synonyms[0] for synonyms in names]
+    display = display_names(names)
     repeated = sorted({n for n in display if display.count(n) > 1})
     if repeated:  # results.json reports per class name: a repeated one would hide a class
         raise ValueError(f"class names of {dataset_name!r} ({source}) repeat {repeated}: each class needs its own name")

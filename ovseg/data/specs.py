@@ -156,9 +156,9 @@ SPECS: dict[str, DatasetSpec] = {
             "pc459",
             # CAT-Seg datasets/prepare_pascal_context_459.py (`ovseg data convert pc459`): LabelMap - 1 of the
             # 459-class .mat files as uint16 TIFFs (a 0 in LabelMap wraps to 65535); register_pascal_context.py
-            # lists every TIFF (load_sem_seg) and sets ignore_label=459. The official LabelMaps label every pixel
-            # 1..459, so nothing is ignored on the real data; 65535, which their evaluator cannot count (it
-            # bincounts past its matrix), is ignored here too, as ODISE's prepare_pascal_ctx_full_sem_seg.py does.
+            # lists every TIFF (load_sem_seg) and sets ignore_label=459 (LabelMap 460, no class of labels.txt).
+            # A 65535 would make their SemSegEvaluator fail (it bincounts past its matrix), so the release they
+            # scored holds none; here it is ignored, as ODISE's prepare_pascal_ctx_full_sem_seg.py does.
             img_dir="VOCdevkit/VOC2010/JPEGImages",
             ann_dir="VOCdevkit/VOC2010/annotations_detectron2/pc459_{split}",
             img_suffix=".jpg",

@@ -363,3 +363,39 @@ def test_mask_classification_with_sparse_ids_equals_dense_ids():
     a = labels_from_masks(logits, (21, 27), torch.arange(6), dense)
     b = labels_from_masks(logits, (21, 27), torch.arange(6), sparse)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["ade847", "pc459"])
+def test_evaluation_session_scores_with_the_datasets_ignore_value(tmp_path, name):
+    """``ovseg test``'s session hands each dataset's ignore value to its confusion matrix: class 255 is scored,
+    65535 is not; the matrix equals a numpy count of the predictions against the labels."""
+    from types import SimpleNamespace
+
+    from ovseg.eval.session import EvaluationSession, EvaluationSettings
+    from ovseg.runner import OVSegCLI
+
+    repo = Path(__file__).resolve().parents[2]
+    write_synthetic(name, tmp_path, num_images=2, size=(24, 40), seed=7)
+    dataset = SegFileDataset(name, tmp_path)
+    torch.manual_seed(0)
+    method = OVSegCLI(args=["--config", str(repo / "configs/tiny/clip.yaml")], run=False).model.eval()
+    host = SimpleNamespace(trainer=SimpleNamespace(datamodule=SimpleNamespace(eval_datasets=[dataset])),
+                           device=torch.device("cpu"), encode_text=method.encode_text, modules=method.modules)
+    session = EvaluationSession(EvaluationSettings(protocol="maskclip", protocol_overrides={
+        "short_side": 32, "templates": "single", "mode": "whole"}, gallery_size=0))
+    session.start(host)
+    entry = session.evaluator.datasets[name]
+    assert entry.metric.ignore_index == WIDE_IGNORE_INDEX and len(entry.vocabulary.class_names) == dataset.num_classes
+    samples = [dataset[i] for i in range(len(dataset))]
+    for sample in samples:
+        sample["label"][:2, :2] = 255  # a class here, not an ignore value
+    images = [s["image"].float() / 255 for s in samples]
+    labels = [s["label"] for s in samples]
+    preds = session.evaluator.predict_batch(method, entry, images, [tuple(x.shape) for x in labels])
+    session.evaluator.update(method, name, images, labels)
+    expected = np.zeros((dataset.num_classes,) * 2, dtype=np.int64)
+    for label, pred in zip(labels, preds):
+        keep = label.numpy() != WIDE_IGNORE_INDEX
+        np.add.at(expected, (label.numpy()[keep], pred.numpy()[keep]), 1)
+    np.testing.assert_array_equal(entry.metric.compute().numpy(), expected)
+    assert expected[255].sum() == 8

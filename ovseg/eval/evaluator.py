@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovseg.data.classnames import read_class_names
+from ovseg.data.classnames import display_names, read_class_names
 from ovseg.data.files import DataError, apply_exif_orientation
+from ovseg.data.specs import IGNORE_INDEX
 from ovseg.eval.contract import EvaluatedMethod
 from ovseg.eval.inference import labels_from_logits, labels_from_masks, protocol_resize, slide_logits, to_uint8_hwc
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
@@ -46,7 +47,7 @@ class Vocabulary:
 
     @property
     def display_names(self) -> list[str]:
-        return [synonyms[0] for synonyms in self.class_names]
+        return display_names(self.class_names)
 
 
 def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: list[list[str]] | None,
@@ -62,7 +63,7 @@ def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: l
             raise ValueError(
                 f"class-name file {source!r} has {len(names)} classes but dataset {dataset_name!r} has {len(default)}"
             )
-    display = [synonyms[0] for synonyms in names]
+    display = display_names(names)
     repeated = sorted({n for n in display if display.count(n) > 1})
     if repeated:  # results.json reports per class name: a repeated one would hide a class
         raise ValueError(f"class names of {dataset_name!r} ({source}) repeat {repeated}: each class needs its own name")
@@ -154,7 +155,9 @@ class Evaluator:
         background_index: int | None,
         device: torch.device,
         settings: ProtocolSettings | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> DatasetEvaluation:
+        """``ignore_index``: the label value not scored (the dataset spec's: 65535 where 255 is a class)."""
         settings = settings or self.settings_for(name)
         vocabulary, source = dataset_vocabulary(settings, name, class_names, background_index)
         with dense_options(method, settings):
@@ -165,7 +168,7 @@ class Evaluator:
             vocabulary=vocabulary,
             class_names_source=source,
             text=text,
-            metric=ConfusionMatrix(len(vocabulary.class_names)).to(device),
+            metric=ConfusionMatrix(len(vocabulary.class_names), ignore_index=ignore_index).to(device),
             background_index=background_index,
             dataset_class_names=class_names,
         )

@@ -72,7 +72,7 @@ class EvaluationSession:
         self.evaluator = self.settings.evaluator(self.settings.gallery_size)
         for dataset in method.trainer.datamodule.eval_datasets:
             self.evaluator.add_dataset(method, dataset.name, dataset.class_names, dataset.background_index,
-                                       method.device)
+                                       method.device, ignore_index=dataset.ignore_index)
         self._started = time.perf_counter()
 
     def step(self, method: EvaluatedMethod, batch: dict) -> None:

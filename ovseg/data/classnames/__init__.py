@@ -7,6 +7,8 @@ protocol-specific variant; any other argument is a path to a user's file. An inl
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,6 +52,13 @@ def _read(path: Path) -> tuple[tuple[str, ...], ...]:
 def read_class_names(name_or_path: str | Path) -> list[list[str]]:
     """Synonym lists, one per class, from a shipped name or a file path."""
     return [list(s) for s in _read(resolve_class_file(name_or_path).resolve())]
+
+
+def display_names(class_names: Sequence[Sequence[str]]) -> list[str]:
+    """One name per class for tables and results: its first synonym or, where another class starts with the same
+    one (ADE-847's three ``bag`` classes, as CAT-Seg's ade847.json lists them), its whole synonym line."""
+    firsts = Counter(synonyms[0] for synonyms in class_names)
+    return [synonyms[0] if firsts[synonyms[0]] == 1 else ", ".join(synonyms) for synonyms in class_names]
 
 
 def looks_like_class_file(text: str) -> bool:

@@ -10,7 +10,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install demo demo-tiny test test-full test-ddp bench gpu-wheels parity lint clean
+.PHONY: help install demo demo-tiny demo-ui test test-full test-ddp test-demo bench gpu-wheels parity lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,32 @@ demo: $(VENV)/.installed $(TOY)/toyworld.json  ## install, generate the toy worl
 	  --folds -- --trainer.enable_progress_bar false; \
 	echo "[demo] leaderboard: $$(( $$(date +%s) - start )) s"
 
+# `ovseg demo` needs Gradio, installed beside the pins without resolving (requirements/demo.txt says why)
+$(VENV)/.demo-installed: $(VENV)/.installed requirements/demo.txt
+	$(PY) -m pip install -q --no-deps -r requirements/demo.txt
+	touch $@
+
+# a dozen toy val images for the page's list
+$(TOY)/demo_images/.done: $(TOY)/toyworld.json
+	@set -e; mkdir -p $(@D); for id in $$(head -12 $(TOY)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt); do \
+	  cp $(TOY)/VOCdevkit/VOC2012/JPEGImages/$$id.jpg $(@D)/; done; touch $@
+
+# the training-free methods with the shipped toy CLIP; PixelCLIP and CLIP-S4 too once `make demo` has trained them
+DEMO_UI_METHODS := $(foreach m,clip maskclip sclip naclip,--config configs/toyworld/$(m).yaml) \
+  $(foreach m,pixelclip clips4,$(if $(wildcard outputs/toyworld_leaderboard/$(m)/fit/checkpoints/last.ckpt),\
+    --config configs/toyworld/$(m).yaml --ckpt_path outputs/toyworld_leaderboard/$(m)/fit/checkpoints/last.ckpt))
+HOST ?= 127.0.0.1
+PORT ?= 7860
+demo-ui: $(VENV)/.demo-installed $(TOY)/demo_images/.done  ## the web page (ovseg demo) on the toy world: toy CLIP, toy images, its words; offline, CPU (GPU when present)
+	$(VENV)/bin/ovseg demo $(DEMO_UI_METHODS) --images $(TOY)/demo_images --classes toyworld --host $(HOST) --port $(PORT)
+
+# chromium + chromium-driver from Debian (apt; nothing downloads a browser build), selenium (dev extra), Gradio
+test-demo: $(VENV)/.demo-installed  ## ovseg demo's tests, the browser one included (installs Debian's chromium and chromium-driver)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	  else sudo apt-get update -q && sudo apt-get install -y -q --no-install-recommends chromium chromium-driver; fi; }
+	$(PY) -m pytest -q -m "" tests/unit/test_demo.py tests/integration/test_demo_browser.py
+
 $(DATA)/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt: | $(VENV)/.installed
 	$(VENV)/bin/ovseg data synth --root $(DATA) --datasets voc21 --num-images 8 --min-size 96 --max-size 160
 
@@ -58,12 +84,12 @@ gpu-wheels: $(VENV)/.installed  ## download into .whl/ the wheels benchmarks/gpu
 	  -d .whl -c requirements/constraints.txt -r requirements/gpu-image-missing.txt
 
 # REFS: a folder with checkouts of the authors' code (git clone https://github.com/cvlab-kaist/PixelCLIP, …/chongzhou96/MaskCLIP,
-# …/wangf3014/SCLIP, …/sinahmr/NACLIP, …/mc-lan/ClearCLIP, …/twke18/HSG, facebookresearch/dino); the ones present are compared, the others skipped.
+# …/wangf3014/SCLIP, …/sinahmr/NACLIP, …/mc-lan/ClearCLIP, …/yvhangyang/ResCLIP, …/SuleBai/SC-CLIP, …/twke18/HSG, facebookresearch/dino); the ones present are compared, the others skipped.
 # REF=NACLIP compares that reference only. OUT: the folder of PARITY.md / parity.json (default outputs/parity, not
 # tracked); OUT=benchmarks regenerates the committed record, then benchmarks/RESULTS.md (what maintainers commit).
 # Peak memory (CPU, ViT-B/16): PixelCLIP up to 15.4 GB, MaskCLIP about 4 GB (README.md, "Parity with the authors' code").
 REFS ?= ../refs
-REF ?= PixelCLIP MaskCLIP SCLIP NACLIP ClearCLIP HSG DINO
+REF ?= PixelCLIP MaskCLIP SCLIP NACLIP ClearCLIP ResCLIP SC-CLIP HSG DINO
 OUT ?= outputs/parity
 PARITY_REFS := $(foreach r,$(REF),$(if $(wildcard $(REFS)/$(r)),--ref $(r)=$(REFS)/$(r)))
 parity: $(VENV)/.installed  ## parity with the authors' code (REFS=checkouts, REF=one of them, OUT=folder; OUT=benchmarks: the committed record)

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "folds": "ovseg.bench.folds",
     "parity": "ovseg.parity.commands",
     "list": "ovseg.tools.listing",
+    "demo": "ovseg.demo.commands",
 }
 
 

@@ -311,6 +311,32 @@ def check_checkpoint_shapes(path: str | Path, model_config: dict[str, Any]) -> N
                          f"trained with")
 
 
+class _BuildOnly(OVSegCLI):
+    """Builds what ``ovseg predict <args>`` builds (config files, the checkpoint's hyper-parameters and checks, the
+    method, the Trainer) and runs nothing."""
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def load_predict_method(args: list[str]) -> tuple[Any, Any, str | None]:
+    """The method ``ovseg predict <args>`` would run (``--config FILE [--ckpt_path CKPT] [--key value …]``), built
+    the same way, its checkpoint's weights loaded as Lightning's predict loads them, on its Trainer's device, in
+    eval mode: load once, predict many (``ovseg demo``). Returns (method, trainer, checkpoint path or None); the
+    Trainer says the device and holds the precision plugin whose ``predict_step_context`` predictions run in."""
+    args = [*expand_aliases("predict", args), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    cli = _BuildOnly(args=["predict", *args])
+    method, trainer = cli.model, cli.trainer
+    ckpt_path = cli.config.predict.get("ckpt_path")
+    if ckpt_path:
+        checkpoint = trainer.strategy.load_checkpoint(ckpt_path)  # the reader of trainer.predict(ckpt_path=…)
+        method.on_load_checkpoint(checkpoint)  # Lightning's restore_model: the hook, then the weights
+        method.load_state_dict(checkpoint["state_dict"], strict=method.strict_loading)
+    method.to(trainer.strategy.root_device).eval()
+    return method, trainer, ckpt_path
+
+
 #: ``ovseg predict --images DIR --classes "a,b"`` -> the DataModule's predict arguments
 PREDICT_ALIASES = {"--images": "--data.predict_images", "--classes": "--data.predict_classes"}
 

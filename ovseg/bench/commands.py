@@ -4,6 +4,8 @@
     ovseg bench run paper --var weights_dir=/ckpt --only 'pixelclip*' --set trainer.devices=1
     ovseg bench report --results outputs/bench --out benchmarks/
     ovseg bench validate                                       # metafiles, their cited numbers, suites
+    ovseg bench matrix --methods sclip_vitb16/sclip configs/eval/naclip_vitb16.yaml --protocols sclip naclip \
+        --data-root /data/ovseg --out outputs/bench/matrix    # every method under every protocol
 """
 
 from __future__ import annotations
@@ -86,6 +88,33 @@ def _cmd_run(ns: argparse.Namespace) -> int:
                      metafiles=ns.metafiles)
 
 
+def _cmd_matrix(ns: argparse.Namespace) -> int:
+    from ovseg.bench.matrix import MatrixRunner, plan_matrix, run_matrix
+    from ovseg.bench.metafile import load_metafiles
+
+    extra = [f"--{kv.lstrip('-')}" for kv in ns.set]
+    for kv in ns.set:
+        if "=" not in kv:
+            raise ValueError(f"--set {kv!r}: expected KEY=VALUE, e.g. trainer.devices=2")
+    matrix = plan_matrix(ns.methods, ns.protocols, ns.out, data_root=ns.data_root, datasets=ns.datasets,
+                         metafiles=load_metafiles(ns.metafiles), extra_args=extra, extra_configs=ns.config)
+    runner_args = {"force": ns.force, "isolate": ns.isolate, "fail_fast": ns.fail_fast}
+    if ns.dry_run:
+        runner = MatrixRunner(matrix, **runner_args)
+        print(f"matrix: {len(matrix.methods)} methods x {len(matrix.protocols)} protocols on "
+              f"{', '.join(str(d) for d in matrix.datasets)} -> {matrix.out}")
+        for entry in runner.selected():
+            print(f"- {entry.name}: {runner.status(entry)}")
+            for cmd in runner.commands(entry):
+                print(f"    {cmd}")
+        for protocol, why in matrix.cannot_score.items():
+            print(f"- {protocol} cannot score " + "; ".join(f"{d} ({w})" for d, w in why.items()))
+        return 0
+    outcomes, md = run_matrix(matrix, **runner_args)
+    print(f"matrix: {md} and {matrix.out / 'matrix.json'}")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
 def _cmd_report(ns: argparse.Namespace) -> int:
     from ovseg.bench.metafile import load_metafiles
     from ovseg.bench.report import build_report, write_report
@@ -157,6 +186,27 @@ def register(commands) -> None:
     report.add_argument("--out", default="benchmarks", help="where RESULTS.md and results.csv go")
     report.add_argument("--metafiles", default=None, help="metafile folder (default: benchmarks/metafiles)")
     report.set_defaults(func=_cmd_report)
+
+    matrix = bench.add_parser("matrix", help="every method under every protocol on the same datasets (resumes: "
+                                             "finished cells are skipped); one mIoU table per dataset")
+    matrix.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
+                        help="config files (configs/eval/x.yaml) or metafile evaluations (sclip_vitb16/sclip)")
+    matrix.add_argument("--protocols", nargs="+", default=[], metavar="PROTOCOL",
+                        help="protocol names or YAML files (each method's own protocol is always a column)")
+    matrix.add_argument("--data-root", default=None, help="the data root of every cell")
+    matrix.add_argument("--datasets", nargs="+", default=None,
+                        help="datasets of every cell (default: those every method's config scores)")
+    matrix.add_argument("--out", default="outputs/bench/matrix", help="results folder: <method>/<protocol>/ per cell")
+    matrix.add_argument("--force", action="store_true", help="rerun even finished cells")
+    matrix.add_argument("--isolate", action="store_true", help="one subprocess per `ovseg test` (DDP cells always)")
+    matrix.add_argument("--fail-fast", action="store_true", help="stop at the first failure")
+    matrix.add_argument("--dry-run", action="store_true", help="show each cell's state and commands, run nothing")
+    matrix.add_argument("--metafiles", default=None, help="metafile folder (default: benchmarks/metafiles)")
+    matrix.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting added to every cell, e.g. --set trainer.devices=2")
+    matrix.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="a config file added to every cell (after the method's)")
+    matrix.set_defaults(func=_cmd_matrix)
 
     validate = bench.add_parser("validate", help="check metafiles and suites (and the numbers against sources)")
     validate.add_argument("--metafiles", default=None)

@@ -204,10 +204,10 @@ class _Checker:
 
 
 def _dataset_classes(dataset: str) -> list[str] | None:
-    from ovseg.data.classnames import read_class_names
+    from ovseg.data.classnames import display_names, read_class_names
 
     try:
-        return [synonyms[0] for synonyms in read_class_names(dataset)]
+        return display_names(read_class_names(dataset))
     except FileNotFoundError:
         return None
 

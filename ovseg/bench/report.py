@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ovseg import __version__
+from ovseg.bench.matrix import CELL_ROLE
 from ovseg.bench.metafile import BASE_METRICS, Evaluation, Metafile, PaperValue
 
-#: roles of results files that are pieces of another one (per dataset / per fold): not rows of their own
-PIECE_ROLES = ("part", "fold")
+#: roles of results files that are pieces of another one (per dataset / per fold) or cells of a protocol matrix
+#: (rendered as the matrix's tables): not rows of their own
+PIECE_ROLES = ("part", "fold", CELL_ROLE)
 
 
 def _dataset_order() -> list[str]:
@@ -160,8 +162,11 @@ class Report:
     each row shows whether its protocol has passed parity with the authors' code and at which commit."""
 
     def __init__(self, metafiles: dict[str, Metafile], results: list[ResultsFile],
-                 parity: dict[str, dict[str, Any]] | None = None):
+                 parity: dict[str, dict[str, Any]] | None = None,
+                 matrices: list[tuple[str, dict[str, Any]]] | None = None):
+        """``matrices``: ``(label, record)`` of each protocol matrix found (:func:`ovseg.bench.matrix.read_matrix`)."""
         self.metafiles = metafiles
+        self.matrices = matrices or []
         self.files = results
         self.parity = parity or {}
         self.rows: list[Row] = []
@@ -398,6 +403,13 @@ class Report:
                                    for d in _sort_datasets(ds))
                 out.append(f"| `{rf.label}` | {rf.data.get('method')} | {rf.protocol} | {rf.data.get('weights')} | "
                            f"{rf.version} | {scores} |")
+        if self.matrices:
+            from ovseg.bench.matrix import matrix_markdown
+
+            out += ["", "## Protocol matrix", "", "Made by `ovseg bench matrix` (each folder's `MATRIX.md` holds the "
+                    "same tables)."]
+            for label, record in self.matrices:
+                out += ["", f"### `{label}`", "", matrix_markdown(record, heading="####").rstrip("\n")]
         out += ["", "## Notes", ""]
         out += [f"- {n}" for n in self.notes] if self.notes else ["- none"]
         return "\n".join(out) + "\n"
@@ -460,7 +472,23 @@ def build_report(metafiles: dict[str, Metafile], roots: list[str | Path],
         from ovseg.parity.report import protocol_parity
 
         parity = protocol_parity(parity_dir)
-    return Report(metafiles, collect_results(roots), parity)
+    return Report(metafiles, collect_results(roots), parity, collect_matrices(roots))
+
+
+def collect_matrices(roots: list[str | Path]) -> list[tuple[str, dict[str, Any]]]:
+    """Every protocol matrix (``matrix.json`` of ``ovseg bench matrix``) under the roots, with its cells' scores,
+    labelled by its folder; sorted by label."""
+    from ovseg.bench.matrix import MATRIX_FILE, read_matrix
+
+    found = []
+    for root in roots:
+        root = Path(root)
+        if root.is_dir():
+            root_str = str(root).rstrip("/") or "/"
+            for path in sorted(root.rglob(MATRIX_FILE)):
+                folder = path.parent.relative_to(root).as_posix()
+                found.append((root_str if folder == "." else f"{root_str}/{folder}", read_matrix(path)))
+    return sorted(found, key=lambda item: item[0])
 
 
 def write_report(report: Report, out_dir: str | Path) -> tuple[Path, Path]:

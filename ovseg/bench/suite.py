@@ -253,11 +253,24 @@ def load_suite(
     extra_configs: list[str] | None = None,
 ) -> Suite:
     path = Path(path)
-    where = str(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise SuiteError(f"{path}: not valid YAML: {err}") from err
+    return build_suite(data, path, variables, extra_args, metafiles, extra_configs)
+
+
+def build_suite(
+    data: Any,
+    path: Path,
+    variables: dict[str, Any] | None = None,
+    extra_args: list[str] | None = None,
+    metafiles: dict[str, Metafile] | None = None,
+    extra_configs: list[str] | None = None,
+) -> Suite:
+    """A suite from its YAML content ``data``; ``path`` names it in errors and anchors its config paths (a suite
+    made in memory, as ``ovseg bench matrix`` does, gives the file it stands for)."""
+    where = str(path)
     if not isinstance(data, dict) or "suite" not in data:
         raise SuiteError(f"{path}: not a suite (no top-level 'suite:' key)")
     allowed = {"suite", "description", "vars", "output", "split_datasets", "defaults", "entries"}

@@ -250,6 +250,7 @@ class HFSegDataset(Dataset):
             name, img_dir="", ann_dir="", img_suffix="", seg_suffix="",
             reduce_zero_label=self.reduce_zero_label, background_index=background_index,
         )
+        self.ignore_index = self.spec.ignore_index
         self.image_column = image_column
         self.mask_column = mask_column
         self.id_column = id_column
@@ -332,7 +333,7 @@ class HFSegDataset(Dataset):
 
     def _map_and_check(self, index: int, raw: np.ndarray, value: Any) -> np.ndarray:
         label = self.spec.map_label(raw)
-        values = values_outside_classes(label, self.num_classes)
+        values = values_outside_classes(label, self.num_classes, self.ignore_index)
         if values:
             raise DataError(
                 f"{self._where(index, value)}: mask values {values} outside the {self.num_classes} classes of "

@@ -1,8 +1,9 @@
 """The one file-list dataset: reads any :class:`~ovseg.data.specs.DatasetSpec` from disk.
 
 Samples are dicts: ``image`` (uint8 ``[3,H,W]``; converted to float in [0,1] after the device
-transfer, see :meth:`OVSegDataModule.on_after_batch_transfer`), ``label`` (int64 ``[H,W]``, 255 =
-ignore, already mapped to the dataset's convention) and ``meta``.
+transfer, see :meth:`OVSegDataModule.on_after_batch_transfer`), ``label`` (int64 ``[H,W]``, the spec's
+``ignore_index`` = ignore: 255, or 65535 where 255 is a class; already mapped to the dataset's convention) and
+``meta``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
-def values_outside_classes(label: np.ndarray, num_classes: int) -> list[int]:
-    """Up to 10 sorted label values that are neither a class id in ``[0, num_classes)`` nor 255."""
-    bad = (label >= num_classes) & (label != IGNORE_INDEX) | (label < 0)
+def values_outside_classes(label: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> list[int]:
+    """Up to 10 sorted label values that are neither a class id in ``[0, num_classes)`` nor ``ignore_index``."""
+    bad = (label >= num_classes) & (label != ignore_index) | (label < 0)
     return np.unique(label[bad]).tolist()[:10] if bad.any() else []
 
 
@@ -49,13 +50,14 @@ def split_ids(spec: DatasetSpec, root: str | Path, split: str) -> list[str]:
             raise DataError(f"dataset {spec.name!r}: split file {split_file} lists {len(repeated)} id(s) more than "
                             f"once, e.g. {repeated[:5]}")
         return ids
-    ids = sorted(
-        str(p.relative_to(img_dir))[: -len(spec.img_suffix)]
-        for p in img_dir.rglob(f"*{spec.img_suffix}")
-        if p.is_file()
-    )
+    listed, suffix = (spec.path(root, spec.ann_dir, split), spec.seg_suffix) if spec.ids_from_labels else \
+        (img_dir, spec.img_suffix)
+    if not listed.is_dir():
+        raise DataError(f"dataset {spec.name!r} ({split}): label folder {listed} not found under data root {root}")
+    ids = sorted(str(p.relative_to(listed))[: -len(suffix)] for p in listed.rglob(f"*{suffix}") if p.is_file())
     if not ids:
-        raise DataError(f"dataset {spec.name!r}: no *{spec.img_suffix} images under {img_dir}")
+        raise DataError(f"dataset {spec.name!r}: no *{suffix} {'labels' if spec.ids_from_labels else 'images'} "
+                        f"under {listed}")
     return ids
 
 
@@ -122,6 +124,10 @@ class SegFileDataset(Dataset):
     def background_index(self) -> int | None:
         return self.spec.background_index
 
+    @property
+    def ignore_index(self) -> int:
+        return self.spec.ignore_index
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -129,11 +135,11 @@ class SegFileDataset(Dataset):
         """The mapped label of sample ``index``, validated against the class range."""
         _, _, label_path = self.samples[index]
         label = self.spec.map_label(read_label_png(label_path))
-        values = values_outside_classes(label, self.num_classes)
+        values = values_outside_classes(label, self.num_classes, self.ignore_index)
         if values:
             raise DataError(
                 f"{label_path}: label values {values} outside the {self.num_classes} classes of {self.spec.name!r} "
-                f"(after its label mapping; 255 = ignore)"
+                f"(after its label mapping; {self.ignore_index} = ignore)"
             )
         return label
 

@@ -15,6 +15,8 @@ import numpy as np
 from ovseg.data.classnames import read_class_names
 
 IGNORE_INDEX = 255
+#: the ignore value of datasets with 255 classes or more, whose labels are 16-bit (CAT-Seg's ADE-847 TIFFs)
+WIDE_IGNORE_INDEX = 65535
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,12 @@ class DatasetSpec:
     ann_dir: str
     img_suffix: str
     seg_suffix: str
-    #: split file with one file id per line; ``None`` lists ``img_dir`` recursively instead.
+    #: split file with one file id per line; ``None`` lists ``img_dir`` recursively instead (``ann_dir`` with
+    #: ``ids_from_labels``).
     split_file: str | None = None
+    #: without a split file, the split is every label file under ``ann_dir`` (detectron2 ``load_sem_seg``, how
+    #: CAT-Seg lists PC-459, whose images share VOC2010's JPEGImages folder with every other split).
+    ids_from_labels: bool = False
     #: mmseg ``reduce_zero_label``: 0 -> 255, then every id - 1 (254 -> 255 again).
     reduce_zero_label: bool = False
     #: index of the class that stands for "background" when it is predicted (None: no such class).
@@ -42,6 +48,11 @@ class DatasetSpec:
     #: name of the class-name file in ``ovseg/data/classnames`` (defaults to ``name``).
     classnames: str | None = None
     description: str = ""
+    #: the label value that means "ignore" after :meth:`map_label`: 255 (mmseg), or :data:`WIDE_IGNORE_INDEX`
+    #: where 255 is a class id (ADE-847, PC-459).
+    ignore_index: int = IGNORE_INDEX
+    #: raw label values that also mean "ignore" (mapped to ``ignore_index``).
+    raw_ignore: tuple[int, ...] = ()
 
     def path(self, root: str | Path, template: str, split: str) -> Path:
         return Path(root) / template.format(split=self.split_names.get(split, split))
@@ -55,8 +66,10 @@ class DatasetSpec:
         return len(self.class_names)
 
     def map_label(self, raw: np.ndarray) -> np.ndarray:
-        """Raw label PNG values -> training/eval ids (int64, 255 = ignore), mmseg semantics."""
+        """Raw label values -> training/eval ids (int64, ``ignore_index`` = ignore), mmseg semantics."""
         label = raw.astype(np.int64)
+        if self.raw_ignore:
+            label[np.isin(label, self.raw_ignore)] = self.ignore_index
         if self.reduce_zero_label:
             label[label == 0] = IGNORE_INDEX
             label = label - 1
@@ -127,6 +140,36 @@ SPECS: dict[str, DatasetSpec] = {
             description="ADE20K SceneParsing, 150 classes, 'other' (0) ignored",
         ),
         DatasetSpec(
+            "ade847",
+            # CAT-Seg datasets/prepare_ade20k_full.py (`ovseg data convert ade847`): validation images with the short
+            # side shrunk to 512, labels as 16-bit TIFFs; register_ade20k_847.py: ignore_label=65535
+            img_dir="ADE20K_2021_17_01/images_detectron2/{split}",
+            ann_dir="ADE20K_2021_17_01/annotations_detectron2/{split}",
+            img_suffix=".jpg",
+            seg_suffix=".tif",
+            split_names={"val": "validation", "train": "training"},
+            expected_counts={"val": 2000},
+            ignore_index=WIDE_IGNORE_INDEX,
+            description="ADE20K full (2021_17_01), 847 classes as CAT-Seg, 16-bit labels, 65535 ignored",
+        ),
+        DatasetSpec(
+            "pc459",
+            # CAT-Seg datasets/prepare_pascal_context_459.py (`ovseg data convert pc459`): LabelMap - 1 of the
+            # 459-class .mat files as uint16 TIFFs (a 0 in LabelMap wraps to 65535); register_pascal_context.py
+            # lists every TIFF (load_sem_seg) and sets ignore_label=459 (LabelMap 460, no class of labels.txt).
+            # A 65535 would make their SemSegEvaluator fail (it bincounts past its matrix), so the release they
+            # scored holds none; here it is ignored, as ODISE's prepare_pascal_ctx_full_sem_seg.py does.
+            img_dir="VOCdevkit/VOC2010/JPEGImages",
+            ann_dir="VOCdevkit/VOC2010/annotations_detectron2/pc459_{split}",
+            img_suffix=".jpg",
+            seg_suffix=".tif",
+            ids_from_labels=True,
+            expected_counts={"val": 5104},
+            ignore_index=WIDE_IGNORE_INDEX,
+            raw_ignore=(459,),
+            description="Pascal Context full, 459 classes as CAT-Seg (LabelMap - 1, 16-bit labels)",
+        ),
+        DatasetSpec(
             "cityscapes",
             img_dir="cityscapes/leftImg8bit/{split}",
             ann_dir="cityscapes/gtFine/{split}",
@@ -145,7 +188,8 @@ SPECS: dict[str, DatasetSpec] = {
 }
 
 #: the benchmark datasets (``voc_aug`` is a training source only).
-BENCHMARKS = ("voc21", "voc20", "context60", "context59", "coco_stuff171", "coco_object", "ade150", "cityscapes")
+BENCHMARKS = ("voc21", "voc20", "context60", "context59", "coco_stuff171", "coco_object", "ade150", "cityscapes",
+              "ade847", "pc459")
 
 
 def get_spec(name: str) -> DatasetSpec:

@@ -16,7 +16,7 @@ from PIL import Image
 from ovseg.data.files import DataError
 from ovseg.data.label_maps import coco_object_lut
 from ovseg.data.specs import IGNORE_INDEX, DatasetSpec, get_spec, voc_palette
-from ovseg.utils.io import atomic_open, atomic_save_png, atomic_write_text
+from ovseg.utils.io import atomic_open, atomic_save_png, atomic_save_tiff, atomic_write_text
 
 CITIES = ("frankfurt", "lindau", "munster")
 
@@ -27,12 +27,12 @@ def raw_class_count(spec: DatasetSpec) -> int:
 
 
 def synth_label(rng: np.random.Generator, height: int, width: int, num_raw: int, boundary: bool,
-                max_shapes: int = 4) -> np.ndarray:
+                max_shapes: int = 4, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """A raw label map: a random 'stuff' background id plus rectangles and ellipses of other ids,
-    optionally with 255 boundary bands (VOC style)."""
+    optionally with ``ignore_index`` boundary bands (VOC style); uint16 where ``ignore_index`` needs it."""
     # id 0 is the background of VOC/Context (and ADE's "other"): make it the most common backdrop
     backdrop = 0 if rng.random() < 0.5 else rng.integers(0, num_raw)
-    label = np.full((height, width), backdrop, dtype=np.uint8)
+    label = np.full((height, width), backdrop, dtype=np.uint8 if ignore_index <= 255 else np.uint16)
     yy, xx = np.mgrid[0:height, 0:width]
     for _ in range(int(rng.integers(1, max_shapes + 1))):
         cls = int(rng.integers(0, num_raw))
@@ -47,7 +47,7 @@ def synth_label(rng: np.random.Generator, height: int, width: int, num_raw: int,
             inner[1:-1, 1:-1] = (
                 shape[1:-1, 1:-1] & shape[:-2, 1:-1] & shape[2:, 1:-1] & shape[1:-1, :-2] & shape[1:-1, 2:]
             )
-            label[shape & ~inner] = IGNORE_INDEX
+            label[shape & ~inner] = ignore_index
             label[inner] = cls
         else:
             label[shape] = cls
@@ -73,7 +73,9 @@ def _file_ids(spec: DatasetSpec, split: str, n: int) -> list[str]:
         return [f"{i + 1:012d}" for i in range(n)]
     # VOC-family splits share one JPEGImages folder: each split gets its own year so none overwrites another's images
     year = SPLIT_YEARS.get(split, 2012)
-    return [f"{year}_{i + 1:06d}" for i in range(n)]
+    # PC-459 shares JPEGImages with context59/60 but lists its own labels: ids of its own, so neither overwrites
+    first = 100001 if spec.ids_from_labels else 1
+    return [f"{year}_{first + i:06d}" for i in range(n)]
 
 
 def write_synthetic(
@@ -95,28 +97,34 @@ def write_synthetic(
     rng = np.random.default_rng(seed)
     num_raw = raw_class_count(spec)
     palette = voc_palette(256)
-    colours = rng.integers(0, 256, size=(256, 3))
-    colours[IGNORE_INDEX] = (224, 224, 192)
+    colours = rng.integers(0, 256, size=(max(256, spec.ignore_index + 1), 3))
+    colours[spec.ignore_index] = (224, 224, 192)
     voc_like = spec.seg_suffix == ".png" and spec.img_suffix == ".jpg" and spec.split_file is not None
+    wide = spec.ignore_index > 255  # 16-bit TIFF labels (ADE-847, PC-459), with ignore bands to exercise 65535
     ids = _file_ids(spec, split, num_images)
-    img_dir = spec.path(root, spec.img_dir, split)
-    if spec.split_file is None and img_dir.is_dir():
-        # without a split file every image in the folder is evaluated: earlier, other files would be scored too
-        wanted = {f"{i}{spec.img_suffix}" for i in ids}
-        others = sorted(str(p.relative_to(img_dir)) for p in img_dir.rglob(f"*{spec.img_suffix}")
-                        if str(p.relative_to(img_dir)) not in wanted)
+    listed, suffix = (spec.path(root, spec.ann_dir, split), spec.seg_suffix) if spec.ids_from_labels else \
+        (spec.path(root, spec.img_dir, split), spec.img_suffix)
+    if spec.split_file is None and listed.is_dir():
+        # without a split file every file in the folder is evaluated: earlier, other files would be scored too
+        wanted = {f"{i}{suffix}" for i in ids}
+        others = sorted(str(p.relative_to(listed)) for p in listed.rglob(f"*{suffix}")
+                        if str(p.relative_to(listed)) not in wanted)
         if others:
-            raise DataError(f"{img_dir} already holds {len(others)} other image(s) (e.g. {others[0]}), which "
+            raise DataError(f"{listed} already holds {len(others)} other file(s) (e.g. {others[0]}), which "
                             f"{name!r} ({split}) would then also score: write into an empty root")
     for file_id in ids:
         height, width = (int(v) for v in rng.integers(size[0], size[1] + 1, size=2))
-        label = synth_label(rng, height, width, num_raw, boundary=voc_like or spec.name == "cityscapes")
+        label = synth_label(rng, height, width, num_raw, boundary=voc_like or wide or spec.name == "cityscapes",
+                            ignore_index=spec.ignore_index)
         image = synth_image(rng, label, colours)
         image_path = spec.path(root, spec.img_dir, split) / f"{file_id}{spec.img_suffix}"
         with atomic_open(image_path, "wb") as f:
             Image.fromarray(image).save(f, format="PNG" if spec.img_suffix.endswith(".png") else "JPEG", quality=95)
         label_path = spec.path(root, spec.ann_dir, split) / f"{file_id}{spec.seg_suffix}"
-        atomic_save_png(label_path, label, palette=palette if voc_like else None)
+        if spec.seg_suffix == ".tif":
+            atomic_save_tiff(label_path, label.astype(np.uint16))
+        else:
+            atomic_save_png(label_path, label, palette=palette if voc_like else None)
     if spec.split_file is not None:
         atomic_write_text(spec.path(root, spec.split_file, split), "\n".join(ids) + "\n")
     return ids

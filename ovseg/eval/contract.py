@@ -13,7 +13,9 @@ from torch import nn
 
 class EvaluatedMethod(Protocol):
     """A method as :class:`~ovseg.eval.evaluator.Evaluator` and :class:`~ovseg.eval.session.EvaluationSession`
-    use it: text and dense image embeddings, and the Lightning state the results record."""
+    use it: text and dense image embeddings, and the Lightning state the results record. Optional: a context manager
+    ``scoring(dataset)``, entered around the dense scores of each dataset's images (a method with per-dataset
+    settings reads the name there; :func:`ovseg.eval.evaluator.scoring`)."""
 
     device: torch.device
     trainer: Any  #: the Lightning Trainer running it
@@ -30,6 +32,14 @@ class EvaluatedMethod(Protocol):
     def encode_text(self, names: list[str], templates: list[str]) -> torch.Tensor: ...
 
     def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor: ...
+
+    #: True when ``dense_logits(x, text) == logits_from_features(dense_features(x), text)``: the image side does
+    #: not depend on the words, and a cache may keep it across vocabularies
+    reuses_features: bool
+
+    def dense_features(self, images: torch.Tensor) -> Any: ...
+
+    def logits_from_features(self, features: Any, text: torch.Tensor) -> torch.Tensor: ...
 
     def extra_metrics(self, dataset: str, confmat: np.ndarray, class_names: list[list[str]]) -> dict[str, Any]: ...
 

@@ -8,16 +8,19 @@ hooks hand over to the session).
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+import hashlib
+from collections import OrderedDict
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovseg.data.classnames import read_class_names
+from ovseg.data.classnames import display_names, read_class_names
 from ovseg.data.files import DataError, apply_exif_orientation
+from ovseg.data.specs import IGNORE_INDEX
 from ovseg.eval.contract import EvaluatedMethod
 from ovseg.eval.inference import labels_from_logits, labels_from_masks, protocol_resize, slide_logits, to_uint8_hwc
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
@@ -44,7 +47,7 @@ class Vocabulary:
 
     @property
     def display_names(self) -> list[str]:
-        return [synonyms[0] for synonyms in self.class_names]
+        return display_names(self.class_names)
 
 
 def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: list[list[str]] | None,
@@ -60,7 +63,7 @@ def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: l
             raise ValueError(
                 f"class-name file {source!r} has {len(names)} classes but dataset {dataset_name!r} has {len(default)}"
             )
-    display = [synonyms[0] for synonyms in names]
+    display = display_names(names)
     repeated = sorted({n for n in display if display.count(n) > 1})
     if repeated:  # results.json reports per class name: a repeated one would hide a class
         raise ValueError(f"class names of {dataset_name!r} ({source}) repeat {repeated}: each class needs its own name")
@@ -71,6 +74,35 @@ def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: l
             n for n in settings.background_names if n not in names[background_index]
         ]
     return Vocabulary(names), source
+
+
+class FeatureCache:
+    """The image features of the last ``size`` forward passes, keyed by the exact input batch (its bytes, shape,
+    device) and the protocol settings that decide how a dense CLIP reads it: a second vocabulary on the same image
+    (``ovseg demo``) runs only the text side. Used for methods whose ``reuses_features`` is True: their
+    ``dense_logits(x, text)`` is ``logits_from_features(dense_features(x), text)``."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def features(self, method: EvaluatedMethod, images: torch.Tensor, settings: ProtocolSettings) -> Any:
+        digest = hashlib.sha1(images.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
+        key = (digest, tuple(images.shape), str(images.dtype), str(images.device), settings.normalization,
+               settings.patch_padding, settings.pos_embed_interpolation, settings.vision_activation,
+               settings.vision_ln_eps)
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+        self.misses += 1
+        features = method.dense_features(images)
+        self._items[key] = features
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return features
 
 
 @dataclass
@@ -108,6 +140,8 @@ class Evaluator:
         self.gallery_size = gallery_size
         self.max_chunk_bytes = max_chunk_bytes
         self.datasets: dict[str, DatasetEvaluation] = {}
+        #: image features kept across vocabularies (``ovseg demo``); None: every call runs the image side
+        self.feature_cache: FeatureCache | None = None
 
     def settings_for(self, dataset: str | None) -> ProtocolSettings:
         return self.protocol.settings_for(dataset, self.overrides)
@@ -121,7 +155,9 @@ class Evaluator:
         background_index: int | None,
         device: torch.device,
         settings: ProtocolSettings | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> DatasetEvaluation:
+        """``ignore_index``: the label value not scored (the dataset spec's: 65535 where 255 is a class)."""
         settings = settings or self.settings_for(name)
         vocabulary, source = dataset_vocabulary(settings, name, class_names, background_index)
         with dense_options(method, settings):
@@ -132,7 +168,7 @@ class Evaluator:
             vocabulary=vocabulary,
             class_names_source=source,
             text=text,
-            metric=ConfusionMatrix(len(vocabulary.class_names)).to(device),
+            metric=ConfusionMatrix(len(vocabulary.class_names), ignore_index=ignore_index).to(device),
             background_index=background_index,
             dataset_class_names=class_names,
         )
@@ -162,10 +198,12 @@ class Evaluator:
                                    s.resize_rule) for image in images]
 
         def dense_fn(batch: torch.Tensor) -> torch.Tensor:
+            if self.feature_cache is not None and getattr(method, "reuses_features", False):
+                return method.logits_from_features(self.feature_cache.features(method, batch, s), entry.text)
             return method.dense_logits(batch, entry.text)
 
         logits: list[torch.Tensor | None] = [None] * len(images)
-        with dense_options(method, s):
+        with dense_options(method, s), scoring(method, entry.name):
             if s.mode == "slide":
                 for i, image in enumerate(resized):
                     logits[i] = slide_logits(dense_fn, image, s.crop, s.stride, self.window_batch_size)
@@ -245,6 +283,14 @@ def refinement_image(method: torch.nn.Module, image: torch.Tensor, out_size: tup
     if encoders:
         image = encoders[0].normalize(image)
     return F.interpolate(image.float(), size=out_size, mode="bilinear", align_corners=False)
+
+
+def scoring(method: torch.nn.Module, dataset: str) -> ContextManager[Any]:
+    """The method's ``scoring(dataset)`` block around its dense scores, if it has one: a method whose settings are
+    tuned per dataset (ResCLIP's released configs) reads which dataset is scored (``predict`` for ``ovseg
+    predict``'s words)."""
+    hook = getattr(method, "scoring", None)
+    return hook(dataset) if callable(hook) else nullcontext()
 
 
 @contextmanager

@@ -225,9 +225,9 @@ def labels_from_masks(
     height, width = out_size
     if tuple(masks.shape[-2:]) != (height, width):
         raise ValueError(f"mask map {tuple(masks.shape[-2:])} and output size {tuple(out_size)} differ")
-    masks = masks.to(logits.device).long().reshape(height, width)
-    ids = masks.flatten()
-    num_ids = int(ids.max()) + 1
+    # pool over the mask ids present only: ids are sparse where labels are 16-bit (65535 = ignore, ADE-847)
+    present, ids = torch.unique(masks.to(logits.device).long().flatten(), return_inverse=True)
+    num_ids = present.numel()
     largest = max(height * width, via_size[0] * via_size[1] if via_size else 0)
     chunk = max(1, min(num_queries, max_chunk_bytes // (largest * 4)))
     pooled = torch.zeros(num_ids, num_queries, dtype=torch.float64, device=logits.device)
@@ -240,4 +240,4 @@ def labels_from_masks(
     pooled /= torch.bincount(ids, minlength=num_ids).clamp(min=1)[:, None]
     per_class = torch.full((num_ids, num_classes), -math.inf, dtype=pooled.dtype, device=pooled.device)
     per_class = per_class.scatter_reduce(1, query_to_class.to(pooled.device).expand(num_ids, -1), pooled, "amax")
-    return per_class.argmax(dim=1)[masks]
+    return per_class.argmax(dim=1)[ids].reshape(height, width)

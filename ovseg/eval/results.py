@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ovseg import __version__
+from ovseg.data.classnames import display_names
 from ovseg.utils.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:  # results files are read and aggregated by commands that never compute a score
@@ -40,7 +41,7 @@ def dataset_entry(
     scores: SegScores,
     num_images: int,
 ) -> dict[str, Any]:
-    display = [c[0] for c in class_names]
+    display = display_names(class_names)
     return {
         "protocol": protocol_name,
         "protocol_settings": settings,

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ovseg.eval.contract import EvaluatedMethod
-from ovseg.eval.evaluator import Evaluator, Vocabulary
-from ovseg.eval.protocols import load_protocol
+from ovseg.eval.evaluator import DatasetEvaluation, Evaluator, FeatureCache
+from ovseg.eval.protocols import ProtocolSettings, load_protocol
 from ovseg.eval.results import build_results, dataset_entry, summary_table, write_results
 
 
@@ -71,7 +72,7 @@ class EvaluationSession:
         self.evaluator = self.settings.evaluator(self.settings.gallery_size)
         for dataset in method.trainer.datamodule.eval_datasets:
             self.evaluator.add_dataset(method, dataset.name, dataset.class_names, dataset.background_index,
-                                       method.device)
+                                       method.device, ignore_index=dataset.ignore_index)
         self._started = time.perf_counter()
 
     def step(self, method: EvaluatedMethod, batch: dict) -> None:
@@ -142,14 +143,9 @@ class EvaluationSession:
 
     # -- predict: arbitrary images and words ---------------------------------------------------------------------
     def start_predict(self, method: EvaluatedMethod) -> None:
-        self.evaluator = self.settings.evaluator()
-        # arbitrary words: the given names only, no dataset-specific background rules
-        settings = dataclasses.replace(
-            self.evaluator.settings_for(None), class_names="{dataset}", prob_threshold=None, area_threshold=None,
-            background_names=[],
-        )
-        self.evaluator.add_dataset(method, "predict", method.trainer.datamodule.predict_class_names, None,
-                                   method.device, settings)
+        self.predictor = Predictor(self.settings)
+        self._predict_classes = method.trainer.datamodule.predict_class_names
+        self.predictor.vocabulary(method, self._predict_classes)  # the text is encoded once, before any image
         self._predict_out = self.predict_output_dir(method.trainer)
 
     def predict_output_dir(self, trainer: Any) -> Path:
@@ -159,17 +155,51 @@ class EvaluationSession:
     def predict_step(self, method: EvaluatedMethod, batch: dict) -> list[str]:
         from ovseg.eval.visualize import save_prediction
 
-        entry = self.evaluator.datasets["predict"]
-        vocabulary: Vocabulary = entry.vocabulary
+        vocabulary = self.predictor.vocabulary(method, self._predict_classes).vocabulary
         written = []
         for image, meta in zip(batch["image"], batch["meta"]):
-            pred = self.evaluator.predict(method, entry, image, tuple(image.shape[-2:]))
+            pred = self.predictor.predict(method, image, self._predict_classes)
             written.append(str(save_prediction(self._predict_out, meta["id"], image, pred, vocabulary.display_names)))
         return written
 
     def finish_predict(self, method: EvaluatedMethod) -> None:
         if method.trainer.is_global_zero:
             rank_zero_info(f"predictions: {self._predict_out}")
+
+
+def predict_settings(evaluator: Evaluator) -> ProtocolSettings:
+    """The protocol's settings for arbitrary words (``ovseg predict``, ``ovseg demo``): the given names only, no
+    dataset-specific background rules or thresholds."""
+    return dataclasses.replace(evaluator.settings_for(None), class_names="{dataset}", prob_threshold=None,
+                               area_threshold=None, background_names=[])
+
+
+class Predictor:
+    """``ovseg predict``'s inference, for any number of images and vocabularies: one method under one protocol
+    (:class:`EvaluationSettings`). Each vocabulary's text is encoded once and kept; ``reuse_features`` (``ovseg
+    demo``): the image features of the last images are kept, so a new vocabulary on the same image runs only the
+    text side, for methods whose features do not depend on the words (``OVSegMethod.reuses_features``)."""
+
+    def __init__(self, settings: EvaluationSettings, reuse_features: bool = False):
+        self.evaluator = settings.evaluator()
+        if reuse_features:
+            self.evaluator.feature_cache = FeatureCache()
+        self.settings = predict_settings(self.evaluator)
+        self._entries: dict[tuple[tuple[str, ...], ...], DatasetEvaluation] = {}
+
+    def vocabulary(self, method: EvaluatedMethod, class_names: list[list[str]]) -> DatasetEvaluation:
+        """The evaluator's entry (text embeddings, names) of a vocabulary, encoded on its first use."""
+        key = tuple(tuple(synonyms) for synonyms in class_names)
+        if key not in self._entries:
+            self._entries[key] = self.evaluator.add_dataset(method, f"predict:{len(self._entries)}",
+                                                            [list(s) for s in key], None, method.device,
+                                                            self.settings)
+        return self._entries[key]
+
+    def predict(self, method: EvaluatedMethod, image: torch.Tensor, class_names: list[list[str]]) -> torch.Tensor:
+        """An image ``[3,H,W]`` in [0,1] -> class ids ``[H,W]`` (indices into ``class_names``) at its size."""
+        entry = self.vocabulary(method, class_names)
+        return self.evaluator.predict(method, entry, image.to(method.device), tuple(image.shape[-2:]))
 
 
 def run_dir(trainer: Any) -> Path:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ovseg.data.classnames import display_names
 from ovseg.data.specs import voc_palette
 from ovseg.utils.io import atomic_open, atomic_save_png
 
@@ -47,9 +48,14 @@ def label_font(size: int = 11) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
+def blend(image: np.ndarray, pred: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``image`` uint8 HxWx3 with the class colours of ``pred`` (class ids HxW) laid over it."""
+    return (image * (1 - alpha) + colourise(pred) * alpha).astype(np.uint8)
+
+
 def overlay_with_legend(image: np.ndarray, pred: np.ndarray, class_names: list[str], alpha: float = 0.5) -> Image.Image:
     """``image`` uint8 HxWx3, ``pred`` class ids HxW -> blended picture with a legend of the classes present."""
-    blended = (image * (1 - alpha) + colourise(pred) * alpha).astype(np.uint8)
+    blended = blend(image, pred, alpha)
     present = [int(c) for c in np.unique(pred)]
     font = label_font()
     row = 16
@@ -194,7 +200,7 @@ def save_test_pictures(out_dir: str | Path, results: dict, gallery: dict) -> lis
         with atomic_open(path, "wb") as f:
             iou_bar_chart(d["per_class"], f"{name}: per-class IoU (mIoU {d.get('mIoU')})").save(f, format="PNG")
         written.append(path)
-        display = [c[0] for c in d["class_names"]]
+        display = display_names(d["class_names"])
         for k, (file_id, image, label, pred) in enumerate(gallery.get(name, [])):
             path = out_dir / name / f"gallery_{k}_{_safe_name(file_id)}.png"
             with atomic_open(path, "wb") as f:
@@ -227,7 +233,7 @@ def log_wandb_media(run, results: dict, gallery: dict, prefix: str = "test") -> 
                                                                     title=f"{name}: per-class IoU")
         items = gallery.get(name) or []
         if items:
-            display = [c[0] for c in d["class_names"]]
+            display = display_names(d["class_names"])
             labels = {i: n for i, n in enumerate(display)}
             table = wandb.Table(columns=["id", "image", "ground truth", "prediction"])
             for file_id, image, label, pred in items:

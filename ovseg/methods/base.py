@@ -110,6 +110,17 @@ class OVSegMethod(L.LightningModule):
     def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    #: a method whose image side does not depend on the words sets this and splits ``dense_logits`` into
+    #: ``logits_from_features(dense_features(images), text)``: ``ovseg demo`` then keeps an image's features and a
+    #: new vocabulary on it runs only the text side
+    reuses_features: bool = False
+
+    def dense_features(self, images: torch.Tensor) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not split dense_logits (reuses_features is False)")
+
+    def logits_from_features(self, features: Any, text: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not split dense_logits (reuses_features is False)")
+
     @property
     def input_size(self) -> int:
         raise NotImplementedError(f"{type(self).__name__} does not define an input size for square protocols")

@@ -60,9 +60,18 @@ class ZeroShotCLIP(OVSegMethod):
             self._text_banks[key] = TextBank(self.encoder.encode_text, templates)
         return self._text_banks[key].embed(names)
 
+    reuses_features = True
+
     @torch.no_grad()
     def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        features = self.encoder.encode_dense(self.encoder.normalize(images))
+        return self.logits_from_features(self.dense_features(images), text)
+
+    @torch.no_grad()
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode_dense(self.encoder.normalize(images))
+
+    @torch.no_grad()
+    def logits_from_features(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         # text made in the text tower's precision (the maskclip protocol's fp16 ensemble) is used as made
         return cosine_logits(features, text, self.encoder.options.text_ensemble_precision == "fp32")
 
@@ -150,11 +159,18 @@ class MaskCLIP(ZeroShotCLIP):
         self.ks_thresh, self.pd_thresh = float(ks_thresh), float(pd_thresh)
 
     @torch.no_grad()
-    def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         if self.ks_thresh <= 0 and self.pd_thresh <= 0:
-            return super().dense_logits(images, text)
-        features, keys = self.encoder.encode_dense_keys(self.encoder.normalize(images), keys=self.ks_thresh > 0)
-        logits = cosine_logits(features, text, self.encoder.options.text_ensemble_precision == "fp32")
+            return super().dense_features(images)
+        return self.encoder.encode_dense_keys(self.encoder.normalize(images), keys=self.ks_thresh > 0)
+
+    @torch.no_grad()
+    def logits_from_features(self, features: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None],
+                             text: torch.Tensor) -> torch.Tensor:
+        if self.ks_thresh <= 0 and self.pd_thresh <= 0:
+            return super().logits_from_features(features, text)
+        features, keys = features
+        logits = super().logits_from_features(features, text)
         if self.pd_thresh > 0:
             logits = prompt_denoising(logits, self.pd_thresh)
         if self.ks_thresh > 0:

@@ -32,7 +32,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
-from ovseg.models.attention import AttentionTokens, get_attention
+from ovseg.models.attention import AttentionFn, AttentionTokens, get_attention
 from ovseg.models.clip_loading import (
     HF_PREFIX,
     check_open_clip_resnet,
@@ -47,6 +47,7 @@ __all__ = [
     "CLIPConfig",
     "DenseCLIP",
     "DenseOptions",
+    "LastStage",
     "TransformerBlockView",
     "dense_last_block",
     "resize_positional_embedding",
@@ -60,6 +61,10 @@ open_clip.add_model_config(CONFIG_DIR)
 Residual = Literal["token", "cls", "none"]
 RESIDUALS: tuple[str, ...] = get_args(Residual)
 TEXT_BATCH = 256
+#: a replacement of the last ViT block that reads every earlier block's output (SC-CLIP's self-calibration,
+#: :mod:`ovseg.methods.scclip`): ``(hidden, last, grid) -> tokens [B, 1+N, C]`` before ``ln_post``, where ``hidden``
+#: holds the outputs ``[B, 1+N, C]`` of blocks ``0 … L-2`` (the last one is the last block's input)
+LastStage = Callable[[list[Tensor], "TransformerBlockView", tuple[int, int]], Tensor]
 @dataclass
 class CLIPConfig:
     """Which CLIP to load and how its last ViT block produces dense features.
@@ -147,16 +152,17 @@ def _merge_heads(x: Tensor) -> Tensor:
 
 
 def dense_last_block(
-    x: Tensor, block: TransformerBlockView, last_block: str = "vanilla", residual: str = "token", ffn: bool = True,
-    grid: tuple[int, int] | None = None,
+    x: Tensor, block: TransformerBlockView, last_block: str | AttentionFn = "vanilla", residual: str = "token",
+    ffn: bool = True, grid: tuple[int, int] | None = None,
 ) -> Tensor:
     """Run the last ViT block on tokens ``x`` [B, 1+N, C] (class token first) in one of the dense variants.
 
-    ``last_block`` names a registered attention (:mod:`ovseg.models.attention`); ``grid`` is the patch grid
-    (rows, cols), needed by attentions that look at token positions (a square grid is assumed when omitted).
+    ``last_block`` names a registered attention (:mod:`ovseg.models.attention`) or is one (a method whose attention
+    reads more than the block's tokens, e.g. ResCLIP's earlier-block maps, passes a closure); ``grid`` is the patch
+    grid (rows, cols), needed by attentions that look at token positions (a square grid is assumed when omitted).
     ``vanilla`` + ``token`` + ``ffn`` is exactly the block's normal forward.
     """
-    attention = get_attention(last_block)
+    attention = get_attention(last_block) if isinstance(last_block, str) else last_block
     if grid is None:
         side = math.isqrt(x.shape[1] - 1)
         if side * side != x.shape[1] - 1:
@@ -244,7 +250,9 @@ class DenseCLIP(nn.Module):
 
     Attributes: ``model`` (the wrapped open_clip model or transformers ``CLIPModel``), ``kind``
     (``"vit"``, ``"timm"``, ``"resnet"`` or ``"hf_vit"``), ``mean``/``std`` ([1,3,1,1] buffers), ``patch_size`` (ViT
-    patch, ConvNeXt or ResNet total stride), ``input_size`` (trained image size), ``embed_dim`` and ``weights_id``.
+    patch, ConvNeXt or ResNet total stride), ``input_size`` (trained image size), ``embed_dim`` and ``weights_id``;
+    ``last_stage`` (a :data:`LastStage`, None: :func:`dense_last_block` as the config says), set by a method whose
+    last block reads the earlier blocks' outputs.
     """
 
     mean: Tensor
@@ -260,6 +268,7 @@ class DenseCLIP(nn.Module):
         self.config = config = config if config is not None else CLIPConfig()
         self._tokenizer: Callable[[list[str]], Tensor] | None = None
         self._pos_cache: dict[tuple, Tensor] = {}
+        self.last_stage: LastStage | None = None
 
         if config.name.startswith(HF_PREFIX):
             self._hf_folder = Path(config.name[len(HF_PREFIX):]).expanduser()
@@ -548,12 +557,18 @@ class DenseCLIP(nn.Module):
         if x.shape[1] != 1 + grid[0] * grid[1]:
             raise RuntimeError("patch dropout removed tokens; dense features need all of them (call eval() or "
                                "set patch_dropout=0)")
+        hidden: list[Tensor] = []  # every block's output, kept only for a last stage that reads them
         for block in blocks:
             x = block(x)
+            if self.last_stage is not None:
+                hidden.append(x)
         if key_out is not None:
             key_out.append(last.out_proj(F.linear(last.ln_1(x), last.k_weight, last.k_bias)))
         cfg = self.config
-        x = dense_last_block(x, last, cfg.last_block, cfg.residual, cfg.ffn, grid)
+        if self.last_stage is not None:
+            x = self.last_stage(hidden, last, grid)
+        else:
+            x = dense_last_block(x, last, cfg.last_block, cfg.residual, cfg.ffn, grid)
         return project(ln_post(x))
 
     def _open_clip_vit_tokens(self, images: Tensor, key_out: list[Tensor] | None = None) -> Tensor:

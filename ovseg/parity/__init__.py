@@ -16,6 +16,8 @@ REFERENCES: dict[str, str] = {
     "SCLIP": "ovseg.parity.sclip",
     "NACLIP": "ovseg.parity.naclip",
     "ClearCLIP": "ovseg.parity.clearclip",
+    "ResCLIP": "ovseg.parity.resclip",
+    "SC-CLIP": "ovseg.parity.scclip",
     "DINO": "ovseg.parity.dino",
     "HSG": "ovseg.parity.hsg",
 }
@@ -26,6 +28,8 @@ REPOSITORIES: dict[str, str] = {
     "SCLIP": "https://github.com/wangf3014/SCLIP",
     "NACLIP": "https://github.com/sinahmr/NACLIP",
     "ClearCLIP": "https://github.com/mc-lan/ClearCLIP",
+    "ResCLIP": "https://github.com/yvhangyang/ResCLIP",
+    "SC-CLIP": "https://github.com/SuleBai/SC-CLIP",
     "DINO": "https://github.com/facebookresearch/dino",
     "HSG": "https://github.com/twke18/HSG",
 }

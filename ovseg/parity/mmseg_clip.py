@@ -95,6 +95,8 @@ class Harness:
     #: context manager); None: :class:`Reference` inside :func:`reference_imports` with :func:`stand_ins`
     reference_type: Any = None
     imports: Any = None
+    #: ovseg's side: ``(weights folder, label variant) -> method``; None: :func:`ovseg_method` (a ZeroShotCLIP)
+    method_factory: Any = None
 
     def reference_context(self, ref_dir: Path):
         return self.imports(ref_dir) if self.imports else reference_imports(ref_dir, stand_ins())
@@ -321,7 +323,7 @@ def run_harness(harness: Harness, ref_dir: Path, device: str = "cpu", work_dir: 
     with harness.reference_context(ref_dir):
         ref = harness.open_reference(ref_dir, device)
         label_variant = variants[harness.label_variant]
-        method = ovseg_method(folder, label_variant).to(device).eval()
+        method = (harness.method_factory or ovseg_method)(folder, label_variant).to(device).eval()
         scorer = OVSegScorer(method, protocol, overrides, device=device)
         settings = scorer.evaluator.settings_for(None)
 

@@ -1,9 +1,10 @@
-"""``ovseg toyworld generate | pretrain | zeroshot | leaderboard | clips4-study``."""
+"""``ovseg toyworld generate | pretrain | zeroshot | leaderboard | matrix | clips4-study``."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def _generate(ns: argparse.Namespace) -> int:
@@ -78,6 +79,24 @@ def _leaderboard(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _matrix(ns: argparse.Namespace) -> int:
+    import shlex
+
+    from ovseg.toyworld.matrix import readme_section, run_toy_matrix, write_readme
+    from ovseg.utils.project import project_path
+
+    record, seconds = run_toy_matrix(ns.root, ns.out, methods=ns.methods or None, protocols=ns.protocols or None,
+                                     force=ns.force, extra=ns.extra)
+    print(f"toyworld matrix: {ns.out}/MATRIX.md ({seconds:.0f} s)")
+    if ns.readme is not None:
+        readme = Path(ns.readme) if ns.readme else project_path("ovseg/toyworld/README.md")
+        args = ["--root", ns.root] + (["--methods", *ns.methods] if ns.methods else []) + (
+            ["--protocols", *ns.protocols] if ns.protocols else [])
+        write_readme(readme, readme_section(record, seconds, "ovseg toyworld matrix " + shlex.join(args)))
+        print(f"toyworld matrix: tables written into {readme}")
+    return 0
+
+
 def _clips4_study(ns: argparse.Namespace) -> int:
     from ovseg.toyworld.clips4_study import main
 
@@ -147,6 +166,20 @@ def register(commands) -> None:
     lb.add_argument("--reuse", action="store_true", help="keep stages whose results/checkpoint exist (resume)")
     lb.add_argument("extra", nargs="*", help="more `ovseg fit/test` arguments for every stage (after --)")
     lb.set_defaults(func=_leaderboard)
+
+    mx = sub.add_parser("matrix", help="every training-free toy config under every shipped protocol on toy val "
+                                       "(resumes: finished cells are skipped); one mIoU table")
+    mx.add_argument("--root", default=default.root, help="a root written by `ovseg toyworld generate`")
+    mx.add_argument("--out", default="outputs/toyworld_matrix")
+    mx.add_argument("--methods", nargs="+", default=[], metavar="CONFIG",
+                    help="configs (default: every training-free configs/toyworld/*.yaml)")
+    mx.add_argument("--protocols", nargs="+", default=[], metavar="PROTOCOL",
+                    help="protocol names or YAML files (default: every shipped protocol)")
+    mx.add_argument("--force", action="store_true", help="rerun even finished cells")
+    mx.add_argument("--readme", nargs="?", const="", default=None, metavar="FILE",
+                    help="write the tables between the generated markers of FILE (default: ovseg/toyworld/README.md)")
+    mx.add_argument("extra", nargs="*", help="more `ovseg test` arguments for every cell (after --)")
+    mx.set_defaults(func=_matrix)
 
     st = sub.add_parser("clips4-study", help="CLIP-S4 training variants over seeds: fine-tuned mIoU, 4-fold known / "
                                              "unknown mIoU, where the unknown prototypes go")

@@ -111,6 +111,15 @@ def atomic_save_png(path: str | Path, array: np.ndarray, palette: np.ndarray | N
         image.save(f, format="PNG")
 
 
+def atomic_save_tiff(path: str | Path, array: np.ndarray) -> None:
+    """Save a 16-bit label map as a TIFF, as CAT-Seg writes ADE-847 and PC-459 labels
+    (``Image.fromarray(uint16).save(path, "TIFF")``: mode ``I;16``, uncompressed)."""
+    if array.dtype != np.uint16:
+        raise TypeError(f"{path}: 16-bit TIFF labels take uint16 arrays, got {array.dtype}")
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(np.ascontiguousarray(array)).save(f, format="TIFF")
+
+
 def load_weights_file(path: str | Path, what: str = "weights file", allow_numpy: bool = False, **kwargs: Any) -> Any:
     """``torch.load`` of a checkpoint or weights file that never runs code from it: ``weights_only=True`` (tensors,
     plain containers and numbers), plus exactly numpy's array and scalar types when ``allow_numpy`` (detectron2,

@@ -188,3 +188,35 @@ def test_fine_tuning_beats_the_frozen_start(tmp_path):
     for method, floors in MIN_EVERY_SEED_GAIN.items():
         for metric, floor in floors.items():
             assert min(g[metric] for g in gains[method]) >= floor, (method, metric, gains[method])
+
+
+def test_toy_matrix_own_cell_is_ovseg_test(tmp_path, capsys):
+    """`ovseg toyworld matrix`: each method's own-protocol cell is exactly its `ovseg test` run (confusion matrix and
+    mIoU to the last digit); another column replaces the protocol and the config's protocol_overrides (NACLIP's
+    PAMR); the tables go between the README's markers and nowhere else."""
+    from ovseg.toyworld.matrix import README_BEGIN, README_END
+
+    root, out = tmp_path / "toy", tmp_path / "matrix"
+    main(["toyworld", "generate", "--root", str(root), "--num-train", "0", "--num-val", "3"])
+    small = tmp_path / "small.yaml"  # a cheap second column: the toy protocol at 64 px
+    small.write_text("name: small\nextends: toyworld\ndefaults: {short_side: 64, long_side_max: 64}\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# toy\n\nbefore\n\n{README_BEGIN}\nold table\n{README_END}\n\nafter\n")
+    methods = ["naclip_pamr", "clip"]
+    assert main(["toyworld", "matrix", "--root", str(root), "--out", str(out), "--methods",
+                 *[str(CONFIGS / f"{m}.yaml") for m in methods], "--protocols", str(small),
+                 "--readme", str(readme)]) == 0
+    for method in methods:
+        cell = json.loads((out / method / "toyworld" / "results.json").read_text())["datasets"]["toyworld"]
+        single = run_test(method, root, tmp_path / f"single_{method}")["datasets"]["toyworld"]
+        assert cell["num_images"] == 3
+        assert cell["confusion_matrix"] == single["confusion_matrix"] and cell["mIoU"] == single["mIoU"]
+        assert cell["protocol_settings"] == single["protocol_settings"]
+        other = json.loads((out / method / "small" / "results.json").read_text())["datasets"]["toyworld"]
+        assert other["protocol_settings"]["short_side"] == 64 and other["protocol_settings"]["pamr_steps"] == 0
+    assert json.loads((out / "naclip_pamr" / "toyworld" / "results.json").read_text())["datasets"]["toyworld"][
+        "protocol_settings"]["pamr_steps"] == 10  # the own cell keeps the config's PAMR
+    text = readme.read_text()
+    assert text.startswith("# toy\n\nbefore\n\n" + README_BEGIN) and text.endswith(README_END + "\n\nafter\n")
+    assert "old table" not in text and "| naclip_pamr | `toyworld` + " in text and "★" in text
+    assert "ovseg toyworld matrix --root" in text

@@ -1,6 +1,7 @@
 """Parity tests run the authors' code beside ovseg; they need a checkout named by ``OVSEG_PARITY_<REF>``."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,9 @@ from ovseg.parity import REPOSITORIES
 
 
 def reference_checkout(name: str) -> Path:
-    """The checkout of reference ``name`` from ``OVSEG_PARITY_<NAME>``, or skip saying how to get one."""
-    variable = f"OVSEG_PARITY_{name.upper()}"
+    """The checkout of reference ``name`` from ``OVSEG_PARITY_<NAME>`` (``SC-CLIP``: ``OVSEG_PARITY_SC_CLIP``), or
+    skip saying how to get one."""
+    variable = "OVSEG_PARITY_" + re.sub(r"\W", "_", name.upper())
     folder = os.environ.get(variable)
     if not folder or not Path(folder).is_dir():
         pytest.skip(f"no {name} checkout: git clone {REPOSITORIES[name]} and set {variable} to its folder")

@@ -396,7 +396,8 @@ def test_cityscapes_converter(tmp_path):
 
 
 def test_register_all_and_cli(tmp_path, capsys):
-    assert list(CONVERTERS) == ["pascal_context", "voc_aug", "coco_stuff", "coco_object", "cityscapes"]
+    assert list(CONVERTERS) == ["pascal_context", "voc_aug", "coco_stuff", "coco_object", "cityscapes", "ade847",
+                                "pc459"]
     parser = argparse.ArgumentParser(prog="ovseg data convert")
     register_all(parser.add_subparsers(dest="converter", required=True))
     for name in CONVERTERS:

@@ -7,6 +7,8 @@ protocol-specific variant; any other argument is a path to a user's file. An inl
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,6 +54,13 @@ def read_class_names(name_or_path: str | Path) -> list[list[str]]:
     return [list(s) for s in _read(resolve_class_file(name_or_path).resolve())]
 
 
+def display_names(class_names: Sequence[Sequence[str]]) -> list[str]:
+    """One name per class for tables and results: its first synonym or, where another class starts with the same
+    one (ADE-847's three ``bag`` classes, as CAT-Seg's ade847.json lists them), its whole synonym line."""
+    firsts = Counter(synonyms[0] for synonyms in class_names)
+    return [synonyms[0] if firsts[synonyms[0]] == 1 else ", ".join(synonyms) for synonyms in class_names]
+
+
 def looks_like_class_file(text: str) -> bool:
     """A ``--classes`` value names a file when it holds no comma and ends in ``.txt``, holds a path separator, or is
     an existing file with a suffix (``names.csv``); anything else is an inline list, even a single bare word that
@@ -72,9 +81,18 @@ def parse_class_list(text: str) -> list[list[str]]:
         if not Path(text).expanduser().is_file():
             raise FileNotFoundError(f"class-name file {text!r} not found (for inline names, separate them with ',')")
         classes = read_class_names(Path(text).expanduser())
-    else:
-        classes = [[s.strip() for s in item.split(";") if s.strip()] for item in text.split(",")]
-        classes = [c for c in classes if c]
+        if not classes:
+            raise ValueError(f"no class names in {text!r}")
+        check_unique_names(classes, text)
+        return classes
+    return parse_inline_classes(text)
+
+
+def parse_inline_classes(text: str) -> list[list[str]]:
+    """``"cat,dog;puppy,sky"`` -> ``[["cat"], ["dog", "puppy"], ["sky"]]``, never read as a file name (what
+    ``ovseg demo`` does with the words typed in its page); no names, or a name given twice, is an error."""
+    classes = [[s.strip() for s in item.split(";") if s.strip()] for item in text.split(",")]
+    classes = [c for c in classes if c]
     if not classes:
         raise ValueError(f"no class names in {text!r}")
     check_unique_names(classes, text)

@@ -240,7 +240,17 @@ class CLIPS4(OVSegMethod):
 
     @torch.no_grad()
     def dense_logits(self, images: Tensor, text: Tensor) -> Tensor:
-        return cosine_logits(self.backbone(images).float(), text)
+        return self.logits_from_features(self.dense_features(images), text)
+
+    reuses_features = True
+
+    @torch.no_grad()
+    def dense_features(self, images: Tensor) -> Tensor:
+        return self.backbone(images).float()
+
+    @torch.no_grad()
+    def logits_from_features(self, features: Tensor, text: Tensor) -> Tensor:
+        return cosine_logits(features, text)
 
     # -- training ----------------------------------------------------------------------------------
     @torch.no_grad()

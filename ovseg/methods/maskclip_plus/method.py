@@ -147,14 +147,23 @@ class MaskCLIPPlus(OVSegMethod):
     def class_logits(self, images: Tensor, text: Tensor) -> Tensor:
         """``MaskClipPlusHead.cls_seg``: student features ``[B, D, h, w]`` (normalised only with ``norm_feat``) dot
         the unit text embeddings ``[K, D]`` -> ``[B, K, h, w]``."""
-        features = self.student(images).float()
-        if self.hparams.norm_feat:
-            features = F.normalize(features, dim=1)
-        return torch.einsum("bdhw,kd->bkhw", features, F.normalize(text.float(), dim=-1)).contiguous()
+        return self.logits_from_features(self.student(images), text)
 
     @torch.no_grad()
     def dense_logits(self, images: Tensor, text: Tensor) -> Tensor:
         return self.class_logits(images, text)
+
+    reuses_features = True
+
+    @torch.no_grad()
+    def dense_features(self, images: Tensor) -> Tensor:
+        return self.student(images)
+
+    def logits_from_features(self, features: Tensor, text: Tensor) -> Tensor:
+        features = features.float()
+        if self.hparams.norm_feat:
+            features = F.normalize(features, dim=1)
+        return torch.einsum("bdhw,kd->bkhw", features, F.normalize(text.float(), dim=-1)).contiguous()
 
     # -- training ----------------------------------------------------------------------------------
     @staticmethod

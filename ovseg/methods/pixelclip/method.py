@@ -281,10 +281,20 @@ class PixelCLIP(OVSegMethod):
 
     @torch.no_grad()
     def dense_logits(self, images: Tensor, text: Tensor) -> Tensor:
+        return self.logits_from_features(self.dense_features(images), text)
+
+    reuses_features = True
+
+    @torch.no_grad()
+    def dense_features(self, images: Tensor) -> Tensor:
         features = self.encoder.encode_dense(self.encoder.normalize(images))
         size = self.inference_feature_size
         if size:
             features = F.interpolate(features.float(), size=(size, size), mode="bilinear", align_corners=False)
+        return features
+
+    @torch.no_grad()
+    def logits_from_features(self, features: Tensor, text: Tensor) -> Tensor:
         return cosine_logits(features, text)
 
     # -- training -----------------------------------------------------------------------------------

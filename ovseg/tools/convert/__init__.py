@@ -1,4 +1,5 @@
-"""Dataset converters: official downloads -> the mmsegmentation layouts of :mod:`ovseg.data.specs`.
+"""Dataset converters: official downloads -> the layouts of :mod:`ovseg.data.specs` (mmsegmentation's; CAT-Seg's for
+ADE-847 and PC-459).
 
 Each converter module has a ``convert_<name>(...)`` function (returns a summary dict of counts) and a
 ``register(subparsers)`` that adds its argparse subcommand (``set_defaults(func=main)``, ``main`` taking
@@ -11,7 +12,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from ovseg.tools.convert import cityscapes, coco_object, coco_stuff, pascal_context, voc_aug
+from ovseg.tools.convert import ade847, cityscapes, coco_object, coco_stuff, pascal_context, pc459, voc_aug
 from ovseg.tools.convert._common import ConversionError, ConversionWarning
 
 CONVERTERS: dict[str, ModuleType] = {
@@ -20,6 +21,8 @@ CONVERTERS: dict[str, ModuleType] = {
     "coco_stuff": coco_stuff,
     "coco_object": coco_object,
     "cityscapes": cityscapes,
+    "ade847": ade847,
+    "pc459": pc459,
 }
 
 __all__ = ["CONVERTERS", "ConversionError", "ConversionWarning", "register_all"]

@@ -170,7 +170,7 @@ def test_synthetic_splits_never_overwrite_each_other(tmp_path):
     assert not set(val_ids) & set(aug_ids)
     assert all((images / f"{i}.jpg").read_bytes() == data for i, data in before.items())
     write_synthetic("ade150", tmp_path, num_images=3, seed=3)
-    with pytest.raises(DataError, match="already holds 1 other image"):  # no split file: it would be scored too
+    with pytest.raises(DataError, match="already holds 1 other file"):  # no split file: it would be scored too
         write_synthetic("ade150", tmp_path, num_images=2, seed=3)
 
 
@@ -245,7 +245,7 @@ def _registered_attentions() -> str:
 
 @pytest.mark.parametrize("setting, typo, choices", [
     ("clip.last_block", "valu", _registered_attentions),
-    ("protocol", "maskclp", lambda: "clearclip, maskclip, naclip, pixelclip, pixelclip_masks, sclip, toyworld"),
+    ("protocol", "maskclp", lambda: "clearclip, maskclip, naclip, pixelclip, pixelclip_masks, scclip, sclip, toyworld"),
 ])
 def test_a_misspelt_choice_is_one_line_naming_the_valid_ones(setting, typo, choices, synthetic_root, monkeypatch,
                                                              capsys):

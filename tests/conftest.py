@@ -18,3 +18,21 @@ def synthetic_root(tmp_path):
     write_synthetic("voc21", tmp_path, num_images=3, seed=1)
     write_synthetic("ade150", tmp_path, num_images=2, seed=2)
     return tmp_path
+
+
+@pytest.fixture
+def interpolate_shapes(monkeypatch) -> list:
+    """The output shapes of every ``F.interpolate`` call inside ``ovseg.eval.inference`` during the test (to bound
+    how many class channels one upsampling call holds)."""
+    from ovseg.eval import inference
+
+    shapes = []
+    real = inference.F.interpolate
+
+    def spy(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        shapes.append(out.shape)
+        return out
+
+    monkeypatch.setattr(inference.F, "interpolate", spy)
+    return shapes

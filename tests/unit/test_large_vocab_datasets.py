@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy.io import savemat
 
@@ -25,7 +24,6 @@ from ovseg.data.seg_dataset import SegFileDataset
 from ovseg.data.specs import WIDE_IGNORE_INDEX, get_spec
 from ovseg.data.synthetic import write_synthetic
 from ovseg.data.verify import verify_dataset
-from ovseg.eval import inference
 from ovseg.eval.inference import labels_from_logits, labels_from_masks
 from ovseg.eval.metrics import ConfusionMatrix
 from ovseg.tools.convert import CONVERTERS, ConversionError, ConversionWarning
@@ -315,19 +313,10 @@ def test_confusion_matrix_counts_class_255_and_ignores_65535(num_classes):
             assert int(metric.compute()[255].sum()) == int((label == 255).sum())
 
 
-def assert_scoring_within_chunk_bound(monkeypatch, num_classes: int, size: tuple[int, int], bound: int) -> None:
-    """Both scoring paths (argmax and mask classification) of ``num_classes`` scores at label ``size``: every
-    upsampling call holds at most ``bound`` bytes of channels, never all classes, and the 65535 ignore value is one
-    mask among few (not 65536 rows of pooled scores)."""
-    seen = []
-    real = F.interpolate
-
-    def spy(x, *args, **kwargs):
-        out = real(x, *args, **kwargs)
-        seen.append(out.shape)
-        return out
-
-    monkeypatch.setattr(inference.F, "interpolate", spy)
+def assert_scoring_within_chunk_bound(seen: list, num_classes: int, size: tuple[int, int], bound: int) -> None:
+    """Both scoring paths (argmax and mask classification) of ``num_classes`` scores at label ``size``, ``seen`` the
+    ``interpolate_shapes`` fixture's list: every upsampling call holds at most ``bound`` bytes of channels, never
+    all classes, and the 65535 ignore value is one mask among few (not 65536 rows of pooled scores)."""
     height, width = size
     logits = torch.randn(num_classes, 32, 64)
     pred = labels_from_logits(logits, size, torch.arange(num_classes), max_chunk_bytes=bound)
@@ -343,15 +332,15 @@ def assert_scoring_within_chunk_bound(monkeypatch, num_classes: int, size: tuple
 
 
 @pytest.mark.parametrize("num_classes", [459, 847])
-def test_scoring_in_class_chunks(monkeypatch, num_classes):
-    assert_scoring_within_chunk_bound(monkeypatch, num_classes, (128, 256), bound=128 * 256 * 4 * 40)
+def test_scoring_in_class_chunks(interpolate_shapes, num_classes):
+    assert_scoring_within_chunk_bound(interpolate_shapes, num_classes, (128, 256), bound=128 * 256 * 4 * 40)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_classes", [459, 847])
-def test_full_resolution_scoring_stays_within_the_memory_bound(monkeypatch, num_classes):
+def test_full_resolution_scoring_stays_within_the_memory_bound(interpolate_shapes, num_classes):
     """2048x1024 labels under the evaluator's default bound (64 MiB of channels per upsampling call)."""
-    assert_scoring_within_chunk_bound(monkeypatch, num_classes, (1024, 2048), bound=64 * 2**20)
+    assert_scoring_within_chunk_bound(interpolate_shapes, num_classes, (1024, 2048), bound=64 * 2**20)
 
 
 def test_mask_classification_with_sparse_ids_equals_dense_ids():

@@ -27,8 +27,8 @@ from ovseg.data.files import DataError, files_fingerprint, read_image
 from ovseg.utils.io import atomic_open
 
 __all__ = ["IMAGE_SUFFIXES", "find_pairs", "encode_mask", "decode_masks", "rle_run_lengths", "decode_rle_columns",
-           "decode_rle_grid", "check_rle_counts", "MaskRecord", "load_masks", "downscaled_size", "downscale_image", "cv2_nearest_index",
-           "SA1BFolder", "SA1BTars", "write_synthetic_sa1b", "write_sa1b_tars"]
+           "decode_rle_grid", "check_rle_counts", "MaskRecord", "load_masks", "downscaled_size", "downscale_image",
+           "cv2_nearest_index", "SA1BFolder", "SA1BTars", "write_synthetic_sa1b", "write_sa1b_tars"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -33,13 +33,20 @@ from ovseg.models.text import get_templates
 
 @dataclass
 class Vocabulary:
-    """Class names with synonyms, flattened to the query names sent to the text encoder."""
+    """Class names with synonyms, as the queries sent to the text encoder: each synonym its own query (``max``),
+    or one query per class (``mean_embedding``: a class with several names is one tuple of them, embedded as
+    their mean, see :meth:`ovseg.models.text.TextBank.embed`)."""
 
     class_names: list[list[str]]
-    queries: list[str] = field(init=False)
+    synonyms: str = "max"
+    queries: list[str | tuple[str, ...]] = field(init=False)
     query_to_class: torch.Tensor = field(init=False)
 
     def __post_init__(self):
+        if self.synonyms == "mean_embedding":
+            self.queries = [names[0] if len(names) == 1 else tuple(names) for names in self.class_names]
+            self.query_to_class = torch.arange(len(self.class_names))
+            return
         self.queries = [name for synonyms in self.class_names for name in synonyms]
         self.query_to_class = torch.tensor(
             [c for c, synonyms in enumerate(self.class_names) for _ in synonyms], dtype=torch.long
@@ -73,7 +80,7 @@ def dataset_vocabulary(settings: ProtocolSettings, dataset_name: str, default: l
         names[background_index] = names[background_index] + [
             n for n in settings.background_names if n not in names[background_index]
         ]
-    return Vocabulary(names), source
+    return Vocabulary(names, settings.synonyms), source
 
 
 class FeatureCache:

@@ -28,6 +28,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "text_ensemble_precision": ("fp32", "text"),
     "exif_orientation": ("ignore", "apply"),
     "masks": ("none", "ground_truth"),
+    "synonyms": ("max", "mean_embedding"),
 }
 
 
@@ -62,6 +63,11 @@ class ProtocolSettings:
     area_threshold: float | None = None
     #: extra names appended as synonyms of the dataset's background class.
     background_names: list[str] = field(default_factory=list)
+    #: a class with several names: ``max`` (each synonym is its own text query, the class scores the best of them:
+    #: SCLIP's ``name_sets``) or ``mean_embedding`` (one query per class: for each template the mean of the
+    #: synonyms' unit embeddings, re-normalised, then the template ensemble: CAT-Seg's and PixelCLIP's
+    #: ``class_embeddings``, see :meth:`ovseg.models.text.TextBank.embed`).
+    synonyms: str = "max"
 
     # -- the reference pipeline: how the code behind a paper's numbers resized, padded and normalised ------------
     #: library of the keep-ratio resize: ``torch`` (bilinear on floats), ``cv2`` (mmcv ``imresize``: cv2

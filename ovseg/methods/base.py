@@ -3,7 +3,9 @@
 A method provides (the contract with the shared evaluator):
 
 - ``encode_text(names, templates) -> Tensor[Q, D]``: one embedding per query name, prompt-ensembled
-  over the protocol's templates (synonyms are separate names; the evaluator max-reduces them);
+  over the protocol's templates (synonyms are separate names the evaluator max-reduces, or, under a protocol
+  with ``synonyms: mean_embedding``, one query is a tuple of a class's synonyms: :class:`~ovseg.models.text.TextBank`
+  embeds both);
 - ``dense_logits(images, text) -> Tensor[B, Q, h', w']``: raw scores for one view or window, images
   ``[B,3,h,w]`` in [0,1] (the method normalises them and owns its resolution handling);
 - ``default_protocol`` and ``input_size`` (for protocols that resize to the model's square input);
@@ -104,7 +106,7 @@ class OVSegMethod(L.LightningModule):
                                "continues with fresh ones (not bit-exact with the original run)")
 
     # -- the contract -----------------------------------------------------------------------------
-    def encode_text(self, names: list[str], templates: list[str]) -> torch.Tensor:
+    def encode_text(self, names: list[str | tuple[str, ...]], templates: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
     def dense_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

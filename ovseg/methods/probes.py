@@ -255,12 +255,14 @@ class _Probe(OVSegMethod):
                               limit=self.train_limit)
 
     def encode_text(self, names: list[str], templates: list[str]) -> Tensor:
-        """Each name -> the one-hot row of the probe class it names (zeros for names the probe lacks)."""
+        """Each name -> the one-hot row of the probe class it names (zeros for names the probe lacks); a tuple of
+        synonyms -> the row of the first one the probe knows."""
         index = {s: i for i, synonyms in enumerate(self.class_names) for s in synonyms}
         rows = torch.zeros(len(names), self.num_classes, device=self.device)
         for r, name in enumerate(names):
-            if name in index:
-                rows[r, index[name]] = 1
+            known = [index[s] for s in ((name,) if isinstance(name, str) else name) if s in index]
+            if known:
+                rows[r, known[0]] = 1
         return rows
 
     def fit_probe(self) -> None:

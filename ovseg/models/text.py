@@ -57,8 +57,13 @@ class TextBank:
     """Class-name embeddings from a frozen text encoder, prompt-ensembled and cached.
 
     ``embed(names)`` encodes every template filled with each name (one encoder call per name), L2-normalises
-    each, averages over the templates and re-normalises (CLIP's prompt ensemble). Results are cached per
-    (name, templates) and stay on the device the encoder returned them on; call ``clear()`` after moving or
+    each, averages over the templates and re-normalises (CLIP's prompt ensemble). A name given as a tuple of
+    synonyms is one class embedded as CAT-Seg's and PixelCLIP's ``class_embeddings`` do (CAT-Seg
+    ``cat_seg/modeling/transformer/cat_seg_predictor.py``, PixelCLIP
+    ``pixelclip/modeling/transformer/pixelclip_predictor.py``; ADE-847's ``building, edifice``): every template
+    filled with every synonym in one encoder call, each prompt L2-normalised, per template the mean over the
+    synonyms re-normalised (in the encoder's precision), then the template ensemble as above. Results are cached
+    per (name, templates) and stay on the device the encoder returned them on; call ``clear()`` after moving or
     changing the encoder.
     """
 
@@ -67,8 +72,9 @@ class TextBank:
         self.templates = tuple(get_templates(templates))
         self._cache: dict[tuple[str, tuple[str, ...]], Tensor] = {}
 
-    def embed(self, names: Sequence[str], templates: str | Sequence[str] | None = None) -> Tensor:
-        """Names -> unit-norm embeddings [N, D], one row per name (in order; duplicates allowed)."""
+    def embed(self, names: Sequence[str | tuple[str, ...]], templates: str | Sequence[str] | None = None) -> Tensor:
+        """Names (or tuples of synonyms, one class each) -> unit-norm embeddings [N, D], one row per name (in order;
+        duplicates allowed)."""
         if isinstance(names, str):
             raise TypeError("embed expects a list of names")
         if not names:
@@ -83,12 +89,18 @@ class TextBank:
             # tools/maskclip_utils/prompt_engineering.py zeroshot_classifier and PixelCLIP's
             # pixelclip_predictor.py class_embeddings do. A class's embedding then never depends on the rest of
             # the vocabulary: half-precision matrix kernels round differently for other batch sizes.
+            synonyms = (name,) if isinstance(name, str) else tuple(name)
             with torch.no_grad():
-                features = self.encode_text([template.format(name) for template in templates])
+                # template-major, the synonyms within a template: class_embeddings' order (one batch per class)
+                features = self.encode_text([template.format(s) for template in templates for s in synonyms])
             # each prompt is normalised in the encoder's precision (as CLIP's zero-shot code and the references
             # do); the ensemble in fp32 even for half-precision encoders (PixelCLIP), or in the encoder's
             # precision where the protocol says so (MaskCLIP: mean and norm of fp16 embeddings)
             features = features / features.norm(dim=-1, keepdim=True)
+            if len(synonyms) > 1:
+                # class_embeddings: reshape(len(templates), -1, D).mean(dim=1), normalised, before their `.float()`
+                features = features.reshape(len(templates), len(synonyms), -1).mean(dim=1)
+                features = features / features.norm(dim=-1, keepdim=True)
             if ensemble_precision == "text":
                 mean = features.mean(dim=0)
                 self._cache[key(name)] = (mean / mean.norm()).float()

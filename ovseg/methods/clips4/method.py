@@ -218,7 +218,8 @@ class CLIPS4(OVSegMethod):
     @torch.no_grad()
     def encode_text(self, names: list[str], templates: list[str]) -> Tensor:
         if self.strict_vocabulary and self._fitting():
-            outside = [n for n in names if n not in self._known_set]
+            # a tuple (one class's synonyms, protocol setting `synonyms: mean_embedding`) encodes each of them
+            outside = [n for n in names if not {*((n,) if isinstance(n, str) else n)} <= self._known_set]
             if outside:
                 raise ValueError(f"strict_vocabulary: names outside the training vocabulary must not be encoded "
                                  f"while fitting (disable validation during fit): {outside[:5]}")

@@ -149,17 +149,19 @@ def stand_ins() -> dict:
 
 
 # -- weights --------------------------------------------------------------------------------------------------
-def fp16_exact_clip(work_dir: Path, small_text: bool, seed: int = 0) -> Path:
-    """Random OpenAI-layout CLIP weights (ViT-B/16 image tower) rounded to fp16 values, saved as a state dict and
-    as an open_clip ``local-dir`` folder (``open_clip_config.json`` + weights) that ovseg loads by name. With
-    ``small_text`` the text tower is :data:`SMALL_TEXT`; otherwise it is ViT-B/16's. Returns the folder."""
+def fp16_exact_clip(work_dir: Path, small_text: bool, seed: int = 0, model_name: str = "ViT-B-16") -> Path:
+    """Random OpenAI-layout CLIP weights (``model_name``'s image tower, ViT-B/16 by default) rounded to fp16 values,
+    saved as a state dict and as an open_clip ``local-dir`` folder (``open_clip_config.json`` + weights) that ovseg
+    loads by name. With ``small_text`` the text tower is :data:`SMALL_TEXT`; otherwise it is the model's. Returns
+    the folder."""
     import open_clip
 
-    folder = Path(work_dir) / f"vitb16-fp16exact-{'smalltext' if small_text else 'fulltext'}-seed{seed}"
+    prefix = "vitb16" if model_name == "ViT-B-16" else model_name.lower().replace("-", "")
+    folder = Path(work_dir) / f"{prefix}-fp16exact-{'smalltext' if small_text else 'fulltext'}-seed{seed}"
     weights = folder / "open_clip_pytorch_model.bin"
     if weights.is_file():
         return folder
-    model_cfg = json.loads(json.dumps(open_clip.get_model_config("ViT-B-16")))
+    model_cfg = json.loads(json.dumps(open_clip.get_model_config(model_name)))
     if small_text:
         model_cfg["text_cfg"].update(SMALL_TEXT)
     model_cfg["quick_gelu"] = True

@@ -6,7 +6,9 @@ Compared: SFR's pieces on generated label grids (``create_patch_matrix`` vs :fun
 ``generate_attention_sfr`` + ``custom_attn``'s ``/ max`` vs :func:`~ovseg.methods.resclip.feedback_attention`), the
 window logits ``forward_feature`` of every baseline their code supports (``set_params(arch, attn_strategy, 5)``:
 ``wo_resi``/``resclip`` = the released method, ``w_resi``/``sclip``, ``wo_resi``/``clearclip``,
-``w_resi``/``vanilla``), text embeddings, and label maps of ``predict`` on generated images of six sizes.
+``w_resi``/``vanilla``), text embeddings, and label maps of ``predict`` on generated images of six sizes (VOC21,
+whole image), slide-window label maps (:data:`SLIDE_LABELS`: Context60), and ViT-L/14
+(:data:`LARGE_MODEL`: the released method's window logits, text embeddings and VOC21 label maps).
 
 Their code is written for a GPU: ``create_patch_matrix`` / ``generate_attention_sfr`` call ``.cuda()`` and
 ``create_logit_temp`` moves its PAMR to ``torch.device('cuda')``. On a CPU run (``--device cpu``) those two are
@@ -62,9 +64,20 @@ BASELINES = {
 METHOD = ("wo_resi", "resclip")
 #: label maps of the committed run: whole-image VOC21 (background synonyms, probability threshold, its own temp_thd
 #: and weights; the whole 2048x1024 image is SFR's largest grid, 42x21 patches). Their code on this 2-core CPU takes
-#: about 25 min per 12 window-logit rows, so the committed run keeps to one dataset; ``datasets=`` (the parity test)
-#: names others (Context60, Cityscapes, ADE20K: sliding windows; every dataset has its own released settings)
+#: about 25 min per 12 window-logit rows, so the committed run keeps the six sizes to one dataset and adds a few
+#: sliding-window maps (:data:`SLIDE_LABELS`); ``datasets=`` (the parity test) names others (every dataset has its
+#: own released settings)
 LABEL_DATASETS = ("voc21",)
+#: slide-window label maps of the committed run (the released configs other than VOC's: Resize to short side 336,
+#: then 224 windows at stride 112; Context60's own settings). One map: a 336x504 input (8 windows) took 440 s of
+#: their code here; the parity test adds Context60 at 397x541
+SLIDE_LABELS = {"context60": ("context 333x500",)}
+#: ViT-L/14 (base_config.py's other `clip_path`, the same configs/cfg_*.py): the released method's window logits and
+#: VOC21 label maps on the fewest sizes that show them (a random ViT-L/14 is slow on a CPU)
+LARGE_MODEL = "ViT-L-14"
+LARGE_DATASET = "voc21"
+LARGE_WINDOWS = {"224x224": (224, 224), "333x500": (333, 500)}
+LARGE_LABEL_SIZES = ("voc 375x500", "odd 397x541")
 #: window logits: the released method at every :data:`DENSE_SIZES` size, the other baselines on a 224x224 window
 #: (the protocol's window)
 OTHER_BASELINE_SIZES = {"224x224": (224, 224)}
@@ -149,10 +162,68 @@ def sfr_records(visual, device: str) -> list[ParityRecord]:
     return records
 
 
+def window_logits_record(seg, method, entry, dataset: str, size_name: str, size: tuple[int, int], device: str,
+                         quantity: str, detail: str) -> ParityRecord:
+    """Their ``forward_feature`` on one generated window (upsampled to it) vs ovseg's ``dense_logits``, same
+    upsampling."""
+    from ovseg.eval.evaluator import dense_options
+
+    h, w = size
+    image = image_tensor(generated_image(h, w, seed=h + w))[None].to(device)
+    with torch.no_grad(), dense_options(method, entry.settings), method.scoring(dataset):
+        ours = method.dense_logits(image, entry.text)
+        ours = F.interpolate(ours, size=(h, w), mode="bilinear", align_corners=False)
+        theirs = seg.forward_feature(method.encoder.normalize(image))
+    return tensor_record("ResCLIP", quantity, ours, theirs, protocol="naclip", detail=detail)
+
+
+def labels_record(ref: Reference, seg, scorer, dataset: str, size_name: str, size: tuple[int, int], scratch: Path,
+                  quantity: str, model_note: str) -> ParityRecord:
+    """Their ``predict`` (mmcv's test pipeline of the dataset's config) vs ovseg's evaluator on one generated
+    image."""
+    h, w = size
+    image = generated_image(h, w, seed=7 * h + w)
+    theirs = ref.labels(seg, ref.pipeline(dataset), image, scratch)
+    ours = scorer.labels(dataset, image)
+    s = scorer.entry(dataset).settings
+    tuned = scorer.method.settings[dataset]
+    return label_record(
+        "ResCLIP", quantity, ours, theirs, protocol="naclip",
+        detail=f"{model_note} wo_resi/resclip, temp_thd {tuned.temp_thd}, rcs {tuned.rcs_weights}, sfr "
+               f"{tuned.sfr_weights}; {s.mode}{f' {s.crop}/{s.stride}' if s.mode == 'slide' else ''}, short side "
+               f"{s.short_side}, logit scale {s.logit_scale}, prob thd {s.prob_threshold}; "
+               f"{torch.unique(theirs).numel()} classes in the reference map; fp32 CPU")
+
+
+def large_model_records(ref: Reference, work_dir: Path, device: str, scratch: Path, report) -> None:
+    """ViT-L/14 (:data:`LARGE_MODEL`): the released method's window logits and VOC21 label maps."""
+    from ovseg.parity.common import OVSegScorer
+
+    folder = fp16_exact_clip(work_dir, small_text=True, model_name=LARGE_MODEL)
+    method = ovseg_resclip(folder, BASELINES[METHOD]).to(device).eval()
+    scorer = OVSegScorer(method, "naclip", device=device)
+    seg = ref.segmentor(LARGE_DATASET, folder / "open_clip_pytorch_model.bin")
+    entry = scorer.entry(LARGE_DATASET)
+    report(tensor_record("ResCLIP", f"text embeddings {LARGE_DATASET} ViT-L/14", entry.text, seg.query_features,
+                         protocol="naclip", detail=f"{len(entry.vocabulary.queries)} names x 80 ImageNet templates, "
+                                                   f"small random text tower {SMALL_TEXT}"))
+    for size_name, size in LARGE_WINDOWS.items():
+        report(window_logits_record(
+            seg, method, entry, LARGE_DATASET, size_name, size, device, f"window logits ViT-L/14 {size_name}",
+            detail=f"forward_feature (RCS + SFR, {LARGE_DATASET} settings), random fp16-exact ViT-L/14 (patch 14) vs "
+                   "ovseg ResCLIP; fp32 CPU"))
+    for size_name in LARGE_LABEL_SIZES:
+        report(labels_record(ref, seg, scorer, LARGE_DATASET, size_name, IMAGE_SIZES[size_name], scratch,
+                             f"labels {LARGE_DATASET} ViT-L/14 {size_name}", "ViT-L/14"))
+
+
 def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parity"),
         datasets: tuple[str, ...] | None = None, image_sizes: dict[str, tuple[int, int]] | None = None,
-        dense: bool = True, **unused) -> list[ParityRecord]:
-    from ovseg.eval.evaluator import dense_options
+        dense: bool = True, slide_labels: dict[str, tuple[str, ...]] | None = None, large: bool = True,
+        **unused) -> list[ParityRecord]:
+    """The committed run by default; ``datasets`` / ``image_sizes`` (every size for every dataset),
+    ``slide_labels`` (dataset -> :data:`~ovseg.parity.common.IMAGE_SIZES` names; default :data:`SLIDE_LABELS`),
+    ``dense`` (window logits) and ``large`` (the ViT-L/14 rows) make smaller checks (the parity test)."""
     from ovseg.eval.inference import protocol_resize
     from ovseg.parity.common import OVSegScorer
 
@@ -160,72 +231,70 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     work_dir = Path(work_dir)
     datasets = tuple(datasets or LABEL_DATASETS)
     image_sizes = image_sizes or IMAGE_SIZES
+    slide_labels = SLIDE_LABELS if slide_labels is None else slide_labels
     folder = fp16_exact_clip(work_dir, small_text=True)
     weights = folder / "open_clip_pytorch_model.bin"
     records: list[ParityRecord] = []
 
+    def report(record: ParityRecord) -> None:
+        records.append(record)
+        value = (f"{record.max_rel_diff:.2e}" if record.max_rel_diff is not None
+                 else f"{100 * record.identical_share:.4f} %")
+        print(f"[ResCLIP] {record.quantity}: {value} {'ok' if record.passed else 'FAIL'} "
+              f"({time.time() - started:.0f} s)", flush=True)
+
     with reference_imports(ref_dir, stand_ins()):
         ref = Reference(HARNESS, ref_dir, device)
-        with cpu_stand_ins(device):
+        with cpu_stand_ins(device), tempfile.TemporaryDirectory() as scratch:
+            scratch = Path(scratch)
             method = ovseg_resclip(folder, BASELINES[METHOD]).to(device).eval()
             scorer = OVSegScorer(method, "naclip", device=device)
-            settings = scorer.evaluator.settings_for(None)
 
             first = datasets[0]
             seg = ref.segmentor(first, weights)
-            records += sfr_records(seg.net.visual, device)
+            for record in sfr_records(seg.net.visual, device):
+                report(record)
 
             # window logits of every baseline: forward_feature (upsampled to the window) vs ovseg's dense_logits
             entry = scorer.entry(first)
             for (arch, attn), baseline in (BASELINES.items() if dense else ()):
                 seg.net.visual.set_params(arch, attn, 5.0)
                 method.encoder.config = dataclasses.replace(method.encoder.config, **baseline)
-                for size_name, (h, w) in (DENSE_SIZES if (arch, attn) == METHOD else OTHER_BASELINE_SIZES).items():
-                    image = image_tensor(generated_image(h, w, seed=h + w))[None].to(device)
-                    with torch.no_grad(), dense_options(method, settings), method.scoring(first):
-                        ours = method.dense_logits(image, entry.text)
-                        ours = F.interpolate(ours, size=(h, w), mode="bilinear", align_corners=False)
-                        theirs = seg.forward_feature(method.encoder.normalize(image))
-                    records.append(tensor_record(
-                        "ResCLIP", f"window logits {arch}/{attn} {size_name}", ours, theirs, protocol="naclip",
+                for size_name, size in (DENSE_SIZES if (arch, attn) == METHOD else OTHER_BASELINE_SIZES).items():
+                    report(window_logits_record(
+                        seg, method, entry, first, size_name, size, device,
+                        f"window logits {arch}/{attn} {size_name}",
                         detail=f"forward_feature (RCS + SFR, {first} settings) vs ovseg ResCLIP CLIPConfig("
                                f"{', '.join(f'{k}={v}' for k, v in baseline.items())}); fp32 CPU"))
             seg.net.visual.set_params(*METHOD, 5.0)
             method.encoder.config = dataclasses.replace(method.encoder.config, **BASELINES[METHOD])
             del seg
 
-            with tempfile.TemporaryDirectory() as scratch:
-                for dataset in datasets:
-                    seg = ref.segmentor(dataset, weights)
-                    entry = scorer.entry(dataset)
-                    s = entry.settings
-                    records.append(tensor_record(
-                        "ResCLIP", f"text embeddings {dataset}", entry.text, seg.query_features, protocol="naclip",
-                        detail=f"{len(entry.vocabulary.queries)} names x 80 ImageNet templates, small random text "
-                               f"tower {SMALL_TEXT}"))
-                    pipeline = ref.pipeline(dataset)
-                    for size_name, (h, w) in image_sizes.items():
+            plan = [(dataset, dict(image_sizes)) for dataset in datasets]
+            plan += [(dataset, {name: IMAGE_SIZES[name] for name in names}) for dataset, names in slide_labels.items()]
+            for dataset, sizes in plan:
+                seg = ref.segmentor(dataset, weights)
+                entry = scorer.entry(dataset)
+                s = entry.settings
+                report(tensor_record(
+                    "ResCLIP", f"text embeddings {dataset}", entry.text, seg.query_features, protocol="naclip",
+                    detail=f"{len(entry.vocabulary.queries)} names x 80 ImageNet templates, small random text "
+                           f"tower {SMALL_TEXT}"))
+                pipeline = ref.pipeline(dataset)
+                for size_name, (h, w) in sizes.items():
+                    if dataset == first:
                         image = generated_image(h, w, seed=7 * h + w)
-                        if dataset == first:
-                            theirs = ref.model_input(seg, pipeline, image, Path(scratch))
-                            ours = method.encoder.normalize(protocol_resize(
-                                image_tensor(image)[None].to(device), s.short_side, s.long_side_max, None,
-                                s.resize_library, s.resize_rule))
-                            records.append(tensor_record("ResCLIP", f"model input {size_name}", ours, theirs,
-                                                         protocol="naclip", detail=f"{tuple(theirs.shape[-2:])}"))
-                        theirs = ref.labels(seg, pipeline, image, Path(scratch))
-                        ours = scorer.labels(dataset, image)
-                        tuned = method.settings[dataset]
-                        records.append(label_record(
-                            "ResCLIP", f"labels {dataset} {size_name}", ours, theirs, protocol="naclip",
-                            detail=f"wo_resi/resclip, temp_thd {tuned.temp_thd}, rcs {tuned.rcs_weights}, sfr "
-                                   f"{tuned.sfr_weights}; {s.mode}"
-                                   f"{f' {s.crop}/{s.stride}' if s.mode == 'slide' else ''}, short side "
-                                   f"{s.short_side}, logit scale {s.logit_scale}, prob thd "
-                                   f"{s.prob_threshold}; {torch.unique(theirs).numel()} classes in the reference "
-                                   "map; fp32 CPU"))
-                        print(f"[ResCLIP] {records[-1].quantity}: {records[-1].identical_share:.6f} "
-                              f"({time.time() - started:.0f} s)", flush=True)
-                    del seg
+                        theirs = ref.model_input(seg, pipeline, image, scratch)
+                        ours = method.encoder.normalize(protocol_resize(
+                            image_tensor(image)[None].to(device), s.short_side, s.long_side_max, None,
+                            s.resize_library, s.resize_rule))
+                        report(tensor_record("ResCLIP", f"model input {size_name}", ours, theirs,
+                                             protocol="naclip", detail=f"{tuple(theirs.shape[-2:])}"))
+                    report(labels_record(ref, seg, scorer, dataset, size_name, (h, w), scratch,
+                                         f"labels {dataset} {size_name}", "ViT-B/16"))
+                del seg
+            del method, scorer
+            if large:
+                large_model_records(ref, work_dir, device, scratch, report)
     print(f"[ResCLIP] compared in {time.time() - started:.0f} s", flush=True)
     return records

@@ -150,7 +150,7 @@ def kk_attention(tokens: AttentionTokens) -> Tensor:
 
 
 def proxy_attention(values: Tensor, grid: tuple[int, int], proxy: Tensor, beta: float = 1.2,
-                    gamma: float = 3.0) -> Tensor:
+                    gamma: float = 3.0, mean_over_batch: bool = False) -> Tensor:
     """ProxyCLIP's proxy attention (Lan et al., ECCV 2024, Eq. 3-4; ``open_clip/transformer.py``
     ``VisionTransformer.custom_attn`` of github.com/mc-lan/ProxyCLIP): CLIP's last-block values mixed by the token
     similarities of another model (a VFM's patch features).
@@ -164,13 +164,16 @@ def proxy_attention(values: Tensor, grid: tuple[int, int], proxy: Tensor, beta: 
 
     The reference takes the similarity's mean over the whole batch and reshapes the values as (width, height) rows;
     it runs one square window at a time, where both equal what is done here (each image's own mean, (rows, cols)).
+    ``mean_over_batch``: one mean over every pair of the whole batch instead (Trident's ``custom_attn``, which takes
+    all windows of one image as its batch and keeps ProxyCLIP's batch-wide ``torch.mean(similarity)``).
     """
     batch, heads, _, head_dim = values.shape
     rows, cols = grid
     height, width = proxy.shape[-2:]
     proxy = F.normalize(proxy.flatten(2), dim=1)  # [B, C', HW], each position a unit vector
     similarity = proxy.transpose(1, 2) @ proxy  # [B, HW, HW]
-    similarity = (similarity - similarity.mean(dim=(1, 2), keepdim=True) * beta) * gamma
+    mean = similarity.mean() if mean_over_batch else similarity.mean(dim=(1, 2), keepdim=True)
+    similarity = (similarity - mean * beta) * gamma
     similarity = similarity.masked_fill(similarity < 0, float("-inf"))
     weights = F.softmax(similarity.to(values.dtype), dim=-1)
     patches = values[:, :, 1:].reshape(batch * heads, rows, cols, head_dim).permute(0, 3, 1, 2)

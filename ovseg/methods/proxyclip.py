@@ -38,13 +38,14 @@ __all__ = ["ProxyCLIP", "ProxyLastStage", "proxy_last_block"]
 
 
 def proxy_last_block(x: Tensor, block: TransformerBlockView, grid: tuple[int, int], proxy: Tensor,
-                     beta: float = 1.2, gamma: float = 3.0) -> Tensor:
+                     beta: float = 1.2, gamma: float = 3.0, mean_over_batch: bool = False) -> Tensor:
     """ProxyCLIP's last block (``VisionTransformer.forward``: ``custom_attn(blk.attn, blk.ln_1(x), ...)``): the
     block's values of ``ln_1(x)`` (``x`` [B, 1+N, C], class first, patches over CLIP's ``grid``) attended by
     :func:`~ovseg.models.attention.proxy_attention` with the VFM features ``proxy`` [B, C', H, W], then ``out_proj``;
-    no residual, no MLP. Returns [B, H·W, C] on the VFM's grid (before ``ln_post``)."""
+    no residual, no MLP. Returns [B, H·W, C] on the VFM's grid (before ``ln_post``). ``mean_over_batch``: see
+    :func:`~ovseg.models.attention.proxy_attention` (Trident)."""
     values = AttentionTokens(block.ln_1(x), block, grid).v
-    return block.out_proj(_merge_heads(proxy_attention(values, grid, proxy, beta, gamma)))
+    return block.out_proj(_merge_heads(proxy_attention(values, grid, proxy, beta, gamma, mean_over_batch)))
 
 
 @dataclass

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from ovseg.eval.inference import resize_image, slide_windows, to_uint8_hwc
 from ovseg.methods.base import cosine_logits
 from ovseg.methods.zeroshot import ZeroShotCLIP
-from ovseg.models.attention import AttentionTokens, proxy_attention
-from ovseg.models.clip import CLIPConfig, TransformerBlockView, _merge_heads
+from ovseg.methods.proxyclip import proxy_last_block
+from ovseg.models.clip import CLIPConfig, TransformerBlockView
 from ovseg.models.vfm import VFMConfig, VisionFoundationModel
 
 #: segment-anything ``Sam.pixel_mean`` / ``pixel_std`` (0-255 RGB), what ``SamPredictor.set_image`` normalises with
@@ -171,6 +171,7 @@ class SAMLastAttention(nn.Module):
     the probabilities not renormalised)."""
 
     def __init__(self, config: VFMConfig):
+        """The encoder loaded (:mod:`ovseg.models.vfm`, ``kind='sam'``)."""
         super().__init__()
         if config.kind != "sam":
             raise ValueError(f"Trident's guidance model must be a SAM image encoder (kind 'sam'), got {config.kind!r}")
@@ -243,7 +244,8 @@ class Trident(ZeroShotCLIP):
             vfm: the proxy model (released: DINO ViT-B/16, ``torch.hub`` ``dino_vitb16`` = timm
                 ``vit_base_patch16_224.dino``).
             sam: the guidance model, a SAM image encoder (released: ViT-B, ``sam_vit_b_01ec64.pth`` as ``weights``).
-            beta, gamma: the proxy attention's normalisation (``base_config.py`` beta=1.2; gamma the segmentor's 3.0).
+            beta: the proxy attention's mean scale (``base_config.py`` beta=1.2).
+            gamma: the proxy attention's temperature (the segmentor's default 3.0).
             dataset_settings: per dataset, changes to :data:`DATASET_SETTINGS` (``cos_fac``, ``refine_neg_cos``,
                 ``slide_stride``, ``slide_crop``, ``sam_halves``; a dataset not there starts from the defaults).
             default_settings: changes to the settings of any dataset without its own (``base_config.py``'s).
@@ -359,7 +361,5 @@ class Trident(ZeroShotCLIP):
         grid."""
         if self._proxy is None:
             raise RuntimeError("Trident's last block needs the proxy model's features: call dense_logits")
-        tokens = AttentionTokens(last.ln_1(hidden[-1]), last, grid)
-        attended = proxy_attention(tokens.v, grid, self._proxy.to(tokens.v.dtype), self.beta, self.gamma,
-                                   mean_over_batch=True)
-        return last.out_proj(_merge_heads(attended))
+        return proxy_last_block(hidden[-1], last, grid, self._proxy.to(hidden[-1].dtype), self.beta, self.gamma,
+                                mean_over_batch=True)

@@ -29,7 +29,8 @@ window logits ``forward_feature`` returns (bilinear to the window); the proxy la
 (their ``custom_attn`` given the true ``token_size``); the text embeddings; the label maps of their ``predict`` under
 the ``proxyclip`` protocol on generated images of six sizes (2048x1024 included) with a 2-block ViT-B/8 DINO (the
 ViT-B/8 width and patch on fewer blocks, so that whole images run in minutes on a CPU; the 12-block model is compared
-on the window rows).
+on the window rows), on VOC21, Context60, COCO-Object and Cityscapes, and on VOC21 once more without its probability
+threshold on both sides (random weights leave every pixel of the thresholded maps background).
 """
 
 from __future__ import annotations
@@ -375,6 +376,10 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
             report([weights_record(setup)])
         elif kind == "sam":
             setup = sam_setup(work_dir)
+            # SAM reads every window at 1024x1024: another window size only changes CLIP's grid (the other rows')
+            sizes = window_sizes or {"336x336": WINDOW_SIZES["336x336"]}
+            report(window_records(ref_dir, setup, device, work_dir, sizes))
+            continue
         elif kind == "mae":
             setup = mae_setup(work_dir)
         else:
@@ -382,8 +387,14 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
         report(window_records(ref_dir, setup, device, work_dir, window_sizes))
     if labels:
         setup = dino_setup(dino_dir, work_dir, depth=label_dino_depth)
-        report(run_harness(harness_for(setup), ref_dir, device, work_dir, datasets=datasets, image_sizes=image_sizes,
+        harness = harness_for(setup)
+        report(run_harness(harness, ref_dir, device, work_dir, datasets=datasets, image_sizes=image_sizes,
                            full_text=False, dense=False))
+        # random weights leave every pixel below VOC21's 0.2 threshold (background): the same maps without the
+        # threshold on both sides check the class scores themselves (26 background synonyms, their max)
+        report(run_harness(harness, ref_dir, device, work_dir, datasets=("voc21",), image_sizes=image_sizes,
+                           full_text=False, dense=False, inputs=False, segmentor_kwargs={"prob_thd": 0.0},
+                           overrides={"prob_threshold": None}, label="labels without threshold"))
     print(f"[{REFERENCE}] compared in {time.time() - started:.0f} s", flush=True)
     return records
 

@@ -110,13 +110,23 @@ class ProxyCLIP(ZeroShotCLIP):
         vfm = self.vfm.config
         return f"{self.encoder.weights_id}+{vfm.kind}:{vfm.model_name}:{vfm.weights}"
 
+    def _vfm_images(self, images: Tensor, normalized: Tensor) -> Tensor:
+        """The [0, 1] images the VFM reads: CLIP's normalised input un-normalised (``myutils.UnNormalize`` in
+        ``forward_feature``; equal to ``images`` up to float rounding, and bitwise the reference's arithmetic, which
+        matters where the proxy attention's mask cuts through near-zero similarities), or ``images`` themselves where
+        the protocol normalises CLIP's input otherwise."""
+        if self.encoder.options.normalization != "model":
+            return images
+        return normalized * self.encoder.std + self.encoder.mean
+
     @torch.no_grad()
     def dense_features(self, images: Tensor) -> Tensor:
         """[0, 1] images [B, 3, H, W] -> features [B, D, h, w] on the VFM's grid (not L2-normalised)."""
-        proxy = self.vfm(images)
+        x = self.encoder.normalize(images)
+        proxy = self.vfm(self._vfm_images(images, x))
         self.stage.proxy = proxy
         try:
-            tokens = self.encoder.encode_tokens(self.encoder.normalize(images))
+            tokens = self.encoder.encode_tokens(x)
         finally:
             self.stage.proxy = None
         return tokens[:, 1:].transpose(1, 2).reshape(len(images), -1, *proxy.shape[-2:])

@@ -8,7 +8,8 @@ Segmentation", ICCV 2025, arXiv 2411.09219), as its released code computes it (g
    window (:func:`clip_input_size`, ``preprocess_image``) and cut into ``crop``×``crop`` windows on mmseg's slide grid
    (336, stride 224; VOC20 112).
 2. Each window runs CLIP's blocks but the last, then ProxyCLIP's proxy attention (:func:`~ovseg.models.attention.
-   proxy_attention`) with DINO ViT-B/16's last-layer features of the window as the proxy — the similarity mean taken
+   proxy_attention`) with DINO ViT-B/16's last-layer features of the window (read as the reference hands it over,
+   :meth:`Trident.dino_images`) as the proxy — the similarity mean taken
    over all windows of the image at once, as ``custom_attn`` gets them as one batch — and the block's ``out_proj``
    (no residual, no MLP).
 3. The windows' tokens are spliced into one grid of the whole image, each position the mean over the windows that
@@ -55,6 +56,13 @@ from ovseg.models.vfm import VFMConfig, VisionFoundationModel
 #: segment-anything ``Sam.pixel_mean`` / ``pixel_std`` (0-255 RGB), what ``SamPredictor.set_image`` normalises with
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+#: trident.py ``SegDataPreProcessor(mean=[122.771, 116.746, 104.094], std=[68.501, 66.632, 70.323])``: the 0-255 image
+#: normalised with these, then ``UnNormalize`` with CLIP's exact mean/std and ImageNet's ``Normalize`` for DINO. The two
+#: means/stds differ in the 6th digit, so DINO reads ``x · (1 + 5e-6) + offset``, not ``x``; kept (:meth:`Trident.
+#: dino_images`): the proxy attention's mask (similarities below the mean set to -inf) turns such a change of a random
+#: DINO's features into a 3e-4 change of the spliced tokens (``ovseg parity``)
+SEG_PREPROCESSOR_MEAN = (122.771, 116.746, 104.094)
+SEG_PREPROCESSOR_STD = (68.501, 66.632, 70.323)
 #: get_sam_sim: the per-row cosine threshold is capped here, and replaced by this where negative with
 #: ``refine_neg_cos`` off
 THRESHOLD_CAP = 0.9
@@ -340,7 +348,7 @@ class Trident(ZeroShotCLIP):
             image = F.interpolate(image, size=(height, width), mode="bilinear", align_corners=False)
         boxes = slide_windows(height, width, s.slide_crop, s.slide_stride)
         crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
-        self._proxy = self.vfm(crops)
+        self._proxy = self.vfm(self.dino_images(crops))
         vfm_grid = tuple(self._proxy.shape[-2:])
         try:
             tokens = self.encoder.encode_tokens(self.encoder.normalize(crops), project=False)  # [B, N_vfm, C]
@@ -354,6 +362,17 @@ class Trident(ZeroShotCLIP):
         grid_boxes = [(y1 // patch * ratio, y2 // patch * ratio, x1 // patch * ratio, x2 // patch * ratio)
                       for y1, y2, x1, x2 in boxes]
         return splice_windows(maps, grid_boxes, (height // patch * ratio, width // patch * ratio))
+
+    def dino_images(self, images: Tensor) -> Tensor:
+        """The [0, 1] windows as the reference hands them to DINO: normalised with its data preprocessor's constants
+        (:data:`SEG_PREPROCESSOR_MEAN`), un-normalised with the CLIP's mean/std (``myutils.UnNormalize``); the VFM
+        then normalises with ImageNet's. Under a protocol that normalises CLIP's input otherwise, the images
+        themselves."""
+        if self.encoder.options.normalization != "model":
+            return images
+        mean = images.new_tensor(SEG_PREPROCESSOR_MEAN).view(1, 3, 1, 1)
+        std = images.new_tensor(SEG_PREPROCESSOR_STD).view(1, 3, 1, 1)
+        return (images * 255 - mean) / std * self.encoder.std + self.encoder.mean
 
     def _last_stage(self, hidden: list[Tensor], last: TransformerBlockView, grid: tuple[int, int]) -> Tensor:
         """``custom_attn``: the last block's values mixed by the windows' DINO similarities (one mean over all of the

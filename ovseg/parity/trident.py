@@ -13,7 +13,10 @@ a seed, relative-position tables randomised, saved and passed as ``sam_ckpt``).
 
 Precision: the reference runs CLIP, DINO and SAM in fp16 on a GPU; here both sides run in fp32 on the CPU — the CLIP
 weights are fp16-exact (:func:`~ovseg.parity.mmseg_clip.fp16_exact_clip`, the small text tower) and ``Tensor.half`` /
-``Module.half`` are the identity while the reference is built and run.
+``Module.half`` are the identity while the reference is built and run. DINO reads the windows with the reference's
+arithmetic on both sides (mmseg's preprocessor constants, then CLIP's ``UnNormalize``: ``Trident.dino_images``); read
+as plain [0, 1] images instead, the spliced tokens differ by 3e-4 on these random weights (the proxy mask amplifies the
+constants' 5e-6 difference) while logits and labels still agree.
 
 ovseg side: ``Trident`` on the same files (the CLIP folder, DINO's checkpoint through timm's loader, SAM's through
 :mod:`ovseg.models.vfm`), scored by the shared evaluator under the ``trident`` protocol; SAM reads the original image

@@ -183,6 +183,7 @@ class SAMLastAttention(nn.Module):
         super().__init__()
         if config.kind != "sam":
             raise ValueError(f"Trident's guidance model must be a SAM image encoder (kind 'sam'), got {config.kind!r}")
+        self.config = config
         self.encoder = VisionFoundationModel(config).model
         if self.encoder.blocks[-1].window_size != 0:
             raise ValueError("Trident reads SAM's last block as global attention: its last block is windowed "
@@ -281,6 +282,12 @@ class Trident(ZeroShotCLIP):
         self.vfm.eval()
         self.sam.eval()
         return self
+
+    @property
+    def weights_id(self) -> str:
+        vfm, sam = self.vfm.config, self.sam.config
+        return (f"{self.encoder.weights_id}+{vfm.kind}:{vfm.model_name}:{vfm.weights}"
+                f"+sam:{sam.model_name}:{sam.weights}")
 
     @contextmanager
     def scoring(self, dataset: str) -> Iterator[None]:

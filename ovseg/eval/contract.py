@@ -15,7 +15,10 @@ class EvaluatedMethod(Protocol):
     """A method as :class:`~ovseg.eval.evaluator.Evaluator` and :class:`~ovseg.eval.session.EvaluationSession`
     use it: text and dense image embeddings, and the Lightning state the results record. Optional: a context manager
     ``scoring(dataset)``, entered around the dense scores of each dataset's images (a method with per-dataset
-    settings reads the name there; :func:`ovseg.eval.evaluator.scoring`)."""
+    settings reads the name there; :func:`ovseg.eval.evaluator.scoring`), and a context manager
+    ``reading_originals(images)``, entered around the dense scores of each whole-image batch with the batch's images
+    before the protocol's resize (a method that reads the image at its own resolution too, as Trident's SAM branch
+    does, takes them there; :func:`ovseg.eval.evaluator.originals`)."""
 
     device: torch.device
     trainer: Any  #: the Lightning Trainer running it

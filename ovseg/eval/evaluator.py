@@ -219,7 +219,8 @@ class Evaluator:
                 for i, image in enumerate(resized):
                     same_size.setdefault(tuple(image.shape), []).append(i)
                 for members in same_size.values():
-                    out = dense_fn(torch.cat([resized[i] for i in members]))
+                    with originals(method, [images[i] for i in members]):
+                        out = dense_fn(torch.cat([resized[i] for i in members]))
                     for i, scores in zip(members, out):
                         logits[i] = scores
         preds = []
@@ -298,6 +299,14 @@ def scoring(method: torch.nn.Module, dataset: str) -> ContextManager[Any]:
     predict``'s words)."""
     hook = getattr(method, "scoring", None)
     return hook(dataset) if callable(hook) else nullcontext()
+
+
+def originals(method: torch.nn.Module, images: list[torch.Tensor]) -> ContextManager[Any]:
+    """The method's ``reading_originals(images)`` block around the dense scores of a whole-image batch, if it has
+    one: ``images`` are the batch's images before the protocol's resize (``[3,H,W]`` in [0,1], in batch order), for a
+    method that also reads the image at its own resolution (Trident's SAM branch, :mod:`ovseg.methods.trident`)."""
+    hook = getattr(method, "reading_originals", None)
+    return hook(images) if callable(hook) else nullcontext()
 
 
 @contextmanager

@@ -8,10 +8,12 @@ from ovseg.methods.maskclip_plus import MaskCLIPPlus
 from ovseg.methods.naclip import NACLIP
 from ovseg.methods.pixelclip import PixelCLIP
 from ovseg.methods.probes import KNNProbe, LinearProbe
+from ovseg.methods.proxyclip import ProxyCLIP
 from ovseg.methods.resclip import ResCLIP
 from ovseg.methods.sclip import SCLIP
 from ovseg.methods.scclip import SCCLIP
+from ovseg.methods.trident import Trident
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
 __all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "ResCLIP", "SCCLIP",
-           "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]
+           "ProxyCLIP", "Trident", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]

@@ -146,4 +146,41 @@ def kk_attention(tokens: AttentionTokens) -> Tensor:
     return F.scaled_dot_product_attention(tokens.k, tokens.k, tokens.v)
 
 
-__all__ = ["AttentionFn", "AttentionTokens", "LAST_BLOCK_ATTENTIONS", "get_attention", "register_attention"]
+# -- attention across models -----------------------------------------------------------------------------------
+
+
+def proxy_attention(values: Tensor, grid: tuple[int, int], proxy: Tensor, beta: float = 1.2,
+                    gamma: float = 3.0, mean_over_batch: bool = False) -> Tensor:
+    """ProxyCLIP's proxy attention (Lan et al., ECCV 2024, Eq. 3-4; ``open_clip/transformer.py``
+    ``VisionTransformer.custom_attn`` of github.com/mc-lan/ProxyCLIP): CLIP's last-block values mixed by the token
+    similarities of another model (a VFM's patch features).
+
+    ``proxy`` [B, C', H, W] are the VFM's features; their cosine similarities S [B, HW, HW] are normalised
+    adaptively, ``(S - mean(S)·beta)·gamma`` with the mean over all of an image's pairs, set to -inf where negative,
+    and softmax-ed per row (the same weights for every head). ``values`` [B, heads, 1+N, head_dim] (class first, the
+    patches row-major over CLIP's ``grid``) lose the class token and are resized bilinearly to the VFM's grid
+    (``align_corners=False``) per head. Returns the attended values [B, heads, H·W, head_dim] on the VFM's grid;
+    the caller applies the block's ``out_proj`` (ProxyCLIP then ``ln_post`` and ``proj``, no residual and no MLP).
+
+    The reference takes the similarity's mean over the whole batch and reshapes the values as (width, height) rows;
+    it runs one square window at a time, where both equal what is done here (each image's own mean, (rows, cols)).
+    ``mean_over_batch``: one mean over every pair of the whole batch instead (Trident's ``custom_attn``, which takes
+    all windows of one image as its batch and keeps ProxyCLIP's batch-wide ``torch.mean(similarity)``).
+    """
+    batch, heads, _, head_dim = values.shape
+    rows, cols = grid
+    height, width = proxy.shape[-2:]
+    proxy = F.normalize(proxy.flatten(2), dim=1)  # [B, C', HW], each position a unit vector
+    similarity = proxy.transpose(1, 2) @ proxy  # [B, HW, HW]
+    mean = similarity.mean() if mean_over_batch else similarity.mean(dim=(1, 2), keepdim=True)
+    similarity = (similarity - mean * beta) * gamma
+    similarity = similarity.masked_fill(similarity < 0, float("-inf"))
+    weights = F.softmax(similarity.to(values.dtype), dim=-1)
+    patches = values[:, :, 1:].reshape(batch * heads, rows, cols, head_dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(height, width), mode="bilinear", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(batch, heads, height * width, head_dim)
+    return weights[:, None] @ patches
+
+
+__all__ = ["AttentionFn", "AttentionTokens", "LAST_BLOCK_ATTENTIONS", "get_attention", "proxy_attention",
+           "register_attention"]

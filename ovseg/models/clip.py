@@ -403,14 +403,17 @@ class DenseCLIP(nn.Module):
             return features, None
         return features, key_out[0][:, 1:].transpose(1, 2).reshape(batch, -1, *grid)
 
-    def encode_tokens(self, images: Tensor) -> Tensor:
+    def encode_tokens(self, images: Tensor, project: bool = True) -> Tensor:
         """ViTs only: normalised images -> projected tokens [B, 1+h*w, D], class token first, patches row-major.
 
         With ``last_block="vanilla", residual="token", ffn=True`` the class token equals ``encode_image`` at the
-        trained resolution.
+        trained resolution. ``project=False`` (open_clip ViTs): the last block's (or ``last_stage``'s) output, before
+        ``ln_post`` and the projection (Trident mixes the windows' tokens there, :mod:`ovseg.methods.trident`).
         """
         if self.kind == "vit":
-            return self._open_clip_vit_tokens(images)
+            return self._open_clip_vit_tokens(images, project=project)
+        if not project:
+            raise NotImplementedError("encode_tokens(project=False) needs an open_clip ViT")
         if self.kind == "hf_vit":
             return self._hf_vit_tokens(images)
         raise NotImplementedError(f"encode_tokens needs a ViT, this model is {self.kind!r}")
@@ -571,7 +574,8 @@ class DenseCLIP(nn.Module):
             x = dense_last_block(x, last, cfg.last_block, cfg.residual, cfg.ffn, grid)
         return project(ln_post(x))
 
-    def _open_clip_vit_tokens(self, images: Tensor, key_out: list[Tensor] | None = None) -> Tensor:
+    def _open_clip_vit_tokens(self, images: Tensor, key_out: list[Tensor] | None = None,
+                              project: bool = True) -> Tensor:
         visual = self.model.visual
         transformer = visual.transformer
         resblocks = list(transformer.resblocks)
@@ -590,8 +594,8 @@ class DenseCLIP(nn.Module):
             before_blocks=lambda x: visual.ln_pre(visual.patch_dropout(x)),
             blocks=blocks,
             last=TransformerBlockView.from_open_clip(resblocks[-1]),
-            ln_post=visual.ln_post,
-            project=lambda x: x @ visual.proj,
+            ln_post=visual.ln_post if project else nn.Identity(),
+            project=(lambda x: x @ visual.proj) if project else (lambda x: x),
             key_out=key_out,
         )
 

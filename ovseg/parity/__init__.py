@@ -18,6 +18,8 @@ REFERENCES: dict[str, str] = {
     "ClearCLIP": "ovseg.parity.clearclip",
     "ResCLIP": "ovseg.parity.resclip",
     "SC-CLIP": "ovseg.parity.scclip",
+    "ProxyCLIP": "ovseg.parity.proxyclip",
+    "Trident": "ovseg.parity.trident",
     "DINO": "ovseg.parity.dino",
     "HSG": "ovseg.parity.hsg",
 }
@@ -30,6 +32,8 @@ REPOSITORIES: dict[str, str] = {
     "ClearCLIP": "https://github.com/mc-lan/ClearCLIP",
     "ResCLIP": "https://github.com/yvhangyang/ResCLIP",
     "SC-CLIP": "https://github.com/SuleBai/SC-CLIP",
+    "ProxyCLIP": "https://github.com/mc-lan/ProxyCLIP",
+    "Trident": "https://github.com/YuHengsss/Trident",
     "DINO": "https://github.com/facebookresearch/dino",
     "HSG": "https://github.com/twke18/HSG",
 }

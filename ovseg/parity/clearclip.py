@@ -51,11 +51,14 @@ VARIANTS = {
 
 
 @contextlib.contextmanager
-def their_open_clip(ref_dir: Path, stubs: dict | None = None) -> Iterator[object]:
+def their_open_clip(ref_dir: Path, stubs: dict | None = None, packages: tuple[str, ...] = ("open_clip",)
+                    ) -> Iterator[object]:
     """The checkout's ``open_clip`` package, with the installed one set aside meanwhile and put back after (and
-    ``stubs`` standing in for modules meanwhile, as :func:`~ovseg.parity.common.reference_imports`)."""
-    ours = {name: module for name, module in sys.modules.items()
-            if name == "open_clip" or name.startswith("open_clip.")}
+    ``stubs`` standing in for modules meanwhile, as :func:`~ovseg.parity.common.reference_imports`). ``packages``:
+    every installed package the checkout vendors under the same name (ProxyCLIP: ``segment_anything`` too)."""
+    packages = tuple(dict.fromkeys(("open_clip", *packages)))
+    vendored = lambda name: any(name == p or name.startswith(p + ".") for p in packages)  # noqa: E731
+    ours = {name: module for name, module in sys.modules.items() if vendored(name)}
     for name in ours:
         del sys.modules[name]
     try:
@@ -65,7 +68,7 @@ def their_open_clip(ref_dir: Path, stubs: dict | None = None) -> Iterator[object
                 raise RuntimeError(f"{ref_dir}: no vendored open_clip package (is this a ClearCLIP checkout?)")
             yield theirs
     finally:
-        for name in [n for n in sys.modules if n == "open_clip" or n.startswith("open_clip.")]:
+        for name in [n for n in sys.modules if vendored(n)]:
             del sys.modules[name]
         sys.modules.update(ours)
 

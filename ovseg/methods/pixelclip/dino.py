@@ -4,26 +4,23 @@ PixelCLIP's ``get_dino_masks`` (``pixelclip/pixelclip.py``): ``torch.hub`` DINO 
 ``vision_transformer.py``), the image resized to whole patches, ``get_intermediate_layers(x)[0][:, 1:]`` (the last
 block through the final norm, without the class token), ``fast_pytorch_kmeans.KMeans(n_clusters=16)``
 ``fit_predict`` per image, one-hot masks upsampled nearest. The same ViT runs here as a timm model (the hub
-checkpoint's keys are timm's), with DINO's own positional-embedding resize (``pos_embed_interpolation``).
+checkpoint's keys are timm's), with DINO's own positional-embedding resize (``pos_embed_interpolation``), loaded by
+:func:`ovseg.models.vfm.load_timm_vit` (the VFM loader ProxyCLIP's DINO shares).
 ``ovseg parity --ref DINO=DIR`` compares features and masks with the authors' code.
 """
 
 from __future__ import annotations
 
-import math
-import types
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DinoConfig", "DinoMasker", "authors_kmeans", "dino_pos_embed", "kmeans"]
+from ovseg.models.vfm import IMAGENET_MEAN, IMAGENET_STD, class_token_pos_embed, load_timm_vit
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["DinoConfig", "DinoMasker", "authors_kmeans", "dino_pos_embed", "kmeans"]
 
 
 @dataclass
@@ -102,21 +99,9 @@ def authors_kmeans(x: Tensor, k: int, iterations: int = 100) -> Tensor:
 def dino_pos_embed(vit: nn.Module, x: Tensor) -> Tensor:
     """timm ``VisionTransformer._pos_embed`` (patch tokens [B, h, w, C] -> class token + patches, positional
     embedding added) resizing the embedding as DINO's ``interpolate_pos_encoding`` does: bicubic by
-    ``scale_factor`` (grid + 0.1) / trained grid (the scale itself sets the sampling positions), not to a size."""
-    batch, h, w, channels = x.shape
-    pos = vit.pos_embed
-    trained = pos.shape[1] - 1
-    side = int(math.sqrt(trained))
-    patch_pos = pos[:, 1:]
-    if not (h * w == trained and h == w):
-        patch_pos = F.interpolate(patch_pos.reshape(1, side, side, channels).permute(0, 3, 1, 2),
-                                  scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
-        if tuple(patch_pos.shape[-2:]) != (h, w):
-            raise RuntimeError(f"DINO positional-embedding resize gave {tuple(patch_pos.shape[-2:])}, "
-                               f"expected {(h, w)}")
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, channels)
-    x = torch.cat([vit.cls_token.expand(batch, -1, -1), x.reshape(batch, h * w, channels)], dim=1)
-    return vit.pos_drop(x + torch.cat([pos[:, :1], patch_pos], dim=1))
+    ``scale_factor`` (grid + 0.1) / trained grid (the scale itself sets the sampling positions), not to a size
+    (:func:`ovseg.models.vfm.pos_embed_resized`, rule ``dino``)."""
+    return class_token_pos_embed(vit, x, "dino")
 
 
 class DinoMasker(nn.Module):
@@ -129,35 +114,9 @@ class DinoMasker(nn.Module):
             config: which DINO and how it clusters (None: :class:`DinoConfig`'s defaults).
         """
         super().__init__()
-        import timm
-
         self.config = config = config or DinoConfig()
-        kwargs = dict(num_classes=0, dynamic_img_size=True, **config.model_kwargs)
-        weights = config.weights
-        if weights is None:
-            self.model = timm.create_model(config.name, pretrained=False, **kwargs)
-        elif weights == "hub":
-            self.model = timm.create_model(config.name, pretrained=True, **kwargs)
-        else:
-            path = Path(weights).expanduser()
-            if path.suffix != ".safetensors":  # a pickle: refuse one that would run code before timm reads it
-                from ovseg.utils.io import load_weights_file
-
-                load_weights_file(path, "DINO weights file", allow_numpy=True, mmap=True)
-            elif not path.is_file():
-                raise FileNotFoundError(f"DINO weights file not found: {path}")
-            try:
-                self.model = timm.create_model(config.name, pretrained=True,
-                                               pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-            except RuntimeError as err:
-                raise ValueError(f"{path}: not weights of the DINO model {config.name}: "
-                                 f"{str(err).strip().splitlines()[0][:300]}") from None
-        self.model.requires_grad_(False).eval()
-        if config.pos_embed_interpolation == "dino":
-            if getattr(self.model, "num_prefix_tokens", 1) != 1 or getattr(self.model, "no_embed_class", False):
-                raise NotImplementedError(f"pos_embed_interpolation='dino' needs a ViT with one class token "
-                                          f"({config.name} has another layout)")
-            self.model._pos_embed = types.MethodType(dino_pos_embed, self.model)
+        self.model = load_timm_vit(config.name, config.weights, config.model_kwargs, config.pos_embed_interpolation,
+                                   what="DINO")
         patch = self.model.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

@@ -151,7 +151,7 @@ def test_unknown_protocol():
     from ovseg.eval.protocols import load_protocol
 
     with pytest.raises(ValueError, match=r"unknown protocol 'sclp'.*clearclip, maskclip, naclip, pixelclip, "
-                                         r"pixelclip_masks, scclip, sclip, toyworld"):
+                                         r"pixelclip_masks, proxyclip, scclip, sclip, toyworld"):
         load_protocol("sclp")
 
 

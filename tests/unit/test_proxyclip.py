@@ -3,11 +3,11 @@ against a float64 numpy re-computation with loops on non-square grids (the VFM's
 negative similarities and per-image centring, the VFM feature sources on tiny random models, and the method's
 features against its pieces."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
+
+from tests.unit.test_maskclip_plus import _bilinear_upsample  # align_corners=False, a loop per pixel
 
 from ovseg.models.attention import proxy_attention
 from ovseg.models.vfm import VFMConfig, VisionFoundationModel, pos_embed_resized
@@ -15,24 +15,6 @@ from ovseg.models.vfm import VFMConfig, VisionFoundationModel, pos_embed_resized
 TINY_VIT = {"depth": 1, "embed_dim": 32, "num_heads": 2}
 TINY_SAM = {"depth": 2, "embed_dim": 32, "num_heads": 2, "out_chans": 16, "window_size": 4,
             "global_attn_indexes": (1,)}
-
-
-def _bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """[C, h, w] -> [C, H, W], bilinear with half-pixel centres (``align_corners=False``), a loop per output pixel."""
-    channels, in_h, in_w = x.shape
-    out_h, out_w = size
-    out = np.zeros((channels, out_h, out_w))
-    for i in range(out_h):
-        y = max((i + 0.5) * in_h / out_h - 0.5, 0.0)
-        y0 = min(int(math.floor(y)), in_h - 1)
-        y1, wy = min(y0 + 1, in_h - 1), y - y0
-        for j in range(out_w):
-            x_ = max((j + 0.5) * in_w / out_w - 0.5, 0.0)
-            x0 = min(int(math.floor(x_)), in_w - 1)
-            x1, wx = min(x0 + 1, in_w - 1), x_ - x0
-            out[:, i, j] = ((1 - wy) * ((1 - wx) * x[:, y0, x0] + wx * x[:, y0, x1])
-                            + wy * ((1 - wx) * x[:, y1, x0] + wx * x[:, y1, x1]))
-    return out
 
 
 def _reference(values: np.ndarray, grid, proxy: np.ndarray, beta: float, gamma: float) -> np.ndarray:
@@ -54,7 +36,7 @@ def _reference(values: np.ndarray, grid, proxy: np.ndarray, beta: float, gamma: 
             weights[m][kept] = e / e.sum()
         for h in range(heads):
             patches = values[b, h, 1:].reshape(rows, cols, head_dim).transpose(2, 0, 1)
-            resized = _bilinear(patches, (height, width)).reshape(head_dim, -1).T  # [HW, d]
+            resized = _bilinear_upsample(patches, height, width).reshape(head_dim, -1).T  # [HW, d]
             out[b, h] = weights @ resized
     return out
 

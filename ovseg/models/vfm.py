@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VFM_KINDS", "VFMConfig", "VisionFoundationModel", "class_token_pos_embed",
-           "load_timm_vit", "pos_embed_resized", "vfm_features"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VFM_KINDS", "FrozenImageModel", "VFMConfig", "VisionFoundationModel",
+           "class_token_pos_embed", "load_timm_vit", "pos_embed_resized", "vfm_features"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -222,7 +222,27 @@ def _sam_image_encoder(name: str, weights: str | None, model_kwargs: dict[str, A
     return encoder.requires_grad_(False).eval()
 
 
-class VisionFoundationModel(nn.Module):
+class FrozenImageModel(nn.Module):
+    """A frozen image model (``model``, kept in eval mode) reading ImageNet-normalised images: the ``mean``/``std``
+    buffers and the ``patch_size`` (a timm ViT's, unless given) its users share."""
+
+    def __init__(self, model: nn.Module, patch_size: int | None = None):
+        super().__init__()
+        self.model = model
+        if patch_size is None:
+            patch = model.patch_embed.patch_size
+            patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.patch_size = int(patch_size)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()
+        return self
+
+
+class VisionFoundationModel(FrozenImageModel):
     """A frozen VFM: images in [0, 1] ``[B, 3, H, W]`` -> last-layer patch features ``[B, C, h, w]``
     (:meth:`forward`; see the module docstring for what each kind reads)."""
 
@@ -232,29 +252,19 @@ class VisionFoundationModel(nn.Module):
         Args:
             config: which VFM and how its features are read (None: :class:`VFMConfig`'s defaults, DINO ViT-B/8).
         """
-        super().__init__()
-        self.config = config = config or VFMConfig()
+        config = config or VFMConfig()
         if config.kind == "sam":
-            self.model = _sam_image_encoder(config.model_name, config.weights, config.model_kwargs,
-                                            config.resize_to)
-            self.patch_size = int(self.model.patch_embed.proj.kernel_size[0])
+            model = _sam_image_encoder(config.model_name, config.weights, config.model_kwargs, config.resize_to)
+            super().__init__(model, int(model.patch_embed.proj.kernel_size[0]))
         else:
             weights = config.weights
             if config.kind == "mae" and weights not in (None, "hub"):
                 weights = _mae_weights_file(Path(weights).expanduser())
-            self.model = load_timm_vit(config.model_name, weights, config.model_kwargs, config.pos_embed_rule,
-                                       what=config.kind.upper() if config.kind != "dinov2" else "DINOv2")
-            patch = self.model.patch_embed.patch_size
-            self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+            super().__init__(load_timm_vit(config.model_name, weights, config.model_kwargs, config.pos_embed_rule,
+                                           what=config.kind.upper() if config.kind != "dinov2" else "DINOv2"))
+        self.config = config
         if config.precision == "fp16":
             self.model.half()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.model.eval()
-        return self
 
     @property
     def dtype(self) -> torch.dtype:

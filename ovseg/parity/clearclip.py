@@ -73,6 +73,22 @@ def their_open_clip(ref_dir: Path, stubs: dict | None = None, packages: tuple[st
         sys.modules.update(ours)
 
 
+def their_create_model(weights: Path):
+    """A stand-in for their ``create_model('ViT-B/16', pretrained='openai', precision='fp16')``: their own ``CLIP``
+    class (of the vendored open_clip imported now) holding the harness's fp16-exact weights ``weights`` in fp32 (the
+    model settings from ``open_clip_config.json`` beside them)."""
+    model_cfg = json.loads((Path(weights).parent / "open_clip_config.json").read_text())["model_cfg"]
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    their_clip = sys.modules["open_clip"].model.CLIP
+
+    def create_model(*args, **kwargs):
+        net = their_clip(**model_cfg)
+        net.load_state_dict(state)
+        return net
+
+    return create_model
+
+
 def segmentor_imports(ref_dir: Path):
     """``clearclip_segmentor.py``'s imports: their open_clip, the mmseg stand-ins, and a ``BLIP`` stand-in."""
     stubs = stand_ins()
@@ -93,21 +109,11 @@ class ClearCLIPReference(Reference):
         self.segmentor_class = self.module.ClearCLIPSegmentation
 
     def segmentor(self, dataset: str, weights: Path, **extra):
-        folder = Path(weights).parent
-        model_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        their_clip = sys.modules["open_clip"].model.CLIP
-
-        def create_model(*args, **kwargs):  # their create_model('ViT-B/16', pretrained='openai', precision='fp16')
-            net = their_clip(**model_cfg)
-            net.load_state_dict(state)
-            return net
-
         model = dict(self.config(dataset).model)
         model.pop("type")
         # configs/base_config.py says model_type='vanilla'; the paper's rows are model_type='ClearCLIP'
         model.update(model_type="ClearCLIP", name_path=str(self.ref_dir / model["name_path"]), **extra)
-        self.module.create_model = create_model
+        self.module.create_model = their_create_model(weights)
         try:
             seg = self.segmentor_class(device=torch.device(self.device), **model)
         finally:

@@ -183,17 +183,7 @@ class ProxyCLIPReference(Reference):
         self.segmentor_class = self.module.ProxyCLIPSegmentation
 
     def segmentor(self, dataset: str, weights: Path, **extra):
-        import json
-
-        folder = Path(weights).parent
-        model_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        their_clip = sys.modules["open_clip"].model.CLIP
-
-        def create_model(*args, **kwargs):  # their create_model('ViT-B/16', pretrained='openai', precision='fp16')
-            net = their_clip(**model_cfg)
-            net.load_state_dict(state)
-            return net
+        from ovseg.parity.clearclip import their_create_model
 
         def hub_load(*args, **kwargs):  # their torch.hub.load('facebookresearch/dino:main', 'dino_vitb8')
             if self.setup.hub_model is None:
@@ -205,7 +195,7 @@ class ProxyCLIPReference(Reference):
         model.update(vfm_model=self.setup.kind, name_path=str(self.ref_dir / model["name_path"]), **extra)
         if self.setup.checkpoint is not None:
             model["checkpoint"] = str(self.setup.checkpoint)
-        self.module.create_model = create_model
+        self.module.create_model = their_create_model(weights)
         hub = torch.hub.load
         torch.hub.load = hub_load
         try:

@@ -13,7 +13,7 @@ from ovseg.eval.protocols import load_protocol
 from ovseg.runner import OVSegCLI
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ["clip", "maskclip", "sclip", "naclip", "clearclip", "scclip", "pixelclip", "clips4"]
+METHODS = ["clip", "maskclip", "sclip", "naclip", "clearclip", "scclip", "proxyclip", "pixelclip", "clips4"]
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovseg.models.vfm import IMAGENET_MEAN, IMAGENET_STD, class_token_pos_embed, load_timm_vit
+from ovseg.models.vfm import FrozenImageModel, class_token_pos_embed, load_timm_vit
 
 __all__ = ["DinoConfig", "DinoMasker", "authors_kmeans", "dino_pos_embed", "kmeans"]
 
@@ -104,7 +104,7 @@ def dino_pos_embed(vit: nn.Module, x: Tensor) -> Tensor:
     return class_token_pos_embed(vit, x, "dino")
 
 
-class DinoMasker(nn.Module):
+class DinoMasker(FrozenImageModel):
     """Images in [0,1] [B,3,H,W] -> k-means masks [B, k, H, W] (bool; every pixel in exactly one mask)."""
 
     def __init__(self, config: DinoConfig | None = None):
@@ -113,19 +113,10 @@ class DinoMasker(nn.Module):
         Args:
             config: which DINO and how it clusters (None: :class:`DinoConfig`'s defaults).
         """
-        super().__init__()
-        self.config = config = config or DinoConfig()
-        self.model = load_timm_vit(config.name, config.weights, config.model_kwargs, config.pos_embed_interpolation,
-                                   what="DINO")
-        patch = self.model.patch_embed.patch_size
-        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.model.eval()
-        return self
+        config = config or DinoConfig()
+        super().__init__(load_timm_vit(config.name, config.weights, config.model_kwargs,
+                                       config.pos_embed_interpolation, what="DINO"))
+        self.config = config
 
     @torch.no_grad()
     def features(self, images01: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ with the CLI, so configs can say ``class_path: MaskCLIP``."""
 from ovseg.methods.base import OVSegMethod
 from ovseg.methods.clearclip import ClearCLIP
 from ovseg.methods.clips4 import CLIPS4
+from ovseg.methods.itaclip import ITACLIP
 from ovseg.methods.maskclip_plus import MaskCLIPPlus
 from ovseg.methods.naclip import NACLIP
 from ovseg.methods.pixelclip import PixelCLIP
@@ -14,4 +15,4 @@ from ovseg.methods.scclip import SCCLIP
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
 __all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "ResCLIP", "SCCLIP",
-           "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]
+           "ITACLIP", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]

@@ -18,6 +18,7 @@ REFERENCES: dict[str, str] = {
     "ClearCLIP": "ovseg.parity.clearclip",
     "ResCLIP": "ovseg.parity.resclip",
     "SC-CLIP": "ovseg.parity.scclip",
+    "ITACLIP": "ovseg.parity.itaclip",
     "DINO": "ovseg.parity.dino",
     "HSG": "ovseg.parity.hsg",
 }
@@ -30,6 +31,7 @@ REPOSITORIES: dict[str, str] = {
     "ClearCLIP": "https://github.com/mc-lan/ClearCLIP",
     "ResCLIP": "https://github.com/yvhangyang/ResCLIP",
     "SC-CLIP": "https://github.com/SuleBai/SC-CLIP",
+    "ITACLIP": "https://github.com/m-arda-aydn/ITACLIP",
     "DINO": "https://github.com/facebookresearch/dino",
     "HSG": "https://github.com/twke18/HSG",
 }

@@ -149,19 +149,24 @@ def stand_ins() -> dict:
 
 
 # -- weights --------------------------------------------------------------------------------------------------
-def fp16_exact_clip(work_dir: Path, small_text: bool, seed: int = 0) -> Path:
+def fp16_exact_clip(work_dir: Path, small_text: bool, seed: int = 0, vision_width: int | None = None) -> Path:
     """Random OpenAI-layout CLIP weights (ViT-B/16 image tower) rounded to fp16 values, saved as a state dict and
     as an open_clip ``local-dir`` folder (``open_clip_config.json`` + weights) that ovseg loads by name. With
-    ``small_text`` the text tower is :data:`SMALL_TEXT`; otherwise it is ViT-B/16's. Returns the folder."""
+    ``small_text`` the text tower is :data:`SMALL_TEXT`; otherwise it is ViT-B/16's. ``vision_width``: a narrower
+    image tower of ViT-B/16's layout otherwise (12 blocks, patch 16, 224 input; heads of 64 channels, as OpenAI's
+    ``build_model`` infers them). Returns the folder."""
     import open_clip
 
-    folder = Path(work_dir) / f"vitb16-fp16exact-{'smalltext' if small_text else 'fulltext'}-seed{seed}"
+    narrow = f"-width{vision_width}" if vision_width else ""
+    folder = Path(work_dir) / f"vitb16{narrow}-fp16exact-{'smalltext' if small_text else 'fulltext'}-seed{seed}"
     weights = folder / "open_clip_pytorch_model.bin"
     if weights.is_file():
         return folder
     model_cfg = json.loads(json.dumps(open_clip.get_model_config("ViT-B-16")))
     if small_text:
         model_cfg["text_cfg"].update(SMALL_TEXT)
+    if vision_width:
+        model_cfg["vision_cfg"].update(width=vision_width, head_width=64)
     model_cfg["quick_gelu"] = True
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**model_cfg)

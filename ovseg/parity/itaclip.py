@@ -40,9 +40,12 @@ from ovseg.parity.common import (
     reference_imports,
     tensor_record,
 )
-from ovseg.parity.mmseg_clip import DENSE_SIZES, SMALL_TEXT, Harness, Reference, fp16_exact_clip, stand_ins
+from ovseg.parity.mmseg_clip import SMALL_TEXT, Harness, Reference, fp16_exact_clip, stand_ins
 
 PROTOCOLS = ("itaclip",)
+#: tokens and window logits at ViT-B/16's width: the protocol's window, and a larger non-square input whose sides are
+#: not multiples of 16 (positional-embedding interpolation, the flipped views' dropped remainder rows/columns)
+DENSE_SIZES: dict[str, tuple[int, int]] = {"224x224": (224, 224), "333x500": (333, 500)}
 #: ovseg dataset -> ITACLIP's ``configs/cfg_<stem>.py``
 CONFIG_STEMS = {"voc21": "voc21", "context60": "context60", "coco_object": "coco_object",
                 "coco_stuff171": "coco_stuff164k", "cityscapes": "cityscapes"}
@@ -54,6 +57,16 @@ LABEL_DATASETS = ("voc21",)
 #: 2048x1024 image; at ViT-B/16's width 768 the six sizes take hours on a CPU, at this width minutes. The tokens and
 #: window logits are compared at width 768.
 LABEL_VISION_WIDTH = 128
+#: label-map sizes of the committed run: four of :data:`~ovseg.parity.common.IMAGE_SIZES` (the 2048x1024 one
+#: included) and a square one; at stride 28 each image is 25 to 85 windows of five views on each side, so the
+#: 2-core CPU run keeps to these (ADE- and COCO-shaped images resize to the VOC one's 336x448 model input anyway)
+LABEL_SIZES: dict[str, tuple[int, int]] = {
+    "voc 375x500": IMAGE_SIZES["voc 375x500"],
+    "context 333x500": IMAGE_SIZES["context 333x500"],
+    "odd 397x541": IMAGE_SIZES["odd 397x541"],
+    "square 300x300": (300, 300),
+    "cityscapes 1024x2048": IMAGE_SIZES["cityscapes 1024x2048"],
+}
 #: their synonym max in column chunks of this width (``width_chunk_size``; the COCO configs set their own)
 WIDTH_CHUNK = 64
 #: their PAMR on this many score channels at a time ([channels, 16, H, W] floats twice: 1 GB at 2048x1024)
@@ -120,7 +133,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     started = time.time()
     work_dir = Path(work_dir)
     datasets = tuple(datasets or LABEL_DATASETS)
-    image_sizes = image_sizes or IMAGE_SIZES
+    image_sizes = image_sizes or LABEL_SIZES
     dense_folder = fp16_exact_clip(work_dir, small_text=True)
     label_folder = fp16_exact_clip(work_dir, small_text=True, vision_width=LABEL_VISION_WIDTH)
     records: list[ParityRecord] = []

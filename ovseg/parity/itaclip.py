@@ -147,11 +147,11 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
         ref = ITACLIPReference(HARNESS, ref_dir, device)
         first = datasets[0]
         # the image tower as released (ViT-B/16's width): tokens and window logits
-        method = ovseg_itaclip(dense_folder).to(device).eval()
-        entry = OVSegScorer(method, "itaclip", device=device).entry(first)
-        settings = entry.settings
-        seg = ref.segmentor(first, dense_folder / "open_clip_pytorch_model.bin")
-
+        if dense:
+            method = ovseg_itaclip(dense_folder).to(device).eval()
+            entry = OVSegScorer(method, "itaclip", device=device).entry(first)
+            settings = entry.settings
+            seg = ref.segmentor(first, dense_folder / "open_clip_pytorch_model.bin")
         for size_name, (h, w) in (DENSE_SIZES.items() if dense else ()):
             image = image_tensor(generated_image(h, w, seed=h + w))[None].to(device)
             x = method.encoder.normalize(image)
@@ -177,7 +177,8 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
                     protocol="itaclip",
                     detail=f"forward_feature ({views}; {first} text with auxiliary texts) vs ovseg dense_logits "
                            "upsampled to the window; fp32 CPU"))
-        del seg, method
+        if dense:
+            del seg, method
 
         # label maps: ViT-B/16's layout at a narrower width (every window runs five views on both sides)
         method = ovseg_itaclip(label_folder).to(device).eval()

@@ -18,6 +18,7 @@ from ovseg.eval.inference import close_labels
 from ovseg.eval.protocols import load_protocol
 from ovseg.methods.itaclip import ITACLIP, engineered_logits
 from ovseg.models.clip import CLIPConfig
+from tests.unit.test_resclip import _block_inputs
 
 GRID = (5, 7)  # rows, cols: non-square
 LAYERS = (1, 2)  # the toy CLIP's 4 blocks: the two between the first and the last
@@ -33,19 +34,6 @@ def _images(method: ITACLIP, batch: int = 2) -> torch.Tensor:
     torch.manual_seed(1)
     patch = method.encoder.patch_size
     return torch.rand(batch, 3, GRID[0] * patch, GRID[1] * patch)
-
-
-def _block_inputs(encoder, images) -> list[torch.Tensor]:
-    """Every block's input [B, 1+N, C], captured with hooks while the plain encoder runs."""
-    inputs = []
-    blocks = encoder.model.visual.transformer.resblocks
-    handles = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in blocks[:-1]]
-    try:
-        encoder.encode_dense(images)
-    finally:
-        for h in handles:
-            h.remove()
-    return inputs
 
 
 def _softmax_rows(scores: np.ndarray) -> np.ndarray:

@@ -16,7 +16,9 @@ theirs names a device). Two of their steps hold the whole image's scores at once
 queries, H, W]``) runs through their own ``width_chunk_size`` path (``perform_in_chunks``, the released COCO configs
 use it too; exact, a per-pixel max), and their ``PAMR`` is called on chunks of score channels (their module,
 unchanged, per chunk: every channel is refined on its own with the same image affinities). Their postprocess's
-label closing is not per pixel, so it runs on the whole map (never in row blocks). Everything else is
+label closing is not per pixel, so it runs on the whole map (never in row blocks). The label maps run on
+ViT-B/16's layout at width :data:`LABEL_VISION_WIDTH` (stride 28 and five views per window cost hours at width 768 on
+a CPU); the tokens and window logits are compared at ViT-B/16's own width. Everything else is
 :mod:`ovseg.parity.mmseg_clip`'s harness (stand-ins for ``mmseg``, fp16-exact random ViT-B/16 weights, mmcv's own
 test pipeline). Both sides run fp32 on the CPU.
 """

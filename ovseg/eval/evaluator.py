@@ -18,11 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovseg.data.auxiliary_texts import class_auxiliary_texts
 from ovseg.data.classnames import display_names, read_class_names
 from ovseg.data.files import DataError, apply_exif_orientation
 from ovseg.data.specs import IGNORE_INDEX
 from ovseg.eval.contract import EvaluatedMethod
-from ovseg.eval.inference import labels_from_logits, labels_from_masks, protocol_resize, slide_logits, to_uint8_hwc
+from ovseg.eval.inference import (
+    close_labels,
+    labels_from_logits,
+    labels_from_masks,
+    protocol_resize,
+    slide_logits,
+    to_uint8_hwc,
+)
 from ovseg.eval.metrics import ConfusionMatrix, SegScores, scores_from_confusion
 from ovseg.eval.pamr import PAMR
 from ovseg.eval.protocols import Protocol, ProtocolSettings
@@ -169,6 +177,8 @@ class Evaluator:
         vocabulary, source = dataset_vocabulary(settings, name, class_names, background_index)
         with dense_options(method, settings):
             text = method.encode_text(vocabulary.queries, get_templates(settings.templates))
+            if settings.auxiliary_texts and settings.auxiliary_weight:
+                text = mix_auxiliary_texts(method, text, vocabulary, settings, name, background_index)
         entry = DatasetEvaluation(
             name=name,
             settings=settings,
@@ -247,6 +257,8 @@ class Evaluator:
                 refine=refine,
                 max_chunk_bytes=self.max_chunk_bytes,
             ))
+            if s.label_closing:
+                preds[-1] = close_labels(preds[-1], s.label_closing)
         return preds
 
     def update(self, method: EvaluatedMethod, name: str, images: list[torch.Tensor], labels: list[torch.Tensor],
@@ -281,6 +293,25 @@ class Evaluator:
             num_images = _sum_over_ranks(entry.num_images, confmat.device)
             out[name] = (confmat, scores_from_confusion(confmat), num_images)
         return out
+
+
+def mix_auxiliary_texts(method: EvaluatedMethod, text: torch.Tensor, vocabulary: Vocabulary,
+                        settings: ProtocolSettings, dataset_name: str, background_index: int | None) -> torch.Tensor:
+    """Each query's embedding mixed with its class's auxiliary text, ``(1 - w) · own + w · auxiliary`` (the
+    protocol's ``auxiliary_texts`` / ``auxiliary_weight``), not re-normalised; classes without one (the background
+    class where the file skips it) keep their own (ITACLIP ``itaclip_segmentor.py`` ``__init__``)."""
+    source = settings.auxiliary_texts.format(dataset=dataset_name)
+    per_class = class_auxiliary_texts(source, vocabulary.class_names, background_index)
+    classes = [c for c, aux in enumerate(per_class) if aux is not None]
+    auxiliary = method.encode_text([per_class[c] for c in classes], get_templates(settings.templates))
+    row = torch.full((len(per_class),), -1, dtype=torch.long)
+    row[classes] = torch.arange(len(classes))
+    query_rows = row[vocabulary.query_to_class]
+    mixed = query_rows >= 0
+    weight = settings.auxiliary_weight
+    text = text.clone()
+    text[mixed] = (1 - weight) * text[mixed] + weight * auxiliary[query_rows[mixed].to(auxiliary.device)].to(text.dtype)
+    return text
 
 
 def refinement_image(method: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:

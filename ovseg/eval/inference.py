@@ -203,6 +203,20 @@ def labels_from_logits(
     return pred
 
 
+def close_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Morphological closing of a label map ``[H,W]`` with a ``size``-sided square: each pixel takes the largest
+    class id of its window (dilation), then the smallest of that result's windows (erosion); pixels beyond the
+    border take no part (ITACLIP ``itaclip_segmentor.py`` ``postprocess_result``: ``cv2.morphologyEx(MORPH_CLOSE)``
+    with a 3x3 ``MORPH_RECT`` on the ids as uint8, whose default border is neutral for both steps). The ids stay
+    as they are here, where the reference's uint8 cast wraps ids above 255."""
+    if size % 2 != 1:
+        raise ValueError(f"label closing needs an odd kernel side, got {size}")
+    ids = labels[None, None].double()  # exact for any id; max pooling pads with -inf, neutral for both steps
+    dilated = F.max_pool2d(ids, size, stride=1, padding=size // 2)
+    eroded = -F.max_pool2d(-dilated, size, stride=1, padding=size // 2)
+    return eroded[0, 0].to(labels.dtype)
+
+
 def labels_from_masks(
     logits: torch.Tensor,
     out_size: tuple[int, int],

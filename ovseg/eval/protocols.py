@@ -68,6 +68,13 @@ class ProtocolSettings:
     #: synonyms' unit embeddings, re-normalised, then the template ensemble: CAT-Seg's and PixelCLIP's
     #: ``class_embeddings``, see :meth:`ovseg.models.text.TextBank.embed`).
     synonyms: str = "max"
+    #: auxiliary class texts (ITACLIP's LLaMA-generated definitions / synonyms): a shipped name under
+    #: ``ovseg/data/auxiliary_texts`` or a path, ``{dataset}`` replaced; one ``name >=text`` line per class, or per
+    #: class but the background class (which keeps its names' own embeddings). None: off.
+    auxiliary_texts: str | None = None
+    #: each query's embedding becomes ``(1 - w) · own + w · auxiliary`` of its class (not re-normalised; ITACLIP's
+    #: ``def_coefficient``)
+    auxiliary_weight: float = 0.0
 
     # -- the reference pipeline: how the code behind a paper's numbers resized, padded and normalised ------------
     #: library of the keep-ratio resize: ``torch`` (bilinear on floats), ``cv2`` (mmcv ``imresize``: cv2
@@ -110,6 +117,9 @@ class ProtocolSettings:
     pamr_steps: int = 0
     #: PAMR neighbourhood dilations (NACLIP's ``pamr_stride``)
     pamr_dilations: list[int] = field(default_factory=lambda: [8, 16])
+    #: morphological closing of the label map with a ``label_closing``-sided square (dilation then erosion of the
+    #: class ids, borders ignored; ITACLIP's ``cv2.morphologyEx(MORPH_CLOSE)`` with a 3x3 kernel); 0: off
+    label_closing: int = 0
 
     # -- what is labelled --------------------------------------------------------------------------------------
     #: ``none``: every pixel (semantic segmentation). ``ground_truth``: zero-shot mask classification: each
@@ -137,6 +147,11 @@ class ProtocolSettings:
             raise ValueError(f"pamr_steps must be a non-negative integer, got {self.pamr_steps!r}")
         if not (self.pamr_dilations and all(isinstance(d, int) and d > 0 for d in self.pamr_dilations)):
             raise ValueError(f"pamr_dilations must be a list of positive integers, got {self.pamr_dilations!r}")
+        if not (isinstance(self.label_closing, int) and self.label_closing >= 0 and self.label_closing % 2 != 0
+                or self.label_closing == 0):
+            raise ValueError(f"label_closing must be 0 or an odd kernel side, got {self.label_closing!r}")
+        if not 0 <= self.auxiliary_weight <= 1:
+            raise ValueError(f"auxiliary_weight must be in [0, 1], got {self.auxiliary_weight!r}")
         if self.vision_ln_eps is not None and not self.vision_ln_eps > 0:
             raise ValueError(f"vision_ln_eps must be positive or null, got {self.vision_ln_eps!r}")
 

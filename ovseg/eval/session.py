@@ -169,9 +169,10 @@ class EvaluationSession:
 
 def predict_settings(evaluator: Evaluator) -> ProtocolSettings:
     """The protocol's settings for arbitrary words (``ovseg predict``, ``ovseg demo``): the given names only, no
-    dataset-specific background rules or thresholds."""
+    dataset-specific background rules, thresholds or auxiliary class texts."""
     return dataclasses.replace(evaluator.settings_for(None), class_names="{dataset}", prob_threshold=None,
-                               area_threshold=None, background_names=[])
+                               area_threshold=None, background_names=[],
+                               auxiliary_texts=None)
 
 
 class Predictor:

@@ -4,6 +4,7 @@ with the CLI, so configs can say ``class_path: MaskCLIP``."""
 from ovseg.methods.base import OVSegMethod
 from ovseg.methods.clearclip import ClearCLIP
 from ovseg.methods.clips4 import CLIPS4
+from ovseg.methods.itaclip import ITACLIP
 from ovseg.methods.maskclip_plus import MaskCLIPPlus
 from ovseg.methods.naclip import NACLIP
 from ovseg.methods.pixelclip import PixelCLIP
@@ -16,4 +17,4 @@ from ovseg.methods.trident import Trident
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
 __all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "ResCLIP", "SCCLIP",
-           "ProxyCLIP", "Trident", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]
+           "ProxyCLIP", "Trident", "ITACLIP", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -113,10 +113,11 @@ def cross_correlation_attention(tokens: AttentionTokens) -> Tensor:
     return torch.softmax(tokens.q @ tokens.k.transpose(-1, -2) * tokens.scale, dim=-1)
 
 
-def residual_attention(block_inputs: list[Tensor], blocks: list[TransformerBlockView], grid: tuple[int, int]) -> Tensor:
-    """RCS: the mean of :func:`cross_correlation_attention` over ``blocks`` read at their inputs ``[B, 1+N, C]``."""
-    maps = [cross_correlation_attention(AttentionTokens(block.ln_1(x), block, grid))
-            for x, block in zip(block_inputs, blocks)]
+def residual_attention(block_inputs: list[Tensor], blocks: list[TransformerBlockView], grid: tuple[int, int],
+                       attention_map: Callable[[AttentionTokens], Tensor] = cross_correlation_attention) -> Tensor:
+    """RCS: the mean of ``attention_map`` (:func:`cross_correlation_attention`; ITACLIP's self-self maps) over
+    ``blocks`` read at their inputs ``[B, 1+N, C]``."""
+    maps = [attention_map(AttentionTokens(block.ln_1(x), block, grid)) for x, block in zip(block_inputs, blocks)]
     return torch.stack(maps).mean(dim=0)
 
 

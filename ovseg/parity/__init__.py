@@ -20,6 +20,7 @@ REFERENCES: dict[str, str] = {
     "SC-CLIP": "ovseg.parity.scclip",
     "ProxyCLIP": "ovseg.parity.proxyclip",
     "Trident": "ovseg.parity.trident",
+    "ITACLIP": "ovseg.parity.itaclip",
     "DINO": "ovseg.parity.dino",
     "HSG": "ovseg.parity.hsg",
 }
@@ -34,6 +35,7 @@ REPOSITORIES: dict[str, str] = {
     "SC-CLIP": "https://github.com/SuleBai/SC-CLIP",
     "ProxyCLIP": "https://github.com/mc-lan/ProxyCLIP",
     "Trident": "https://github.com/YuHengsss/Trident",
+    "ITACLIP": "https://github.com/m-arda-aydn/ITACLIP",
     "DINO": "https://github.com/facebookresearch/dino",
     "HSG": "https://github.com/twke18/HSG",
 }

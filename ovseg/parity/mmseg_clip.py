@@ -149,21 +149,26 @@ def stand_ins() -> dict:
 
 
 # -- weights --------------------------------------------------------------------------------------------------
-def fp16_exact_clip(work_dir: Path, small_text: bool, seed: int = 0, model_name: str = "ViT-B-16") -> Path:
+def fp16_exact_clip(work_dir: Path, small_text: bool, seed: int = 0, model_name: str = "ViT-B-16",
+                    vision_width: int | None = None) -> Path:
     """Random OpenAI-layout CLIP weights (``model_name``'s image tower, ViT-B/16 by default) rounded to fp16 values,
     saved as a state dict and as an open_clip ``local-dir`` folder (``open_clip_config.json`` + weights) that ovseg
-    loads by name. With ``small_text`` the text tower is :data:`SMALL_TEXT`; otherwise it is the model's. Returns
-    the folder."""
+    loads by name. With ``small_text`` the text tower is :data:`SMALL_TEXT`; otherwise it is the model's.
+    ``vision_width``: a narrower image tower of the model's layout otherwise (same blocks, patch and input; heads of
+    64 channels, as OpenAI's ``build_model`` infers them). Returns the folder."""
     import open_clip
 
     prefix = "vitb16" if model_name == "ViT-B-16" else model_name.lower().replace("-", "")
-    folder = Path(work_dir) / f"{prefix}-fp16exact-{'smalltext' if small_text else 'fulltext'}-seed{seed}"
+    narrow = f"-width{vision_width}" if vision_width else ""
+    folder = Path(work_dir) / f"{prefix}{narrow}-fp16exact-{'smalltext' if small_text else 'fulltext'}-seed{seed}"
     weights = folder / "open_clip_pytorch_model.bin"
     if weights.is_file():
         return folder
     model_cfg = json.loads(json.dumps(open_clip.get_model_config(model_name)))
     if small_text:
         model_cfg["text_cfg"].update(SMALL_TEXT)
+    if vision_width:
+        model_cfg["vision_cfg"].update(width=vision_width, head_width=64)
     model_cfg["quick_gelu"] = True
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**model_cfg)

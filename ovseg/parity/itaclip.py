@@ -133,6 +133,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     from ovseg.parity.common import OVSegScorer
 
     started = time.time()
+    where = "CPU" if str(device) == "cpu" else str(device).upper()  # the run's device, in the rows' details
     work_dir = Path(work_dir)
     datasets = tuple(datasets or LABEL_DATASETS)
     image_sizes = image_sizes or LABEL_SIZES
@@ -165,7 +166,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
                 detail=f"all {ours.shape[1]} tokens after ln_post/proj; their encode_image(return_all=True, "
                        f"attn_self=True) vs ovseg ITACLIP (self-self maps of the last block and blocks "
                        f"{list(method.intermediate_layers)}, token residual, no MLP); pos_embed_interpolation="
-                       f"{settings.pos_embed_interpolation}; fp32 CPU"))
+                       f"{settings.pos_embed_interpolation}; fp32 {where}"))
             for engineering in (True, False):
                 seg.img_engineering = method.image_engineering = engineering
                 with torch.no_grad(), dense_options(method, settings), method.scoring(first):
@@ -178,7 +179,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
                     "ITACLIP", f"window logits {'engineered' if engineering else 'plain'} {size_name}", ours, theirs,
                     protocol="itaclip",
                     detail=f"forward_feature ({views}; {first} text with auxiliary texts) vs ovseg dense_logits "
-                           "upsampled to the window; fp32 CPU"))
+                           f"upsampled to the window; fp32 {where}"))
         if dense:
             del seg, method
 
@@ -217,7 +218,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
                                f"{s.mode} {s.crop}/{s.stride}, short side {s.short_side}, logit scale "
                                f"{s.logit_scale}, prob thd {s.prob_threshold}, area thd {s.area_threshold}, PAMR "
                                f"{s.pamr_steps} steps {s.pamr_dilations}, {s.label_closing}x{s.label_closing} "
-                               f"closing; {torch.unique(theirs).numel()} classes in the reference map; fp32 CPU"))
+                               f"closing; {torch.unique(theirs).numel()} classes in the reference map; fp32 {where}"))
                 del seg
     print(f"[ITACLIP] compared in {time.time() - started:.0f} s", flush=True)
     return records

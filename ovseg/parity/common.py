@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 import types
 import warnings
 from dataclasses import asdict, dataclass
@@ -51,6 +52,22 @@ class ParityRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class RecordLog(list):
+    """A run's records; calling it with a record keeps it and prints one progress line (seconds since ``started``,
+    the value, ok / FAIL), so a long CPU run shows where it is."""
+
+    def __init__(self, started: float | None = None):
+        super().__init__()
+        self.started = time.time() if started is None else started
+
+    def __call__(self, record: "ParityRecord") -> None:
+        self.append(record)
+        value = (f"{record.max_rel_diff:.2e}" if record.max_rel_diff is not None
+                 else f"{100 * record.identical_share:.4f} %" if record.identical_share is not None else "")
+        print(f"  [{time.time() - self.started:6.1f}s] {record.quantity}: {value} {'ok' if record.passed else 'FAIL'}",
+              flush=True)
 
 
 def max_rel_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:

@@ -27,6 +27,7 @@ import torch
 
 from ovseg.parity.common import (
     ParityRecord,
+    RecordLog,
     generated_image,
     git_commit,
     label_record,
@@ -100,14 +101,8 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     work_dir.mkdir(parents=True, exist_ok=True)
     sizes = sizes or SIZES
     commit = f"PixelCLIP {git_commit(pixelclip_dir)[:12]}"
-    records: list[ParityRecord] = []
+    records = rec = RecordLog(started)
 
-    def rec(record: ParityRecord) -> None:
-        records.append(record)
-        value = (f"{record.max_rel_diff:.2e}" if record.max_rel_diff is not None
-                 else f"{100 * record.identical_share:.4f} %")
-        print(f"  [{time.time() - started:6.1f}s] {record.quantity}: {value} {'ok' if record.passed else 'FAIL'}",
-              flush=True)
 
     hub = _hub_model(ref_dir).to(device)
     checkpoint = work_dir / "dino_vits16_random.pth"  # the layout of dino_deitsmall16_pretrain.pth

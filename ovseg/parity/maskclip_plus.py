@@ -27,8 +27,8 @@ from typing import Iterator
 import torch
 
 from ovseg.parity import maskclip as maskclip_parity
-from ovseg.parity.common import (TRAINING_TOLERANCE, ParityRecord, generated_image, image_tensor, label_record,
-                                 reference_imports, tensor_record)
+from ovseg.parity.common import (TRAINING_TOLERANCE, ParityRecord, RecordLog, generated_image, image_tensor,
+                                 label_record, reference_imports, tensor_record)
 
 REFERENCE = "MaskCLIP+"
 #: a training step, not an evaluation protocol: a failure here marks no protocol
@@ -140,13 +140,8 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     work_dir = Path(work_dir).resolve() / "maskclip_plus"
     work_dir.mkdir(parents=True, exist_ok=True)
     weights = maskclip_parity.fp16_grid_weights(work_dir, model_name)
-    records: list[ParityRecord] = []
+    records = rec = RecordLog(started)
 
-    def rec(record: ParityRecord) -> None:
-        records.append(record)
-        value = f"{record.max_rel_diff:.2e}" if record.max_rel_diff is not None \
-            else f"{100 * record.identical_share:.4f} %"
-        print(f"  [{time.time() - started:6.1f}s] {record.quantity}: {value}", flush=True)
 
     images, valid = _crops(crop)
     with maskclip_parity._mmcv1(), reference_imports(ref_dir, maskclip_parity._stubs(ref_dir)):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -179,7 +180,8 @@ def fp16_exact_clip(work_dir: Path, small_text: bool, seed: int = 0, model_name:
         "model_cfg": model_cfg,
         "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)},
     }, indent=1))
-    tmp = weights.with_suffix(".tmp")
+    # a name of this process's own: parity runs started side by side may write the same folder at once
+    tmp = weights.with_suffix(f".{os.getpid()}.tmp")
     torch.save(state, tmp)
     tmp.replace(weights)
     return folder

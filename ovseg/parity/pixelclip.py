@@ -33,6 +33,7 @@ from ovseg.parity.common import (
     IMAGE_SIZES,
     OVSegScorer,
     ParityRecord,
+    RecordLog,
     generated_image,
     git_commit,
     label_record,
@@ -128,15 +129,9 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     protocol = load_protocol(PROTOCOL)
     precision_note = f"ovseg {protocol.settings_for(None).text_precision}, reference fp16"
     commit = git_commit(ref_dir)[:12]
-    records: list[ParityRecord] = []
     started = time.time()
+    records = rec = RecordLog(started)
 
-    def rec(record: ParityRecord) -> None:
-        records.append(record)
-        value = (f"{record.max_rel_diff:.2e}" if record.max_rel_diff is not None
-                 else f"{100 * record.identical_share:.4f} %" if record.identical_share is not None else "")
-        print(f"  [{time.time() - started:6.1f}s] {record.quantity}: {value} {'ok' if record.passed else 'FAIL'}",
-              flush=True)
 
     # facts: class names (all five benchmarks) and templates
     for dataset, json_name in CLASS_JSONS.items():

@@ -50,6 +50,7 @@ from ovseg.parity.common import (
     IMAGE_SIZES,
     OVSegScorer,
     ParityRecord,
+    RecordLog,
     generated_image,
     git_commit,
     label_record,
@@ -274,14 +275,8 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     work_dir.mkdir(parents=True, exist_ok=True)
     cases = cases or LABEL_CASES
     commit = git_commit(ref_dir)[:12]
-    records: list[ParityRecord] = []
+    records = rec = RecordLog(started)
 
-    def rec(record: ParityRecord) -> None:
-        records.append(record)
-        value = (f"{record.max_rel_diff:.2e}" if record.max_rel_diff is not None
-                 else f"{100 * record.identical_share:.4f} %")
-        print(f"  [{time.time() - started:6.1f}s] {record.quantity}: {value} {'ok' if record.passed else 'FAIL'}",
-              flush=True)
 
     clip_folder = fp16_exact_clip(work_dir, small_text=True)
     dino_path, sam_path = work_dir / "dino_vitb16_random.pth", work_dir / "sam_vit_b_random.pth"

@@ -184,7 +184,10 @@ def test_a_method_that_reuses_features_splits_dense_logits_exactly(config):
     images = torch.rand(2, 3, 64, 80)
     with torch.no_grad():
         features = method.dense_features(images)
-        dim = (features[0] if isinstance(features, tuple) else features).shape[1]
+        first = features
+        while isinstance(first, (tuple, list)):  # (features, keys) of MaskCLIP, (views, flips) of ITACLIP
+            first = first[0]
+        dim = first.shape[1]
         text = torch.nn.functional.normalize(torch.randn(5, dim), dim=-1)
         whole = method.dense_logits(images, text)
         split = method.logits_from_features(features, text)

@@ -180,3 +180,43 @@ def sam_refine_labels(labels: Tensor, probs: Tensor, sam: torch.nn.Module, embed
         # map_failed_regions: scores raised to the probabilities there; its label rule then never fires
         scores = torch.maximum(scores, probs * area)
     return refined, scores
+
+
+class _ImageSide(torch.nn.Module):
+    """Stands in for SAM's image encoder inside :func:`sam_prompting`'s ``Sam``: ``postprocess_masks`` and the prompt
+    transforms read only its ``img_size`` (the encoder itself is Trident's, held once)."""
+
+    def __init__(self, img_size: int):
+        super().__init__()
+        self.img_size = img_size
+
+
+def sam_prompting(img_size: int, weights: str | None) -> torch.nn.Module:
+    """A ``segment_anything`` ``Sam`` as ``build_sam.py`` builds it but for its image encoder (:class:`_ImageSide`):
+    the prompt encoder and mask decoder, in float (``trident.py`` ``__init__``), with the ``prompt_encoder.*`` /
+    ``mask_decoder.*`` tensors of the SAM checkpoint ``weights`` (the one whose image encoder Trident reads), or
+    random (None: tests)."""
+    from pathlib import Path
+
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    dim, side = 256, img_size // 16
+    sam = Sam(image_encoder=_ImageSide(img_size),
+              prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(side, side),
+                                           input_image_size=(img_size, img_size), mask_in_chans=16),
+              mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                       transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=2048,
+                                                                     num_heads=8),
+                                       transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=256),
+              pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    if weights is not None:
+        from ovseg.utils.io import load_weights_file
+
+        state = load_weights_file(Path(weights).expanduser(), "SAM weights file", allow_numpy=True)
+        state = {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+        missing, unexpected = sam.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("pixel_")]
+        if missing or unexpected:
+            raise ValueError(f"{weights}: no SAM prompt encoder / mask decoder (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    return sam.float().requires_grad_(False).eval()

@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from skimage import measure
 from torch import Tensor
 
-#: ``segment_anything``'s mask-prompt side (the mask decoder's low-resolution logits)
-MASK_PROMPT_SIDE = 256
 #: ``sam_refinement``'s ``down_ratio``: the regions are found on the half-resolution maps
 DOWN_RATIO = 2
 
@@ -109,22 +107,24 @@ def predict_masks(sam: torch.nn.Module, embedding: Tensor, regions: Regions, mas
     return low_res, iou[:, 0]
 
 
-def class_mask_prompt(class_probs: Tensor, label_size: tuple[int, int], settings: SamRefinementSettings) -> Tensor:
+def class_mask_prompt(class_probs: Tensor, label_size: tuple[int, int], settings: SamRefinementSettings,
+                      side: int = 256) -> Tensor:
     """The mask prompt of one class: its half-resolution probabilities ``[h,w]`` resized bilinearly to the label
-    image's long side 256, zero-padded to 256², kept above ``coarse_thresh`` and scaled by ``sam_mask_coff``."""
+    image's long side ``side`` (SAM's mask-input side, ``prompt_encoder.mask_input_size``: 256, which the reference
+    writes), zero-padded to ``side``², kept above ``coarse_thresh`` and scaled by ``sam_mask_coff``."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    height, width = ResizeLongestSide.get_preprocess_shape(*label_size, MASK_PROMPT_SIDE)
+    height, width = ResizeLongestSide.get_preprocess_shape(*label_size, side)
     prompt = F.interpolate(class_probs[None, None].float(), size=(height, width), mode="bilinear",
                            align_corners=False)[0]
-    prompt = F.pad(prompt, (0, MASK_PROMPT_SIDE - width, 0, MASK_PROMPT_SIDE - height))
+    prompt = F.pad(prompt, (0, side - width, 0, side - height))
     return torch.where(prompt > settings.coarse_thresh, settings.sam_mask_coff * prompt, torch.zeros_like(prompt))
 
 
-def region_prompts(labels: Tensor, probs: Tensor, settings: SamRefinementSettings
+def region_prompts(labels: Tensor, probs: Tensor, settings: SamRefinementSettings, mask_side: int = 256
                    ) -> Iterator[tuple[int, Regions, Tensor]]:
     """Steps 1-2 of the module docstring: per class to refine (in class order), its regions on the half-resolution
-    maps and its mask prompt."""
+    maps and its mask prompt (``mask_side``: :func:`class_mask_prompt`)."""
     num_classes, height, width = probs.shape
     half = (height // DOWN_RATIO, width // DOWN_RATIO)
     labels_half = F.interpolate(labels[None, None].half(), size=half, mode="nearest")[0, 0].long()
@@ -137,7 +137,7 @@ def region_prompts(labels: Tensor, probs: Tensor, settings: SamRefinementSetting
             continue
         regions = connected_regions(labels_half_np == c, probs_half[c].cpu(), settings.minimal_area)
         if regions is not None:
-            yield c, regions, class_mask_prompt(probs_half[c], (height, width), settings)
+            yield c, regions, class_mask_prompt(probs_half[c], (height, width), settings, mask_side)
 
 
 @torch.no_grad()
@@ -153,7 +153,7 @@ def sam_refine_labels(labels: Tensor, probs: Tensor, sam: torch.nn.Module, embed
     half = (height // DOWN_RATIO, width // DOWN_RATIO)
     kept: dict[int, Tensor] = {}  # class -> low-resolution logits of its accepted masks
     failed = []
-    for c, regions, prompt in region_prompts(labels, probs, settings):
+    for c, regions, prompt in region_prompts(labels, probs, settings, sam.prompt_encoder.mask_input_size[0]):
         low_res, iou = predict_masks(sam, embedding, regions, prompt, half)
         accepted = (iou > settings.sam_iou_thresh).cpu()
         if not bool(accepted.all()):

@@ -14,3 +14,11 @@ def test_trident_matches_its_released_code(tmp_path):
     assert {r.quantity.split(" voc")[0] for r in records} == {"SAM affinity", "spliced window tokens", "logits",
                                                              "label map"}
     assert_all_passed(records)
+
+
+def test_trident_sam_refinement_matches_its_released_code():
+    # their seg_utils/utils.py sam_refinement vs ovseg's on hand-made probabilities (random SAM prompt side)
+    records = trident.RecordLog()
+    trident.refinement_rows(reference_checkout("Trident"), records)
+    assert len(records) == 2 * len(trident.REFINEMENT_CASES)
+    assert_all_passed(records)

@@ -177,3 +177,17 @@ def test_trident_refines_through_the_evaluator():
     (labels, probs, original), = seen
     assert pred.shape == labels.shape == (50, 90) and probs.shape == (3, 50, 90) and original is image
     torch.testing.assert_close(probs.sum(0), torch.ones(50, 90))
+
+
+def test_class_probabilities_take_each_class_best_query():
+    """Upsampled bilinearly, softmax of the scaled scores over all queries, then the max over each class's queries
+    (Trident's background: the max over its background words), on a non-square grid."""
+    from ovseg.eval.inference import class_probabilities
+
+    scores = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0))
+    query_to_class = torch.tensor([0, 0, 1, 2])
+    probs = class_probabilities(scores, (6, 10), query_to_class, 40.0)
+    up = torch.nn.functional.interpolate(scores[None], size=(6, 10), mode="bilinear")[0].double()
+    soft = np.exp(40 * up.numpy()) / np.exp(40 * up.numpy()).sum(0)
+    expected = np.stack([np.maximum(soft[0], soft[1]), soft[2], soft[3]])
+    np.testing.assert_allclose(probs.numpy(), expected, rtol=1e-5, atol=1e-7)

@@ -207,8 +207,7 @@ def sam_prompting(img_size: int, weights: str | None) -> torch.nn.Module:
               mask_decoder=MaskDecoder(num_multimask_outputs=3,
                                        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=2048,
                                                                      num_heads=8),
-                                       transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=256),
-              pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+                                       transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=256))
     if weights is not None:
         from ovseg.utils.io import load_weights_file
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import deque
 
 import numpy as np
+import pytest
 import torch
 
 from ovseg.methods import sam_refinement as refinement
@@ -191,3 +192,19 @@ def test_class_probabilities_take_each_class_best_query():
     soft = np.exp(40 * up.numpy()) / np.exp(40 * up.numpy()).sum(0)
     expected = np.stack([np.maximum(soft[0], soft[1]), soft[2], soft[3]])
     np.testing.assert_allclose(probs.numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_prompt_side_loaded_from_the_sam_checkpoint(tmp_path):
+    """The prompt encoder and mask decoder take the checkpoint's tensors (the one whose image encoder Trident reads);
+    a file without them is refused."""
+    from segment_anything.build_sam import _build_sam
+
+    torch.manual_seed(0)
+    full = _build_sam(32, 1, 2, [0])
+    torch.save(full.state_dict(), tmp_path / "sam.pth")
+    loaded = refinement.sam_prompting(1024, str(tmp_path / "sam.pth"))
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, full.state_dict()[name], rtol=0, atol=0)
+    torch.save({"image_encoder.neck.0.weight": torch.zeros(1)}, tmp_path / "encoder_only.pth")
+    with pytest.raises(ValueError, match="no SAM prompt encoder"):
+        refinement.sam_prompting(1024, str(tmp_path / "encoder_only.pth"))

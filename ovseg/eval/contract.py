@@ -18,7 +18,9 @@ class EvaluatedMethod(Protocol):
     settings reads the name there; :func:`ovseg.eval.evaluator.scoring`), and a context manager
     ``reading_originals(images)``, entered around the dense scores of each whole-image batch with the batch's images
     before the protocol's resize (a method that reads the image at its own resolution too, as Trident's SAM branch
-    does, takes them there; :func:`ovseg.eval.evaluator.originals`)."""
+    does, takes them there; :func:`ovseg.eval.evaluator.originals`), and a ``label_refinement`` attribute: None, or
+    ``(labels [H,W], class probabilities [C,H,W], original image [3,H,W]) -> labels`` applied to each label map last
+    (Trident's SAM refinement; :func:`ovseg.eval.evaluator.label_refinement`)."""
 
     device: torch.device
     trainer: Any  #: the Lightning Trainer running it

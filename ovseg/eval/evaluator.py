@@ -12,7 +12,7 @@ import hashlib
 from collections import OrderedDict
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from ovseg.data.files import DataError, apply_exif_orientation
 from ovseg.data.specs import IGNORE_INDEX
 from ovseg.eval.contract import EvaluatedMethod
 from ovseg.eval.inference import (
+    class_probabilities,
     close_labels,
     labels_from_logits,
     labels_from_masks,
@@ -240,7 +241,8 @@ class Evaluator:
                                       via_size=tuple(image.shape[-2:]) if via else None,
                                       max_chunk_bytes=self.max_chunk_bytes)
                     for scores, image, out_size, label in zip(logits, resized, out_sizes, labels)]
-        for scores, image, out_size in zip(logits, resized, out_sizes):
+        refine_labels = label_refinement(method)
+        for scores, image, original, out_size in zip(logits, resized, images, out_sizes):
             refine = None
             if s.pamr_steps:
                 with dense_options(method, s):
@@ -259,6 +261,12 @@ class Evaluator:
             ))
             if s.label_closing:
                 preds[-1] = close_labels(preds[-1], s.label_closing)
+            if refine_labels is not None:
+                probs = class_probabilities(scores, out_size, entry.vocabulary.query_to_class, s.logit_scale,
+                                            via_size=tuple(image.shape[-2:]) if s.logits_upsample ==
+                                            "image_then_label" else None)
+                with scoring(method, entry.name):
+                    preds[-1] = refine_labels(preds[-1], probs, original)
         return preds
 
     def update(self, method: EvaluatedMethod, name: str, images: list[torch.Tensor], labels: list[torch.Tensor],
@@ -338,6 +346,14 @@ def originals(method: torch.nn.Module, images: list[torch.Tensor]) -> ContextMan
     method that also reads the image at its own resolution (Trident's SAM branch, :mod:`ovseg.methods.trident`)."""
     hook = getattr(method, "reading_originals", None)
     return hook(images) if callable(hook) else nullcontext()
+
+
+def label_refinement(method: torch.nn.Module
+                     ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The method's ``label_refinement``, if it has one that is on: ``(labels [H,W], class probabilities [C,H,W],
+    original image [3,H,W] in [0,1]) -> labels``, applied after the protocol's label post-processing, inside the
+    method's ``scoring`` block (Trident's SAM refinement, :mod:`ovseg.methods.sam_refinement`)."""
+    return getattr(method, "label_refinement", None)
 
 
 @contextmanager

@@ -203,6 +203,21 @@ def labels_from_logits(
     return pred
 
 
+def class_probabilities(logits: torch.Tensor, out_size: tuple[int, int], query_to_class: torch.Tensor,
+                        logit_scale: float | None, via_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[Q,h,w]`` query scores -> ``[C,H,W]`` class probabilities at the label size: upsampled as
+    :func:`labels_from_logits` does, ``softmax(scale · s)`` over queries, max over each class's queries (whole,
+    not chunked: for post-processing that reads them all, such as Trident's SAM refinement)."""
+    up = logits[None].float()
+    if via_size is not None and tuple(via_size) != tuple(up.shape[-2:]):
+        up = F.interpolate(up, size=via_size, mode="bilinear", align_corners=False)
+    up = F.interpolate(up, size=out_size, mode="bilinear", align_corners=False)[0]
+    probs = (up * (logit_scale or 1.0)).softmax(0)
+    index = query_to_class.to(probs.device)
+    out = probs.new_zeros((int(index.max()) + 1, *out_size))
+    return out.index_reduce_(0, index, probs, "amax", include_self=False)
+
+
 def close_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
     """Morphological closing of a label map ``[H,W]`` with a ``size``-sided square: each pixel takes the largest
     class id of its window (dilation), then the smallest of that result's windows (erosion); pixels beyond the

@@ -24,7 +24,10 @@ Segmentation", ICCV 2025, arXiv 2411.09219), as its released code computes it (g
    its own half's affinity (:attr:`TridentSettings.sam_halves`).
 
 Per-dataset settings (``configs/cfg_*.py``): :data:`DATASET_SETTINGS`, read for the dataset being scored
-(:meth:`Trident.scoring`). SAM refinement (``sam_refinement``, off in ``configs/base_config.py``) is not implemented.
+(:meth:`Trident.scoring`). SAM refinement (``eval.py --sam_refine``; off in ``configs/base_config.py``):
+``Trident(sam_refinement=True)``, :mod:`ovseg.methods.sam_refinement` on the evaluator's label map and class
+probabilities (:attr:`Trident.label_refinement`); SAM's image encoder reads the image once more for it (the reference
+keeps ``set_image``'s features; on Cityscapes it also reads the whole image then).
 
 Departures, for inputs the reference does not take: a window smaller than ``crop`` (an image smaller than the window
 whose sides are already multiples of the patch) is used as it is, where the reference pads it to a multiple of 56
@@ -39,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -50,6 +53,7 @@ from ovseg.eval.inference import resize_image, slide_windows, to_uint8_hwc
 from ovseg.methods.base import cosine_logits
 from ovseg.methods.zeroshot import ZeroShotCLIP
 from ovseg.methods.proxyclip import proxy_last_block
+from ovseg.methods.sam_refinement import SamRefinementSettings, sam_prompting, sam_refine_labels
 from ovseg.models.clip import CLIPConfig, TransformerBlockView
 from ovseg.models.vfm import VFMConfig, VisionFoundationModel
 
@@ -79,6 +83,8 @@ class TridentSettings:
         slide_stride: window stride in pixels.
         slide_crop: window side in pixels.
         sam_halves: SAM reads the left and right halves of the image separately (Cityscapes' ``dataset_type``).
+        coarse_thresh: SAM refinement (:mod:`ovseg.methods.sam_refinement`): classes and pixels below this top
+            probability are not refined (``cfg_*.py``' ``coarse_thresh``; ``base_config.py`` 0.2).
     """
 
     cos_fac: float = 1.2
@@ -86,13 +92,19 @@ class TridentSettings:
     slide_stride: int = 224
     slide_crop: int = 336
     sam_halves: bool = False
+    coarse_thresh: float = 0.2
 
 
 #: configs/cfg_<dataset>.py (ovseg dataset names); the others keep base_config.py's values
 DATASET_SETTINGS: dict[str, TridentSettings] = {
     "voc20": TridentSettings(cos_fac=0.0, slide_stride=112),  # cfg_voc20.py
-    "cityscapes": TridentSettings(cos_fac=3.0, refine_neg_cos=False, sam_halves=True),  # cfg_city_scapes.py
-    "ade150": TridentSettings(refine_neg_cos=False),  # cfg_ade20k.py
+    "cityscapes": TridentSettings(cos_fac=3.0, refine_neg_cos=False, sam_halves=True,
+                                  coarse_thresh=0.10),  # cfg_city_scapes.py
+    "ade150": TridentSettings(refine_neg_cos=False, coarse_thresh=0.05),  # cfg_ade20k.py
+    "context59": TridentSettings(coarse_thresh=0.15),  # cfg_context59.py
+    "context60": TridentSettings(coarse_thresh=0.15),  # cfg_context60.py
+    "coco_object": TridentSettings(coarse_thresh=0.25),  # cfg_coco_object.py
+    "coco_stuff171": TridentSettings(coarse_thresh=0.05),  # cfg_coco_stuff164k.py
 }
 #: any other dataset (the toy world, ``ovseg predict``): base_config.py
 DEFAULT_SETTINGS = TridentSettings()
@@ -204,7 +216,9 @@ class SAMLastAttention(nn.Module):
         return ResizeLongestSide.get_preprocess_shape(height, width, self.encoder.img_size)
 
     @torch.no_grad()
-    def forward(self, image: np.ndarray) -> tuple[Tensor, Tensor]:
+    def embed(self, image: np.ndarray) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        """``SamPredictor.set_image``: a uint8 RGB image -> the encoder's output ``[1,256,64,64]`` (``features``), its
+        last block's input and the resized image's size (``input_size``)."""
         from segment_anything.utils.transforms import ResizeLongestSide
 
         resized = ResizeLongestSide(self.encoder.img_size).apply_image(image)
@@ -216,10 +230,15 @@ class SAMLastAttention(nn.Module):
         captured: dict[str, Tensor] = {}
         handle = self.encoder.blocks[-1].attn.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
         try:
-            self.encoder(x.to(self.encoder.patch_embed.proj.weight.dtype))
+            embedding = self.encoder(x.to(self.encoder.patch_embed.proj.weight.dtype))
         finally:
             handle.remove()
-        probs, values = last_block_attention(self.encoder.blocks[-1].attn, captured["x"])
+        return embedding, captured["x"], (height, width)
+
+    @torch.no_grad()
+    def forward(self, image: np.ndarray) -> tuple[Tensor, Tensor]:
+        _, last_input, (height, width) = self.embed(image)
+        probs, values = last_block_attention(self.encoder.blocks[-1].attn, last_input)
         grid_h, grid_w = values.shape[2:4]
         rows, cols = height // self.patch_size, width // self.patch_size
         heads = probs.shape[1]
@@ -243,6 +262,8 @@ class Trident(ZeroShotCLIP):
         gamma: float = 3.0,
         dataset_settings: dict[str, dict[str, Any]] | None = None,
         default_settings: dict[str, Any] | None = None,
+        sam_refinement: bool = False,
+        refinement: dict[str, Any] | None = None,
         **evaluation: Any,
     ):
         """A dense CLIP whose last block is ProxyCLIP's over DINO, its windows spliced and aggregated with SAM.
@@ -258,6 +279,10 @@ class Trident(ZeroShotCLIP):
             dataset_settings: per dataset, changes to :data:`DATASET_SETTINGS` (``cos_fac``, ``refine_neg_cos``,
                 ``slide_stride``, ``slide_crop``, ``sam_halves``; a dataset not there starts from the defaults).
             default_settings: changes to the settings of any dataset without its own (``base_config.py``'s).
+            sam_refinement: refine the label map with SAM's prompt encoder and mask decoder (``eval.py
+                --sam_refine``; their weights from ``sam.weights``, the same checkpoint).
+            refinement: changes to :class:`~ovseg.methods.sam_refinement.SamRefinementSettings` (``minimal_area``,
+                ``sam_mask_coff``, ``sam_iou_thresh``; ``coarse_thresh`` is per dataset, :class:`TridentSettings`).
             **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
         """
         super().__init__(clip, **evaluation)
@@ -265,6 +290,8 @@ class Trident(ZeroShotCLIP):
             raise NotImplementedError(f"Trident needs an open_clip ViT, {clip.name!r} is {self.encoder.kind!r}")
         self.vfm = VisionFoundationModel(vfm)
         self.sam = SAMLastAttention(sam)
+        self.prompting = sam_prompting(self.sam.encoder.img_size, sam.weights) if sam_refinement else None
+        self.refinement = dataclasses.replace(SamRefinementSettings(), **(refinement or {}))
         self.beta, self.gamma = float(beta), float(gamma)
         self.settings = {name: dataclasses.replace(s, **(dataset_settings or {}).get(name, {}))
                          for name, s in DATASET_SETTINGS.items()}
@@ -308,6 +335,30 @@ class Trident(ZeroShotCLIP):
         finally:
             self._originals = previous
 
+    @property
+    def label_refinement(self) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+        """The evaluator's hook after the label map (:func:`ovseg.eval.evaluator.label_refinement`): SAM refinement
+        when on."""
+        return self.refine_labels if self.prompting is not None else None
+
+    @torch.no_grad()
+    def refine_labels(self, labels: Tensor, probs: Tensor, original: Tensor) -> Tensor:
+        """``postprocess_result``'s ``sam_refinement``: labels ``[H,W]`` and class probabilities ``[C,H,W]`` at the
+        original image ``[3,H,W]``'s size -> refined labels; SAM reads the image as ``get_trident_seg``'s
+        ``set_image`` (sides rounded up to CLIP's patch)."""
+        sam_image = self.sam_image(original)
+        embedding, _, input_size = self.sam.embed(sam_image)
+        settings = dataclasses.replace(self.refinement, coarse_thresh=self.current.coarse_thresh)
+        return sam_refine_labels(labels, probs, self.prompting, embedding, input_size, sam_image.shape[:2],
+                                 settings)[0]
+
+    def sam_image(self, original: Tensor) -> np.ndarray:
+        """get_trident_seg: the original image ``[3,H,W]``, sides rounded up to multiples of CLIP's patch (cv2
+        INTER_LINEAR), as uint8 ``[H',W',3]``."""
+        patch = self.encoder.patch_size
+        return to_uint8_hwc(resize_image(original[None], (round_up(original.shape[-2], patch),
+                                                           round_up(original.shape[-1], patch)), "cv2")[0])
+
     #: the image side does not depend on the words, but SAM reads the original image, which the feature cache's key
     #: (the resized batch) does not name
     reuses_features = False
@@ -324,12 +375,9 @@ class Trident(ZeroShotCLIP):
     def image_features(self, image: Tensor, original: Tensor) -> Tensor:
         """One image: the protocol-resized ``[1,3,h,w]`` and the original ``[3,H,W]`` (both in [0,1]) -> dense
         features ``[1, D, h', w']`` on SAM's token grid (before L2 normalisation)."""
-        s, patch = self.current, self.encoder.patch_size
+        s = self.current
         spliced = self.spliced_tokens(image)
-        # get_trident_seg: the original image, sides rounded up to multiples of CLIP's patch (cv2 INTER_LINEAR)
-        sam_image = resize_image(original[None], (round_up(original.shape[-2], patch),
-                                                  round_up(original.shape[-1], patch)), "cv2")[0]
-        sam_image = to_uint8_hwc(sam_image)
+        sam_image = self.sam_image(original)
         parts = np.split(sam_image, 2, axis=1) if s.sam_halves else [sam_image]
         columns = spliced.shape[-1] // 2
         pieces = [spliced[..., :columns], spliced[..., columns:]] if s.sam_halves else [spliced]

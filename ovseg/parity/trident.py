@@ -24,12 +24,15 @@ ovseg side: ``Trident`` on the same files (the CLIP folder, DINO's checkpoint th
 
 Compared: SAM's affinity (``get_sam_sim`` as ``guidance_attn`` feeds it), the spliced windows' tokens on SAM's grid
 (the other ``torch.matmul`` operand in ``guidance_attn``) and the logits at the original size for a VOC-shaped and a
-Cityscapes-shaped image (the two SAM halves), then label maps on generated images of five sizes.
+Cityscapes-shaped image (the two SAM halves), then label maps on generated images of five sizes. SAM refinement
+(``--sam_refine``): their ``seg_utils/utils.py`` ``sam_refinement`` vs :mod:`ovseg.methods.sam_refinement` on
+hand-made probabilities with several regions per class (:func:`refinement_rows`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import gc
 import importlib
@@ -262,8 +265,9 @@ def ovseg_run(scorer: OVSegScorer, dataset: str, image: np.ndarray, record: bool
 
 def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parity"), *,
         cases: dict[str, tuple[tuple[int, int], str]] | None = None,
-        dense_cases: tuple[str, ...] = DENSE_CASES) -> list[ParityRecord]:
-    """Compare the checkout's Trident with ovseg's (see the module docstring). ``cases`` allows a small variant."""
+        dense_cases: tuple[str, ...] = DENSE_CASES, refinement: bool = True) -> list[ParityRecord]:
+    """Compare the checkout's Trident with ovseg's (see the module docstring). ``cases`` allows a small variant;
+    ``refinement``: the SAM refinement rows too (:func:`refinement_rows`)."""
     started = time.time()
     ref_dir = Path(ref_dir).resolve()
     dino_dir = Path(os.environ.get("OVSEG_PARITY_DINO") or ref_dir.parent / "dino")
@@ -319,8 +323,111 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
                               detail=f"cosines at the original size (get_trident_seg); {where}"))
         rec(label_record(REFERENCE, f"label map {label}", ours["labels"], ref["labels"], protocol="trident",
                          detail=f"ovseg test's evaluator vs get_trident_seg + postprocess_result; {where}"))
+    if refinement:
+        refinement_rows(ref_dir, rec)
     print(f"[{REFERENCE}] compared in {time.time() - started:.0f} s", flush=True)
     return records
 
 
 __all__ = ["PROTOCOLS", "REFERENCE", "run"]
+
+
+# -- SAM refinement ----------------------------------------------------------------------------------------------
+#: refinement rows: (label size, classes, coarse_thresh, seed) — hand-made probabilities with several blobs per class
+REFINEMENT_CASES: dict[str, tuple[tuple[int, int], int, float, int]] = {
+    "refine 96x128": ((96, 128), 4, 0.2, 1),
+    "refine 150x110": ((150, 110), 5, 0.15, 2),
+    "refine 127x181": ((127, 181), 3, 0.0, 3),
+}
+
+
+def blob_probabilities(height: int, width: int, classes: int, seed: int) -> torch.Tensor:
+    """Class probabilities ``[C,H,W]`` whose argmax has several connected regions per class: a softmax over
+    Gaussian blobs (three per foreground class at random centres) with a weak flat background channel."""
+    gen = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    scores = torch.full((classes, height, width), 0.0)
+    scores[0] = 1.0
+    for c in range(1, classes):
+        for _ in range(3):
+            cy, cx = torch.rand(2, generator=gen) * torch.tensor([height, width])
+            sigma = 4 + 8 * float(torch.rand(1, generator=gen))
+            scores[c] += 4 * torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * sigma ** 2))
+    return (scores * 1.5).softmax(0)
+
+
+def tiny_sam_state(build, seed: int = 0) -> dict:
+    """A SAM with a one-block 64-wide image encoder (unused: the embedding is drawn) and the released prompt encoder
+    and mask decoder shapes, every parameter random (the decoder's zero-initialised ones too)."""
+    torch.manual_seed(seed)
+    sam = build(encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=2, encoder_global_attn_indexes=[0])
+    with torch.no_grad():
+        for p in sam.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return sam.state_dict()
+
+
+def refinement_inputs(label: str) -> dict:
+    """One refinement case: probabilities, labels (argmax, 0 below the case's threshold), a random image embedding and
+    the sizes ``SamPredictor.set_image`` would have given (the image rounded up to CLIP's patch, then SAM's input)."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    (height, width), classes, coarse, seed = REFINEMENT_CASES[label]
+    probs = blob_probabilities(height, width, classes, seed)
+    labels = probs.argmax(0)
+    labels[probs.max(0).values < 0.3] = 0
+    original_size = (-(-height // 16) * 16, -(-width // 16) * 16)
+    gen = torch.Generator().manual_seed(100 + seed)
+    return dict(probs=probs, labels=labels, coarse=coarse, original_size=original_size,
+                input_size=ResizeLongestSide.get_preprocess_shape(*original_size, 1024),
+                embedding=torch.randn(1, 256, 64, 64, generator=gen))
+
+
+def refinement_rows(ref_dir: Path, rec) -> None:
+    """``sam_refinement`` (their ``seg_utils/utils.py`` with their ``SamPredictor``) vs
+    :func:`ovseg.methods.sam_refinement.sam_refine_labels` on hand-made probabilities, the same random SAM prompt
+    encoder / mask decoder and image embedding. The IoU threshold is the median of the case's predicted IoUs, so
+    some regions are accepted and some fail."""
+    from segment_anything.build_sam import _build_sam as our_build
+
+    from ovseg.methods.sam_refinement import (SamRefinementSettings, predict_masks, region_prompts,
+                                             sam_refine_labels)
+
+    commit = git_commit(ref_dir)[:12]
+    ours_sam = our_build(64, 1, 2, [0]).eval()
+    with hidden_modules(HIDDEN_PACKAGES), reference_imports(ref_dir, {"openpyxl": stub_module("openpyxl")}):
+        build = importlib.import_module("segment_anything.build_sam")._build_sam
+        predictor_cls = importlib.import_module("segment_anything").SamPredictor
+        their_refinement = importlib.import_module("seg_utils.utils").sam_refinement
+        state = tiny_sam_state(lambda **kw: build(kw["encoder_embed_dim"], kw["encoder_depth"],
+                                                  kw["encoder_num_heads"], kw["encoder_global_attn_indexes"]))
+        their_sam = build(64, 1, 2, [0]).eval()
+        their_sam.load_state_dict(state)
+        ours_sam.load_state_dict(state)
+        for label in REFINEMENT_CASES:
+            case = refinement_inputs(label)
+            probs, labels = case["probs"], case["labels"]
+            settings = SamRefinementSettings(coarse_thresh=case["coarse"], minimal_area=8)
+            half = (labels.shape[0] // 2, labels.shape[1] // 2)
+            ious = torch.cat([predict_masks(ours_sam, case["embedding"], regions, prompt, half)[1]
+                              for _, regions, prompt in region_prompts(labels, probs, settings)])
+            settings = dataclasses.replace(settings, sam_iou_thresh=float(ious.median()))
+            ours_labels, ours_scores = sam_refine_labels(labels, probs, ours_sam, case["embedding"],
+                                                         case["input_size"], case["original_size"], settings)
+            predictor = predictor_cls(their_sam)
+            predictor.features = case["embedding"].clone()
+            predictor.original_size, predictor.input_size = case["original_size"], case["input_size"]
+            predictor.is_image_set = True
+            image = np.zeros((*labels.shape, 3), np.uint8)
+            their_labels, _, their_scores, _ = their_refinement(
+                image, labels[None].clone(), probs.clone(), probs.shape[0], predictor, settings.coarse_thresh,
+                settings.minimal_area, settings.sam_mask_coff, settings.sam_iou_thresh)
+            changed = float((ours_labels != labels).float().mean())
+            where = (f"{probs.shape[0]} classes, {tuple(labels.shape)}, coarse_thresh {settings.coarse_thresh}, "
+                     f"{int((ious > settings.sam_iou_thresh).sum())}/{len(ious)} regions accepted, "
+                     f"{changed:.1%} of labels changed; Trident {commit}")
+            rec(label_record(REFERENCE, f"SAM refinement labels {label}", ours_labels, their_labels[0],
+                             protocol="trident", detail=f"sam_refinement (seg_utils/utils.py), random SAM prompt "
+                                                        f"encoder/mask decoder and embedding; {where}"))
+            rec(tensor_record(REFERENCE, f"SAM refinement scores {label}", ours_scores, their_scores,
+                              protocol="trident", detail=f"refined_logits incl. map_failed_regions; {where}"))

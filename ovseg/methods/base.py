@@ -19,7 +19,8 @@ prediction pictures — lives in :mod:`ovseg.eval`: the Lightning evaluation hoo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -38,6 +39,25 @@ def cosine_logits(features: torch.Tensor, text: torch.Tensor, normalize_text: bo
     features = F.normalize(features, dim=1)
     text = F.normalize(text.to(features.dtype), dim=-1) if normalize_text else text.to(features.dtype)
     return torch.einsum("bdhw,qd->bqhw", features, text).contiguous()
+
+
+class PerDatasetSettings:
+    """For a method whose released configs tune it per dataset: ``settings`` (dataset -> settings) and ``default``
+    (the rest) are set by the method; ``current`` is the one in force while the evaluator scores a dataset inside
+    :meth:`scoring` (the evaluator's per-dataset hook, ``ovseg/eval/contract.py``)."""
+
+    settings: dict[str, Any]
+    default: Any
+    current: Any
+
+    @contextmanager
+    def scoring(self, dataset: str) -> Iterator[None]:
+        """The evaluator scores ``dataset`` inside the block: its settings apply."""
+        previous, self.current = self.current, self.settings.get(dataset, self.default)
+        try:
+            yield
+        finally:
+            self.current = previous
 
 
 class OVSegMethod(L.LightningModule):

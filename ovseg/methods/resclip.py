@@ -37,16 +37,15 @@ protocol, checked by ``ovseg parity --ref ResCLIP=DIR``. This module registers n
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ovseg.eval.pamr import PAMR
-from ovseg.methods.base import cosine_logits
+from ovseg.methods.base import PerDatasetSettings, cosine_logits
 from ovseg.methods.naclip import GAUSSIAN_STD, _cached_bias
 from ovseg.methods.zeroshot import ZeroShotCLIP
 from ovseg.models.attention import AttentionTokens
@@ -221,7 +220,7 @@ def resclip_attention(tokens: AttentionTokens, baseline: str, rcs: Tensor | None
     return probs @ tokens.v
 
 
-class ResCLIP(ZeroShotCLIP):
+class ResCLIP(PerDatasetSettings, ZeroShotCLIP):
     """ResCLIP: RCS and SFR on a baseline's last block (default NACLIP's, the released main results); the
     ``naclip`` protocol (its pipeline is NACLIP's)."""
 
@@ -280,15 +279,6 @@ class ResCLIP(ZeroShotCLIP):
         self.current = self.default
         self._feedback_inputs: tuple[Tensor, Tensor] | None = None
         self.encoder.last_stage = self._last_stage
-
-    @contextmanager
-    def scoring(self, dataset: str) -> Iterator[None]:
-        """The evaluator scores ``dataset`` inside the block: its :class:`ResCLIPSettings` apply."""
-        previous, self.current = self.current, self.settings.get(dataset, self.default)
-        try:
-            yield
-        finally:
-            self.current = previous
 
     #: SFR feeds the first pass's labels, made with the words, back into the last block: the image side depends on
     #: the vocabulary, so ``ovseg demo`` must not reuse it across vocabularies

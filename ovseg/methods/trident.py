@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovseg.eval.inference import resize_image, slide_windows, to_uint8_hwc
-from ovseg.methods.base import cosine_logits
+from ovseg.methods.base import PerDatasetSettings, cosine_logits
 from ovseg.methods.zeroshot import ZeroShotCLIP
 from ovseg.methods.proxyclip import proxy_last_block
 from ovseg.methods.sam_refinement import SamRefinementSettings, sam_prompting, sam_refine_labels
@@ -247,7 +247,7 @@ class SAMLastAttention(nn.Module):
 
 
 # -- the method -------------------------------------------------------------------------------------------------
-class Trident(ZeroShotCLIP):
+class Trident(PerDatasetSettings, ZeroShotCLIP):
     """Trident: CLIP windows with DINO proxy attention, spliced, aggregated with SAM's affinity; the ``trident``
     protocol (its mmseg pipeline)."""
 
@@ -315,15 +315,6 @@ class Trident(ZeroShotCLIP):
         vfm, sam = self.vfm.config, self.sam.config
         return (f"{self.encoder.weights_id}+{vfm.kind}:{vfm.model_name}:{vfm.weights}"
                 f"+sam:{sam.model_name}:{sam.weights}")
-
-    @contextmanager
-    def scoring(self, dataset: str) -> Iterator[None]:
-        """The evaluator scores ``dataset`` inside the block: its :class:`TridentSettings` apply."""
-        previous, self.current = self.current, self.settings.get(dataset, self.default)
-        try:
-            yield
-        finally:
-            self.current = previous
 
     @contextmanager
     def reading_originals(self, images: list[Tensor]) -> Iterator[None]:

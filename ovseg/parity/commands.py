@@ -97,6 +97,10 @@ def run(ns: argparse.Namespace) -> int:
 
     from ovseg.parity.report import update_parity
 
+    # parity compares float32 arithmetic at 1e-5; TF32 tensor cores (cuDNN convolutions use them by default) round
+    # to a 10-bit mantissa and differ by algorithm choice (SAM's patch embedding: 1.2e-4 on an H200 with them on)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     failed = []
     for name, ref_dir in ns.ref:
         module = importlib.import_module(REFERENCES[name])

@@ -130,7 +130,8 @@ class _SegDataPreProcessor(torch.nn.Module):
 
     def forward(self, data: dict, training: bool = False) -> dict:
         inputs = [x[[2, 1, 0], ...] if self.channel_conversion else x for x in data["inputs"]]
-        inputs = [(x.float() - self.mean) / self.std for x in inputs]
+        # mmseg's preprocessor casts the data to its own device; this stand-in is never moved, so it follows the data
+        inputs = [(x.float() - self.mean.to(x.device)) / self.std.to(x.device) for x in inputs]
         return {"inputs": torch.stack(inputs, dim=0), "data_samples": data.get("data_samples")}
 
 

@@ -237,13 +237,23 @@ class SAMLastAttention(nn.Module):
 
     @torch.no_grad()
     def forward(self, image: np.ndarray) -> tuple[Tensor, Tensor]:
-        _, last_input, (height, width) = self.embed(image)
+        return self.read(image)[:2]
+
+    @torch.no_grad()
+    def read(self, image: np.ndarray) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+        """:meth:`forward`'s probabilities and values, with :meth:`embed`'s embedding and input size (the SAM
+        refinement's prompts read the same encoder pass)."""
+        embedding, last_input, (height, width) = self.embed(image)
         probs, values = last_block_attention(self.encoder.blocks[-1].attn, last_input)
         grid_h, grid_w = values.shape[2:4]
         rows, cols = height // self.patch_size, width // self.patch_size
         heads = probs.shape[1]
         probs = probs.view(1, heads, grid_h, grid_w, grid_h, grid_w)[:, :, :rows, :cols, :rows, :cols]
-        return probs.flatten(2, 3).flatten(3, 4), values[:, :, :rows, :cols]
+        return probs.flatten(2, 3).flatten(3, 4), values[:, :, :rows, :cols], embedding, (height, width)
+
+
+#: SAM embeddings kept from the dense pass for the refinement (4 MiB each at ViT-B's 256x64x64 in float32)
+MAX_CACHED_SAM_EMBEDDINGS = 64
 
 
 # -- the method -------------------------------------------------------------------------------------------------
@@ -301,6 +311,9 @@ class Trident(PerDatasetSettings, ZeroShotCLIP):
         self.default = dataclasses.replace(DEFAULT_SETTINGS, **(default_settings or {}))
         self.current = self.default
         self._originals: list[Tensor] | None = None
+        # original image (by identity) -> (image, SAM embedding, input size) of the dense pass, for the refinement of
+        # the same image: one SAM encoder pass per image instead of two (bounded: entries are popped when read)
+        self._sam_embeddings: dict[int, tuple[Tensor, Tensor, tuple[int, int]]] = {}
         self._proxy: Tensor | None = None
         self.encoder.last_stage = self._last_stage
 
@@ -338,7 +351,11 @@ class Trident(PerDatasetSettings, ZeroShotCLIP):
         original image ``[3,H,W]``'s size -> refined labels; SAM reads the image as ``get_trident_seg``'s
         ``set_image`` (sides rounded up to CLIP's patch)."""
         sam_image = self.sam_image(original)
-        embedding, _, input_size = self.sam.embed(sam_image)
+        cached = self._sam_embeddings.pop(id(original), None)
+        if cached is not None and cached[0] is original:
+            embedding, input_size = cached[1], cached[2]
+        else:
+            embedding, _, input_size = self.sam.embed(sam_image)
         settings = dataclasses.replace(self.refinement, coarse_thresh=self.current.coarse_thresh)
         return sam_refine_labels(labels, probs, self.prompting, embedding, input_size, sam_image.shape[:2],
                                  settings)[0]
@@ -374,7 +391,11 @@ class Trident(PerDatasetSettings, ZeroShotCLIP):
         pieces = [spliced[..., :columns], spliced[..., columns:]] if s.sam_halves else [spliced]
         out = []
         for part, piece in zip(parts, pieces):
-            probs, values = self.sam(part)
+            probs, values, embedding, input_size = self.sam.read(part)
+            if self.prompting is not None and not s.sam_halves:  # the refinement reads the whole image's pass
+                if len(self._sam_embeddings) >= MAX_CACHED_SAM_EMBEDDINGS:
+                    self._sam_embeddings.pop(next(iter(self._sam_embeddings)))
+                self._sam_embeddings[id(original)] = (original, embedding, input_size)
             weights = sam_affinity(values, probs, s.cos_fac, s.refine_neg_cos)
             grid = tuple(values.shape[2:4])
             piece = F.interpolate(piece, size=grid, mode="bilinear", align_corners=False)

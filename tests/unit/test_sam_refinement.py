@@ -208,3 +208,38 @@ def test_prompt_side_loaded_from_the_sam_checkpoint(tmp_path):
     torch.save({"image_encoder.neck.0.weight": torch.zeros(1)}, tmp_path / "encoder_only.pth")
     with pytest.raises(ValueError, match="no SAM prompt encoder"):
         refinement.sam_prompting(1024, str(tmp_path / "encoder_only.pth"))
+
+
+def test_trident_refinement_reuses_the_dense_pass_sam_embedding():
+    """With the refinement on, SAM's encoder runs once per image (the dense pass's embedding feeds the prompts) and
+    the labels are those of a second, fresh encoder pass."""
+    from ovseg.eval.evaluator import Evaluator
+    from ovseg.eval.protocols import load_protocol
+    from tests.unit.test_trident import tiny_trident
+
+    class NeverKeeps(dict):
+        def __setitem__(self, key, value):
+            pass
+
+    def predict(method, images):
+        passes = []
+        handle = method.sam.encoder.register_forward_hook(lambda *_: passes.append(1))
+        evaluator = Evaluator(load_protocol("trident"), {"short_side": 64, "long_side_max": 256, "templates": "single",
+                                                         "class_names": "{dataset}", "prob_threshold": None})
+        entry = evaluator.add_dataset(method, "voc21", [["a"], ["b"], ["c"]], 0, torch.device("cpu"))
+        try:
+            preds = [evaluator.predict(method, entry, image, tuple(image.shape[-2:])) for image in images]
+        finally:
+            handle.remove()
+        return preds, len(passes)
+
+    torch.manual_seed(0)
+    images = [torch.rand(3, 50, 90), torch.rand(3, 70, 40)]
+    method = tiny_trident(sam_refinement=True, refinement={"minimal_area": 1, "sam_iou_thresh": -1e9})
+    reused, reused_passes = predict(method, images)
+    assert reused_passes == len(images) and not method._sam_embeddings
+    method._sam_embeddings = NeverKeeps()
+    fresh, fresh_passes = predict(method, images)
+    assert fresh_passes == 2 * len(images)
+    for a, b in zip(reused, fresh):
+        assert torch.equal(a, b)

@@ -130,8 +130,8 @@ def test_sam_reads_the_original_image_and_halves():
 
     method = tiny_trident(dataset_settings={"cityscapes": {"slide_crop": 64, "slide_stride": 32}})
     seen = []
-    forward = method.sam.forward
-    method.sam.forward = lambda image: seen.append(image.shape) or forward(image)
+    read = method.sam.read
+    method.sam.read = lambda image: seen.append(image.shape) or read(image)
     evaluator = Evaluator(load_protocol("trident"), {"short_side": 64, "long_side_max": 256, "templates": "single",
                                                      "class_names": "{dataset}", "prob_threshold": None})
     entry = evaluator.add_dataset(method, "voc21", [["a"], ["b"]], 0, torch.device("cpu"))

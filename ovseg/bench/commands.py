@@ -97,7 +97,8 @@ def _cmd_matrix(ns: argparse.Namespace) -> int:
         if "=" not in kv:
             raise ValueError(f"--set {kv!r}: expected KEY=VALUE, e.g. trainer.devices=2")
     matrix = plan_matrix(ns.methods, ns.protocols, ns.out, data_root=ns.data_root, datasets=ns.datasets,
-                         metafiles=load_metafiles(ns.metafiles), extra_args=extra, extra_configs=ns.config)
+                         metafiles=load_metafiles(ns.metafiles), extra_args=extra, extra_configs=ns.config,
+                         own_names=ns.own_names)
     runner_args = {"force": ns.force, "isolate": ns.isolate, "fail_fast": ns.fail_fast}
     if ns.dry_run:
         runner = MatrixRunner(matrix, **runner_args)
@@ -198,6 +199,9 @@ def register(commands) -> None:
                         help="datasets of every cell (default: those every method's config scores)")
     matrix.add_argument("--out", default="outputs/bench/matrix", help="results folder: <method>/<protocol>/ per cell")
     matrix.add_argument("--force", action="store_true", help="rerun even finished cells")
+    matrix.add_argument("--own-names", action="store_true",
+                        help="a protocol with no class-name list for a dataset scores it with the dataset's own names "
+                             "(marked † in the table) instead of n/a")
     matrix.add_argument("--isolate", action="store_true", help="one subprocess per `ovseg test` (DDP cells always)")
     matrix.add_argument("--fail-fast", action="store_true", help="stop at the first failure")
     matrix.add_argument("--dry-run", action="store_true", help="show each cell's state and commands, run nothing")

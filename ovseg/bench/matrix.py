@@ -23,7 +23,9 @@ Every cell is an entry of an in-memory suite run by :class:`~ovseg.bench.suite_r
 ``<out>/<method>/<protocol>/``: resumable and fresh-checked exactly as ``ovseg bench run`` (a finished cell whose
 hash matches is skipped; a changed config, protocol file, weights, data or ovseg code reruns the cells it touches).
 A protocol that cannot score a dataset (no class-name file for it, a class count that differs) leaves those cells
-out, with the reason in the table. ``<out>/matrix.json`` records the plan (read by ``ovseg bench report``, which
+out, with the reason in the table; with ``own_names`` a protocol that only lacks a class-name list for the dataset (none
+of its authors scored it: the toy world, a user's own set) scores it with the dataset's own names instead, its cells
+marked † (``<out>/<method>/<protocol>-own-names/``). ``<out>/matrix.json`` records the plan (read by ``ovseg bench report``, which
 renders it into RESULTS.md) and ``<out>/MATRIX.md`` holds one table per dataset (:func:`matrix_markdown`).
 """
 
@@ -41,6 +43,8 @@ from ovseg.bench.suite_runner import SuiteRunner
 from ovseg.eval.protocols import Protocol, load_protocol
 from ovseg.utils.project import project_path
 
+#: the setting a cell adds where its protocol has no class-name list for the dataset (``own_names``)
+OWN_NAMES = {"class_names": "{dataset}"}
 #: the role of a cell's results file: not a leaderboard row of its own (``ovseg bench report`` renders the matrix)
 CELL_ROLE = "matrix_cell"
 MATRIX_FILE = "matrix.json"
@@ -67,6 +71,12 @@ class Cell:
     own: bool
     datasets: list[Any]
     entry: str  # the suite entry's name
+    own_names: bool = False  # scored with the datasets' own class names (:data:`OWN_NAMES`)
+
+    @property
+    def folder(self) -> str:
+        """``<method>/<protocol>``, ``-own-names`` appended for a cell with the datasets' own names."""
+        return f"{self.method}/{self.protocol}{'-own-names' if self.own_names else ''}"
 
 
 @dataclass
@@ -78,6 +88,7 @@ class Matrix:
     cells: dict[str, Cell]  # entry name -> cell
     cannot_score: dict[str, dict[str, str]]  # protocol key -> dataset -> why
     suite: Suite
+    own_names: dict[str, dict[str, str]] = field(default_factory=dict)  # protocol key -> dataset -> missing list
 
     def record(self) -> dict[str, Any]:
         """``matrix.json``: what ``ovseg bench report`` needs to draw the tables from the cells' results files."""
@@ -91,10 +102,11 @@ class Matrix:
                          "paper": _paper_numbers(m.evaluation),
                          "own_protocol": _protocol_key(m.own_protocol, self.protocols),
                          "own_overrides": m.own_overrides} for m in self.methods],
-            "cells": [{"method": c.method, "protocol": c.protocol, "own": c.own,
+            "cells": [{"method": c.method, "protocol": c.protocol, "own": c.own, "own_names": c.own_names,
                        "datasets": [dataset_name(d) for d in c.datasets],
-                       "results": f"{c.method}/{c.protocol}/results.json"} for c in self.cells.values()],
+                       "results": f"{c.folder}/results.json"} for c in self.cells.values()],
             "cannot_score": self.cannot_score,
+            "own_names": self.own_names,
         }
 
 
@@ -170,9 +182,9 @@ def _own_protocol(run: Run) -> tuple[Protocol, dict[str, Any], str]:
     return load_protocol(str(name)), dict(run.setting("model.protocol_overrides") or {}), class_path
 
 
-def cannot_score(protocol: Protocol, dataset: Any) -> str | None:
-    """Why ``protocol`` cannot score ``dataset`` (its class-name file is missing or has another class count), or
-    None. The check is the evaluator's own (:func:`~ovseg.eval.evaluator.dataset_vocabulary`)."""
+def cannot_score(protocol: Protocol, dataset: Any, overrides: dict[str, Any] | None = None) -> str | None:
+    """Why ``protocol`` (with ``overrides``) cannot score ``dataset`` (its class-name file is missing or has another
+    class count), or None. The check is the evaluator's own (:func:`~ovseg.eval.evaluator.dataset_vocabulary`)."""
     from ovseg.data.specs import SPECS
     from ovseg.eval.evaluator import dataset_vocabulary
 
@@ -180,7 +192,7 @@ def cannot_score(protocol: Protocol, dataset: Any) -> str | None:
         return None
     spec = SPECS[dataset]
     try:
-        dataset_vocabulary(protocol.settings_for(dataset), dataset, spec.class_names, spec.background_index)
+        dataset_vocabulary(protocol.settings_for(dataset, overrides), dataset, spec.class_names, spec.background_index)
     except (OSError, ValueError) as err:
         return str(err).split(":")[0] if isinstance(err, FileNotFoundError) else str(err)
     return None
@@ -189,9 +201,11 @@ def cannot_score(protocol: Protocol, dataset: Any) -> str | None:
 # -- the plan ----------------------------------------------------------------------------------------------------
 def plan_matrix(methods: list[str], protocols: list[str], out: str | Path, data_root: str | None = None,
                 datasets: list[Any] | None = None, metafiles: dict[str, Metafile] | None = None,
-                extra_args: list[str] | None = None, extra_configs: list[str] | None = None) -> Matrix:
+                extra_args: list[str] | None = None, extra_configs: list[str] | None = None,
+                own_names: bool = False) -> Matrix:
     """The cells of ``methods`` x ``protocols`` (plus each method's own protocol) on ``datasets`` (default: those
-    every method's config scores), as a suite of one entry per cell."""
+    every method's config scores), as a suite of one entry per cell (two where ``own_names`` scores some datasets
+    with their own class names: those the protocol has no list for, which the names alone kept it from scoring)."""
     from ovseg.bench.metafile import load_metafiles
 
     if not methods:
@@ -223,30 +237,38 @@ def plan_matrix(methods: list[str], protocols: list[str], out: str | Path, data_
         columns[p.name] = p
     unscorable = {k: {dataset_name(d): why for d in datasets if (why := cannot_score(p, d))}
                   for k, p in columns.items()}
+    renamed: dict[str, dict[str, str]] = {}
+    if own_names:
+        for k, per in unscorable.items():
+            for d in datasets:
+                if dataset_name(d) in per and cannot_score(columns[k], d, OWN_NAMES) is None:
+                    renamed.setdefault(k, {})[dataset_name(d)] = per.pop(dataset_name(d))
     unscorable = {k: v for k, v in unscorable.items() if v}
     entries, cells = [], {}
     for m in rows:
         own_key = _protocol_key(m.own_protocol, columns)
         for key, protocol in columns.items():
             scored = [d for d in datasets if dataset_name(d) not in unscorable.get(key, {})]
-            if not scored:
-                continue
-            overrides = {**m.overrides, "data.init_args.datasets": scored}
-            if data_root is not None:
-                overrides["data.init_args.root"] = data_root
-            if key != own_key:
-                overrides.update({"model.init_args.protocol": _protocol_value(protocol),
-                                  "model.init_args.protocol_overrides": {}})
-            name = f"{m.key}--{key}"
-            entries.append({"name": name, "config": m.configs, "overrides": overrides})
-            cells[name] = Cell(m.key, key, key == own_key, scored, name)
+            with_own_names = [d for d in scored if key != own_key and dataset_name(d) in renamed.get(key, {})]
+            for group, names in ((([d for d in scored if d not in with_own_names]), False), (with_own_names, True)):
+                if not group:
+                    continue
+                overrides = {**m.overrides, "data.init_args.datasets": group}
+                if data_root is not None:
+                    overrides["data.init_args.root"] = data_root
+                if key != own_key:
+                    overrides.update({"model.init_args.protocol": _protocol_value(protocol),
+                                      "model.init_args.protocol_overrides": dict(OWN_NAMES) if names else {}})
+                name = f"{m.key}--{key}" + ("--own-names" if names else "")
+                entries.append({"name": name, "config": m.configs, "overrides": overrides})
+                cells[name] = Cell(m.key, key, key == own_key, group, name, own_names=names)
     out = Path(out)
     suite = build_suite({"suite": "matrix", "output": str(out), "entries": entries}, out / MATRIX_FILE,
                         extra_args=extra_args, metafiles=metafiles, extra_configs=extra_configs)
     for entry in suite.entries:
         if entry.not_runnable:
             raise SuiteError(f"cell {entry.name}: {entry.not_runnable}")
-    return Matrix(out, rows, columns, list(datasets), cells, unscorable, suite)
+    return Matrix(out, rows, columns, list(datasets), cells, unscorable, suite, renamed)
 
 
 class MatrixRunner(SuiteRunner):
@@ -258,8 +280,7 @@ class MatrixRunner(SuiteRunner):
         self.matrix = matrix
 
     def entry_dir(self, entry: Entry) -> Path:
-        cell = self.matrix.cells[entry.name]
-        return self.out / cell.method / cell.protocol
+        return self.out / self.matrix.cells[entry.name].folder
 
     def _bench_record(self, entry: Entry, role: str, config_hash: str, complete: bool, run: Run | None) -> dict:
         record = super()._bench_record(entry, CELL_ROLE if role == "entry" else role, config_hash, complete, run)
@@ -303,14 +324,16 @@ def matrix_markdown(record: dict[str, Any], heading: str = "##") -> str:
     config as written: its single ``ovseg test``); other cells add their difference to it; *paper* is the metafile's
     number for the row's evaluation."""
     columns = list(record["protocols"])
-    cells = {(c["method"], c["protocol"]): c for c in record["cells"]}
+    cells = {(c["method"], c["protocol"], d): c for c in record["cells"] for d in c["datasets"]}
+    own_names = record.get("own_names") or {}
     lines = [
         "Each cell is a method's config scored under one protocol (mIoU, %): the column replaces the protocol and "
         "every `protocol_overrides` of the config (resize, windows, templates, class names, logit scale, "
         "thresholds, reference-pipeline settings, PAMR); the method keeps its model, weights and own arguments. "
         "★ marks the method's own protocol (its config exactly, as `ovseg test` runs it); other cells show the "
         "difference to it. *paper*: the number its metafile cites. ◐: not finished (`ovseg bench matrix` "
-        "resumes it); n/a: the protocol cannot score the dataset (reason below).",
+        "resumes it); n/a: the protocol cannot score the dataset (reason below); †: the protocol has no class-name "
+        "list for the dataset, scored with the dataset's own names.",
         "",
         "Protocols: " + "; ".join(f"`{k}` v{p['version']} ({p['description']})" for k, p in record["protocols"].items())
         + ".",
@@ -320,11 +343,11 @@ def matrix_markdown(record: dict[str, Any], heading: str = "##") -> str:
                   "| method | own protocol | paper | " + " | ".join(f"`{c}`" for c in columns) + " |",
                   "|---|---|---:|" + "---:|" * len(columns)]
         for m in record["methods"]:
-            own = cells.get((m["key"], m["own_protocol"]))
+            own = cells.get((m["key"], m["own_protocol"], dataset))
             own_value = (own or {}).get("scores", {}).get(dataset)
             row = []
             for column in columns:
-                cell = cells.get((m["key"], column))
+                cell = cells.get((m["key"], column, dataset))
                 if dataset in record["cannot_score"].get(column, {}):
                     row.append("n/a")
                     continue
@@ -334,6 +357,8 @@ def matrix_markdown(record: dict[str, Any], heading: str = "##") -> str:
                     text = f"**{text}** ★"
                 elif value is not None and own_value is not None:
                     text += f" ({value - own_value:+.2f})"
+                if cell is not None and cell.get("own_names"):
+                    text += " †"
                 if cell is None or not cell["complete"]:
                     text += " ◐"
                 row.append(text)
@@ -344,6 +369,8 @@ def matrix_markdown(record: dict[str, Any], heading: str = "##") -> str:
                          + " | ".join(row) + " |")
     reasons = [f"- `{p}` cannot score {d}: {why}" for p, per in record["cannot_score"].items()
                for d, why in per.items()]
+    reasons += [f"- † `{p}` has no class-name list for {d} ({why}): its cells read the dataset's own names"
+                for p, per in own_names.items() for d, why in per.items()]
     if reasons:
         lines += ["", *reasons]
     return "\n".join(lines) + "\n"

@@ -5,8 +5,9 @@ protocol, so a user sees how much a protocol moves each method before renting a 
     ovseg toyworld matrix --root data/toyworld --out outputs/toyworld_matrix --readme
 
 Each method's own protocol is ``toyworld`` (the toy leaderboard's); the others are the papers' protocols applied
-to the toy CLIP as they are (their resize, windows, templates, logit scales, reference-pipeline settings). A
-protocol whose class-name files have no toy-world list cannot score the toy set: the table says so. ``--readme``
+to the toy CLIP as they are (their resize, windows, templates, logit scales, reference-pipeline settings). None of
+the papers' class-name lists has the toy world, so a protocol that names its own lists (SCLIP's and its followers')
+reads the toy world's names there (``own_names``; the cells are marked †): its pipeline is what the column measures. ``--readme``
 writes the tables into ``ovseg/toyworld/README.md`` between :data:`README_BEGIN` and :data:`README_END`.
 """
 
@@ -57,7 +58,7 @@ def run_toy_matrix(root: str, out: str, methods: list[str] | None = None, protoc
                                 f"generate --root {root}` first")
     methods = methods or [str(p) for p in training_free_configs()]
     matrix = plan_matrix(methods, protocols or available_protocols(), out, data_root=root, datasets=["toyworld"],
-                         extra_args=[*QUIET, *(extra or [])])
+                         extra_args=[*QUIET, *(extra or [])], own_names=True)
     start = time.perf_counter()
     run_matrix(matrix, force=force, log=log)
     return read_matrix(Path(out) / MATRIX_FILE), time.perf_counter() - start

@@ -127,6 +127,42 @@ def test_tables_mark_the_own_cell_show_differences_paper_numbers_and_unscorable_
     assert not report.unmatched and not any("matrix" in n for n in report.notes)
 
 
+def test_own_names_scores_a_dataset_the_protocol_has_no_list_for_with_its_own_names(tmp_path):
+    """``own_names``: the toy world (no `sclip/` list) gets a cell of its own whose protocol_overrides give the
+    dataset's own names, marked †; voc20 (listed) keeps the protocol's names in the other cell; a class count that
+    differs would still be n/a."""
+    tiny = write_config(tmp_path / "tiny.yaml", "maskclip")
+    matrix = plan_matrix([tiny], ["sclip"], tmp_path / "out", metafiles={}, datasets=["voc20", "toyworld"],
+                         own_names=True)
+    assert matrix.cannot_score == {}
+    assert matrix.own_names == {"sclip": {"toyworld": "class-name file 'sclip/toyworld' not found"}}
+    listed, renamed = matrix.cells["tiny--sclip"], matrix.cells["tiny--sclip--own-names"]
+    assert listed.datasets == ["voc20"] and not listed.own_names
+    assert renamed.datasets == ["toyworld"] and renamed.own_names
+    assert "tiny--maskclip--own-names" not in matrix.cells  # the own protocol reads the toy names already
+    fake, names = FakeTest(), {}
+
+    def run_fn(args, isolate):
+        pairs = dict(parse_cli_pairs(args[:args.index("--config")] + args[args.index("--config") + 2:]))
+        names[(str(pairs.get("model.init_args.protocol", "own")), *pairs["data.datasets"])] = pairs.get(
+            "model.init_args.protocol_overrides")
+        fake(args, isolate)
+
+    run_matrix(matrix, run_fn=run_fn, log=lambda m: None)
+    assert names == {("sclip", "toyworld"): {"class_names": "{dataset}"}, ("sclip", "voc20"): {},
+                     ("own", "toyworld"): None, ("own", "voc20"): None}
+    assert sorted(fake.calls) == [("tiny", "own", "toyworld"), ("tiny", "own", "voc20"), ("tiny", "sclip", "toyworld"),
+                                  ("tiny", "sclip", "voc20")]
+    assert (tmp_path / "out/tiny/sclip-own-names/results.json").is_file()
+    lines = matrix_markdown(read_matrix(tmp_path / "out" / "matrix.json")).splitlines()
+    toy, voc = lines[lines.index("## toyworld") + 4], lines[lines.index("## voc20") + 4]
+    assert toy.split(" | ")[3].endswith(" †") and "†" not in voc
+    assert ("- † `sclip` has no class-name list for toyworld (class-name file 'sclip/toyworld' not found): its cells "
+            "read the dataset's own names") in lines
+    # without it, the toy world stays out
+    assert plan_matrix([tiny], ["sclip"], tmp_path / "o2", metafiles={}, datasets=["voc20", "toyworld"]).cannot_score
+
+
 def test_cannot_score_is_the_evaluators_check():
     assert cannot_score(load_protocol("maskclip"), "toyworld") is None  # its own names
     assert cannot_score(load_protocol("sclip"), "voc21") is None

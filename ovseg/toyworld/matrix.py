@@ -7,8 +7,8 @@ protocol, so a user sees how much a protocol moves each method before renting a 
 Each method's own protocol is ``toyworld`` (the toy leaderboard's); the others are the papers' protocols applied
 to the toy CLIP as they are (their resize, windows, templates, logit scales, reference-pipeline settings). None of
 the papers' class-name lists has the toy world, so a protocol that names its own lists (SCLIP's and its followers')
-reads the toy world's names there (``own_names``; the cells are marked †): its pipeline is what the column measures. ``--readme``
-writes the tables into ``ovseg/toyworld/README.md`` between :data:`README_BEGIN` and :data:`README_END`.
+reads the toy world's names there (``own_names``; the cells are marked †): its pipeline is what the column measures.
+``--readme`` writes the tables into ``ovseg/toyworld/README.md`` between :data:`README_BEGIN` and :data:`README_END`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ A protocol that cannot score a dataset (no class-name file for it, a class count
 out, with the reason in the table; with ``own_names`` a protocol that only lacks a class-name list for the dataset (none
 of its authors scored it: the toy world, a user's own set) scores it with the dataset's own names instead, its cells
 marked † (``<out>/<method>/<protocol>-own-names/``). ``<out>/matrix.json`` records the plan (read by
-``ovseg bench report``, which renders it into RESULTS.md) and ``<out>/MATRIX.md`` holds one table per dataset (:func:`matrix_markdown`).
+``ovseg bench report``, which renders it into RESULTS.md) and ``<out>/MATRIX.md`` holds one table per dataset
+(:func:`matrix_markdown`).
 """
 
 from __future__ import annotations

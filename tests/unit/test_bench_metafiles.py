@@ -21,7 +21,7 @@ VARIANTS = {"pixelclip_vitb16_sa1b", "pixelclip_vitb16_dino", "pixelclip_convnex
             "clearclip_vitb16", "maskclip_rn50", "maskclip_rn50x16", "segsort_resnet101", "maskclip_plus_vitb16",
             "maskclip_plus_rn50", "maskclip_plus_rn50x16", "resclip_vitb16", "resclip_vitl14", "trident_vitb16",
             "trident_vith14", "itaclip_vitb16",
-            "proxyclip_vitb16"}
+            "proxyclip_vitb16", "proxyclip_vith14"}
 
 
 @pytest.fixture(scope="module")

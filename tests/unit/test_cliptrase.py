@@ -192,7 +192,7 @@ def test_vote_takes_each_clusters_most_frequent_label_background_last_on_ties():
     assert vote_labels(tie, torch.zeros_like(tie), 1, background_index=0).tolist() == [[4, 4, 4, 4]]
 
 
-@pytest.mark.parametrize("size", [(37, 50), (50, 37), (40, 40), (33, 91)])
+@pytest.mark.parametrize("size", [(37, 50), (50, 37), (40, 40), (33, 91), (40, 45), (45, 40)])  # 45: an odd margin of 3
 def test_center_crop_view_equals_torchvision(size):
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
 

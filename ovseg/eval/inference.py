@@ -97,7 +97,7 @@ def center_crop_view(image: torch.Tensor, label: torch.Tensor | None, side: int
     view = from_uint8_hwc(resized[top:top + side, left:left + side], image)
     if label is None:
         return view, None
-    ids = Image.fromarray(label.cpu().numpy().astype(np.int32), mode="I").resize((new_w, new_h), Image.NEAREST)
+    ids = Image.fromarray(label.cpu().numpy().astype(np.int32)).resize((new_w, new_h), Image.NEAREST)
     cropped = np.asarray(ids)[top:top + side, left:left + side]
     return view, torch.from_numpy(cropped.copy()).to(label.device, label.dtype)
 

@@ -18,4 +18,5 @@ from ovseg.methods.trident import Trident
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
 __all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "ResCLIP", "SCCLIP",
-           "ProxyCLIP", "Trident", "ITACLIP", "CLIPtrase", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]
+           "ProxyCLIP", "Trident", "ITACLIP", "CLIPtrase", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe",
+           "LinearProbe"]

@@ -24,6 +24,7 @@ from ovseg.data.files import DataError, apply_exif_orientation
 from ovseg.data.specs import IGNORE_INDEX
 from ovseg.eval.contract import EvaluatedMethod
 from ovseg.eval.inference import (
+    center_crop_view,
     class_probabilities,
     close_labels,
     labels_from_logits,
@@ -284,6 +285,9 @@ class Evaluator:
                         f"{image.shape[-2]}, its label is {label.shape[-1]}x{label.shape[-2]} (protocol "
                         f"{self.protocol.name!r} applies the tag as its reference's reader does; `ovseg data "
                         f"verify` counts tagged images)")
+        if entry.settings.center_crop:
+            images, labels = map(list, zip(*(center_crop_view(image, label, entry.settings.center_crop)
+                                              for image, label in zip(images, labels))))
         preds = self.predict_batch(method, entry, images, [tuple(label.shape[-2:]) for label in labels], labels)
         for index, (image, label, pred) in enumerate(zip(images, labels, preds)):
             entry.metric.update(pred, label)

@@ -79,6 +79,29 @@ def protocol_resize(
     return image
 
 
+def center_crop_view(image: torch.Tensor, label: torch.Tensor | None, side: int
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLIPtrase's evaluation view (``clip_self_correlation.py`` ``_transform1`` / ``gt_transform``): the image
+    ``[3,H,W]`` in [0,1] resized so its short side is ``side`` (torchvision ``Resize(side)``: the long side
+    ``int(side * long / short)``, PIL BICUBIC on the uint8 image) and the label ``[H,W]`` the same way with PIL
+    NEAREST, then the centre ``side`` x ``side`` square of both (torchvision ``CenterCrop``: offsets
+    ``int(round((H - side) / 2))``)."""
+    from PIL import Image
+
+    height, width = image.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    new_long = int(side * long / short)
+    new_h, new_w = (side, new_long) if height <= width else (new_long, side)
+    top, left = int(round((new_h - side) / 2.0)), int(round((new_w - side) / 2.0))
+    resized = np.asarray(Image.fromarray(to_uint8_hwc(image)).resize((new_w, new_h), Image.BICUBIC))
+    view = from_uint8_hwc(resized[top:top + side, left:left + side], image)
+    if label is None:
+        return view, None
+    ids = Image.fromarray(label.cpu().numpy().astype(np.int32)).resize((new_w, new_h), Image.NEAREST)
+    cropped = np.asarray(ids)[top:top + side, left:left + side]
+    return view, torch.from_numpy(cropped.copy()).to(label.device, label.dtype)
+
+
 # -- inference ------------------------------------------------------------------------------------
 def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
     """mmseg ``slide_inference`` grid: ``(y1, y2, x1, x2)`` windows of ``crop`` (or the whole side when

@@ -110,6 +110,11 @@ class ProtocolSettings:
     #: ``apply`` (turned as a viewer shows it: mmcv's cv2 reader and detectron2's ``read_image`` do; label PNGs
     #: carry no tag, so a 90° tag gives a label of another shape, an error naming the file).
     exif_orientation: str = "ignore"
+    #: score a centre square of this side instead of the whole image (CLIPtrase's ``clip_self_correlation.py``):
+    #: torchvision ``Resize(side, BICUBIC)`` + ``CenterCrop(side)`` on the image (PIL, uint8) and ``Resize(side,
+    #: NEAREST)`` + ``CenterCrop(side)`` on the label, so the scores are those of the crop at that size
+    #: (:func:`ovseg.eval.inference.center_crop_view`); None: the whole image at its own size.
+    center_crop: int | None = None
 
     # -- post-processing ----------------------------------------------------------------------------------------
     #: PAMR rounds on the label-size scores before the softmax (NACLIP's ``pamr_steps``; 0: off), see
@@ -150,6 +155,8 @@ class ProtocolSettings:
         if not (isinstance(self.label_closing, int) and self.label_closing >= 0 and self.label_closing % 2 != 0
                 or self.label_closing == 0):
             raise ValueError(f"label_closing must be 0 or an odd kernel side, got {self.label_closing!r}")
+        if self.center_crop is not None and not (isinstance(self.center_crop, int) and self.center_crop > 0):
+            raise ValueError(f"center_crop must be a positive side or null, got {self.center_crop!r}")
         if not 0 <= self.auxiliary_weight <= 1:
             raise ValueError(f"auxiliary_weight must be in [0, 1], got {self.auxiliary_weight!r}")
         if self.vision_ln_eps is not None and not self.vision_ln_eps > 0:

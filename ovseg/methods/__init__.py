@@ -3,6 +3,7 @@ with the CLI, so configs can say ``class_path: MaskCLIP``."""
 
 from ovseg.methods.base import OVSegMethod
 from ovseg.methods.clearclip import ClearCLIP
+from ovseg.methods.cliptrase import CLIPtrase
 from ovseg.methods.clips4 import CLIPS4
 from ovseg.methods.itaclip import ITACLIP
 from ovseg.methods.maskclip_plus import MaskCLIPPlus
@@ -17,4 +18,5 @@ from ovseg.methods.trident import Trident
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
 __all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "ResCLIP", "SCCLIP",
-           "ProxyCLIP", "Trident", "ITACLIP", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]
+           "ProxyCLIP", "Trident", "ITACLIP", "CLIPtrase", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe",
+           "LinearProbe"]

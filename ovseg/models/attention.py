@@ -146,6 +146,16 @@ def kk_attention(tokens: AttentionTokens) -> Tensor:
     return F.scaled_dot_product_attention(tokens.k, tokens.k, tokens.v)
 
 
+@register_attention("qq_kk_vv")
+def qq_kk_vv_attention(tokens: AttentionTokens) -> Tensor:
+    """CLIPtrase's recalibrated self-correlation (Shao et al., ECCV 2024; ``clip_utils/attn2.py``
+    ``multi_head_attention_forward(self_qk_weight=True)``): (softmax(q qᵀ s) + softmax(k kᵀ s) + softmax(v vᵀ s)) v,
+    the three maps summed, not averaged."""
+    return (F.scaled_dot_product_attention(tokens.q, tokens.q, tokens.v)
+            + F.scaled_dot_product_attention(tokens.k, tokens.k, tokens.v)
+            + F.scaled_dot_product_attention(tokens.v, tokens.v, tokens.v))
+
+
 # -- attention across models -----------------------------------------------------------------------------------
 
 

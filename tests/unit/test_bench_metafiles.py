@@ -20,7 +20,7 @@ VARIANTS = {"pixelclip_vitb16_sa1b", "pixelclip_vitb16_dino", "pixelclip_convnex
             "clips4_vitb16", "maskclip_vitb16", "clip_vitb16", "clip_convnextb", "sclip_vitb16", "naclip_vitb16",
             "clearclip_vitb16", "maskclip_rn50", "maskclip_rn50x16", "segsort_resnet101", "maskclip_plus_vitb16",
             "maskclip_plus_rn50", "maskclip_plus_rn50x16", "resclip_vitb16", "resclip_vitl14", "trident_vitb16",
-            "trident_vith14", "itaclip_vitb16",
+            "trident_vith14", "itaclip_vitb16", "cliptrase_vitb16",
             "proxyclip_vitb16", "proxyclip_vith14"}
 
 
@@ -33,7 +33,7 @@ def test_one_metafile_per_method_variant(metas):
     assert set(metas) == VARIANTS
     assert {m.method for m in metas.values()} == {"PixelCLIP", "CLIPS4", "MaskCLIP", "CLIP", "SCLIP", "NACLIP",
                                                   "ClearCLIP", "SegSort", "MaskCLIPPlus", "ResCLIP", "Trident",
-                                                  "ITACLIP", "ProxyCLIP"}
+                                                  "ITACLIP", "ProxyCLIP", "CLIPtrase"}
     for m in metas.values():
         assert m.model.get("hardware") and m.paper["title"]
         assert all(e.sources for e in m.evaluations)

@@ -316,3 +316,20 @@ def test_bad_settings_are_refused_with_what_is_wrong():
         _tiny(intermediate_layers=(0, 1))
     with pytest.raises(ValueError, match="auxiliary_weight"):
         load_protocol("itaclip").settings_for("voc21", {"auxiliary_weight": 1.5})
+
+
+def test_parity_harness_loads_their_clip_in_fp32_on_any_device():
+    """ovseg.parity.itaclip.fp32_clip_load: their ``clip.load`` gives ``.float()`` of what it built (on CUDA OpenAI's
+    loader keeps fp16 weights) while the block runs, and is their own function again afterwards."""
+    from types import SimpleNamespace
+
+    from ovseg.parity.itaclip import fp32_clip_load
+
+    def load(name, device="cuda", jit=False):
+        return torch.nn.Linear(2, 2).half(), f"preprocess {name} {device} {jit}"
+
+    clip_module = SimpleNamespace(load=load)
+    with fp32_clip_load(clip_module):
+        model, preprocess = clip_module.load("w.pt", device="cuda:0", jit=False)
+    assert model.weight.dtype == torch.float32 and preprocess == "preprocess w.pt cuda:0 False"
+    assert clip_module.load is load

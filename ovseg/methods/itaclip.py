@@ -32,14 +32,14 @@ Evaluation pipeline: the ``itaclip`` protocol (224/28 windows, per-dataset logit
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torch import Tensor
 
+from ovseg.methods.base import PerDatasetSettings
 from ovseg.methods.resclip import cross_correlation_attention, residual_attention
 from ovseg.methods.zeroshot import ZeroShotCLIP
 from ovseg.models.attention import AttentionTokens
@@ -53,7 +53,8 @@ INTERMEDIATE_WEIGHT = 0.5
 #: itaclip_segmentor.py: ``T.GaussianBlur(kernel_size=11, sigma=5)``
 BLUR_KERNEL = 11
 BLUR_SIGMA = 5.0
-#: the released configs' ``img_eng_coefficient`` (ovseg dataset names); others take :data:`IMAGE_COEFFICIENT`
+#: the released configs' ``img_eng_coefficient`` (ovseg dataset names; configs/cfg_voc21.py and cfg_cityscapes.py
+#: 0.7, cfg_context60.py, cfg_coco_object.py and cfg_coco_stuff164k.py 0.75); others take :data:`IMAGE_COEFFICIENT`
 IMAGE_COEFFICIENTS: dict[str, float] = {"voc21": 0.7, "context60": 0.75, "coco_object": 0.75, "coco_stuff171": 0.75,
                                         "cityscapes": 0.7}
 #: itaclip_segmentor.py ``ITACLIP_Segmentor(img_eng_coefficient=0.75)``
@@ -108,9 +109,12 @@ def engineered_logits(view_features: list[Tensor], flip_features: list[Tensor], 
     return (image_coefficient * logits + (1 - image_coefficient) * flipped).contiguous()
 
 
-class ITACLIP(ZeroShotCLIP):
+class ITACLIP(PerDatasetSettings, ZeroShotCLIP):
     """ITACLIP: self-self attention mixed with intermediate blocks' maps in the last block (no MLP), image
-    engineering; the ``itaclip`` protocol (its text mixing, windows, thresholds, PAMR, label closing)."""
+    engineering; the ``itaclip`` protocol (its text mixing, windows, thresholds, PAMR, label closing).
+
+    The per-dataset setting (:class:`~ovseg.methods.base.PerDatasetSettings`) is the image-engineering coefficient:
+    ``settings`` maps datasets to it, ``current`` is the one in force (inside the evaluator's ``scoring(dataset)``)."""
 
     default_protocol = "itaclip"
 
@@ -154,20 +158,11 @@ class ITACLIP(ZeroShotCLIP):
         self.intermediate_weight = float(intermediate_weight)
         self.self_self = bool(self_self)
         self.image_engineering = bool(image_engineering)
-        self.image_coefficients = {**IMAGE_COEFFICIENTS, **(image_coefficients or {})}
-        self.default_image_coefficient = float(image_coefficient)
-        self.image_coefficient = self.default_image_coefficient
+        # the image-engineering coefficient per dataset, for the rest, and in force now
+        self.settings = {name: float(c) for name, c in {**IMAGE_COEFFICIENTS, **(image_coefficients or {})}.items()}
+        self.default = float(image_coefficient)
+        self.current = self.default
         self.encoder.last_stage = self._last_stage
-
-    @contextmanager
-    def scoring(self, dataset: str) -> Iterator[None]:
-        """The evaluator scores ``dataset`` inside the block: its ``img_eng_coefficient`` applies."""
-        previous = self.image_coefficient
-        self.image_coefficient = self.image_coefficients.get(dataset, self.default_image_coefficient)
-        try:
-            yield
-        finally:
-            self.image_coefficient = previous
 
     #: the text enters unnormalised and the views are mixed after scoring: the split into features and logits
     #: holds (features do not depend on the words), so ``ovseg demo`` may keep them
@@ -187,7 +182,7 @@ class ITACLIP(ZeroShotCLIP):
     @torch.no_grad()
     def logits_from_features(self, features: tuple[list[Tensor], list[Tensor]], text: Tensor) -> Tensor:
         views, flips = features
-        return engineered_logits(views, flips, text, self.image_coefficient)
+        return engineered_logits(views, flips, text, self.current)
 
     # -- the encoder's last stage -------------------------------------------------------------------------
     def _last_stage(self, hidden: list[Tensor], last: TransformerBlockView, grid: tuple[int, int]) -> Tensor:

@@ -147,7 +147,7 @@ def test_image_engineering_equals_float64_reference():
             theirs.append(0.7 * logits + 0.3 * flips)  # voc21's img_eng_coefficient
     np.testing.assert_allclose(ours, np.stack(theirs), rtol=0, atol=2e-5 * np.abs(theirs).max())
     with torch.no_grad(), method.scoring("somewhere"):  # other datasets: the segmentor's default 0.75
-        assert method.image_coefficient == 0.75
+        assert method.current == 0.75
 
 
 def test_engineered_logits_combination_with_loops():
@@ -170,13 +170,15 @@ def test_engineered_logits_combination_with_loops():
 
 
 class _TextStub(torch.nn.Module):
-    """encode_text: a fixed pseudo-random unit vector per name."""
+    """encode_text: a fixed pseudo-random unit vector per name, its whitespace cleaned as CLIP's tokenizer cleans it
+    (``whitespace_clean``: their ``"sky "`` and ovseg's ``"sky"`` are the same tokens)."""
 
     device = torch.device("cpu")
 
     def encode_text(self, names, templates):
         rows = []
         for name in names:
+            name = " ".join(name.split())
             g = torch.Generator().manual_seed(sum(ord(ch) * (i + 1) for i, ch in enumerate(name)))
             rows.append(F.normalize(torch.randn(8, generator=g), dim=0))
         return torch.stack(rows)
@@ -202,6 +204,78 @@ def test_auxiliary_texts_are_mixed_per_class_and_skip_the_background(tmp_path):
     aux.write_text("cat >=y\n")
     with pytest.raises(ValueError, match="1 lines for 3 classes"):
         evaluator.add_dataset(stub, "mine3", names, 0, torch.device("cpu"))
+
+
+def _reference_mixing(class_file: str, aux_file: str, weight: float, background: bool, encode) -> np.ndarray:
+    """float64 re-computation of itaclip_segmentor.py ``__init__``'s text: ``get_cls_idx`` (", "-separated names per
+    line, newlines dropped), ``get_aux_text`` (each line without its newline, the part after ``>=``), and per query
+    ``(1 - w) · own + w · aux[class]``; with ``background`` (their voc21 / context60 / coco_object) the file skips the
+    background class 0, whose queries come first and keep their own embedding, ``aux[class - 1]`` for the rest."""
+    names, query_idx = [], []
+    for idx, line in enumerate(class_file.split("\n")):
+        for name in line.split(", "):
+            names.append(name.replace("\n", ""))
+            query_idx.append(idx)
+    aux = [line.replace("\n", "").split(">=")[1] for line in aux_file.splitlines(keepends=True)]
+    own = encode(names).double().numpy()
+    aux_features = encode(aux).double().numpy()
+    out = np.zeros_like(own)
+    for q, c in enumerate(query_idx):
+        if background and c == 0:
+            out[q] = own[q]
+        else:
+            out[q] = (1 - weight) * own[q] + weight * aux_features[c - 1 if background else c]
+    return out
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_synonym_file_mixing_equals_float64_reference(tmp_path, background):
+    """A synonyms file as Cityscapes' (one ``name >=synonym`` line per class, no background) and as COCO-Object's
+    (every class but the background): each of a class's queries is mixed with its class's synonym."""
+    classes = ["road, street", "sidewalk", "traffic light, signal, stoplight", "sky "]
+    synonyms = ["road >=highway", "sidewalk >= path, walkway", "traffic light >=signal>=lamp", "sky  >=heavens"]
+    if background:
+        classes = ["background, wall"] + classes
+    aux = tmp_path / "synonyms.txt"
+    aux.write_text("\n".join(synonyms) + "\n")
+    class_file = tmp_path / "mine.txt"
+    class_file.write_text("\n".join(classes))
+    evaluator = Evaluator(load_protocol("itaclip"), {"class_names": str(class_file), "auxiliary_texts": str(aux),
+                                                     "auxiliary_weight": 0.05})
+    stub = _TextStub()
+    names = [c.split(", ") for c in classes]
+    entry = evaluator.add_dataset(stub, "mine", names, 0 if background else None, torch.device("cpu"))
+    expected = _reference_mixing(class_file.read_text(), aux.read_text(), 0.05, background,
+                                 lambda words: stub.encode_text(words, []))
+    np.testing.assert_allclose(entry.text.double().numpy(), expected, rtol=0, atol=1e-7)
+
+
+def test_evaluator_scores_each_dataset_with_its_image_coefficient(monkeypatch, tmp_path):
+    """The evaluator's dense scores run inside ``scoring(dataset)``: the configs' ``img_eng_coefficient`` (0.7 for
+    cfg_voc21.py / cfg_cityscapes.py, 0.75 for the rest) is the one the views are mixed with (two words and one
+    window keep it light)."""
+    import ovseg.methods.itaclip as itaclip_module
+
+    used = []
+
+    def recording(views, flips, text, image_coefficient):
+        used.append(image_coefficient)
+        return engineered_logits(views, flips, text, image_coefficient)
+
+    monkeypatch.setattr(itaclip_module, "engineered_logits", recording)
+    method = _tiny()
+    words = tmp_path / "words.txt"
+    words.write_text("road\nsky\n")
+    evaluator = Evaluator(load_protocol("itaclip"), {
+        "short_side": 48, "crop": 48, "stride": 48, "pamr_steps": 0, "templates": "single",
+        "class_names": str(words), "auxiliary_weight": 0.0, "prob_threshold": None, "area_threshold": None})
+    image = torch.rand(3, 48, 64)
+    for dataset, coefficient in [("cityscapes", 0.7), ("coco_stuff171", 0.75), ("voc21", 0.7), ("context60", 0.75)]:
+        entry = evaluator.add_dataset(method, dataset, [["road"], ["sky"]], None, torch.device("cpu"))
+        used.clear()
+        evaluator.predict(method, entry, image, (48, 64))
+        assert used and set(used) == {coefficient}, dataset
+    assert method.current == 0.75  # the default again outside the block
 
 
 def test_itaclip_protocol_reads_the_released_settings():
@@ -242,3 +316,20 @@ def test_bad_settings_are_refused_with_what_is_wrong():
         _tiny(intermediate_layers=(0, 1))
     with pytest.raises(ValueError, match="auxiliary_weight"):
         load_protocol("itaclip").settings_for("voc21", {"auxiliary_weight": 1.5})
+
+
+def test_parity_harness_loads_their_clip_in_fp32_on_any_device():
+    """ovseg.parity.itaclip.fp32_clip_load: their ``clip.load`` gives ``.float()`` of what it built (on CUDA OpenAI's
+    loader keeps fp16 weights) while the block runs, and is their own function again afterwards."""
+    from types import SimpleNamespace
+
+    from ovseg.parity.itaclip import fp32_clip_load
+
+    def load(name, device="cuda", jit=False):
+        return torch.nn.Linear(2, 2).half(), f"preprocess {name} {device} {jit}"
+
+    clip_module = SimpleNamespace(load=load)
+    with fp32_clip_load(clip_module):
+        model, preprocess = clip_module.load("w.pt", device="cuda:0", jit=False)
+    assert model.weight.dtype == torch.float32 and preprocess == "preprocess w.pt cuda:0 False"
+    assert clip_module.load is load

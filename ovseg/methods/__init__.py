@@ -5,6 +5,7 @@ from ovseg.methods.base import OVSegMethod
 from ovseg.methods.clearclip import ClearCLIP
 from ovseg.methods.clips4 import CLIPS4
 from ovseg.methods.itaclip import ITACLIP
+from ovseg.methods.lposs import LPOSS
 from ovseg.methods.maskclip_plus import MaskCLIPPlus
 from ovseg.methods.naclip import NACLIP
 from ovseg.methods.pixelclip import PixelCLIP
@@ -17,4 +18,4 @@ from ovseg.methods.trident import Trident
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
 __all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "ResCLIP", "SCCLIP",
-           "ProxyCLIP", "Trident", "ITACLIP", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]
+           "ProxyCLIP", "Trident", "ITACLIP", "LPOSS", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe", "LinearProbe"]

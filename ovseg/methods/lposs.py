@@ -105,16 +105,19 @@ class LPOSS(ZeroShotCLIP):
         Args:
             clip: the CLIP (MaskCLIP features: ``last_block="value"``, token residual, MLP kept).
             vfm: the VFM whose features make the kNN graph (DINO ViT-B/16's last-block attention values).
-            window / stride: the slide grid of the windows (the datasets' ``test_cfg``: crop 224, stride 112).
+            window: the windows' side (the datasets' ``test_cfg``: crop 224).
+            stride: the slide grid's step (``stride=(112, 112)``).
             k: neighbours per patch (``k: 400``).
             gamma: power of the clipped similarities (``gamma: 3.0``).
-            sigma / distance_power: geometric affinity ``exp(-sigma · distance^distance_power)`` of patch centres
-                in pixels (``sigma: 0.01``, ``pix_dist_pow: 1.0``).
+            sigma: geometric affinity ``exp(-sigma · distance^distance_power)`` of patch centres in pixels
+                (``sigma: 0.01``).
+            distance_power: the distance's power there (``pix_dist_pow: 1.0``).
             alpha: propagation strength (``alpha: 0.95``), both propagations.
             pixel_refine: LPOSS+ (``pixel_refine``).
             tau: the pixel affinity's temperature (``tau: 0.01``).
             pixel_window: the pixel neighbourhood's side (``r: 13``, radius ``r // 2``).
-            cg_tol / cg_maxiter: the conjugate-gradient solver (``dfs_search(tol=1e-6, maxiter=10)``).
+            cg_tol: the conjugate-gradient solver's relative tolerance (``dfs_search(tol=1e-6)``).
+            cg_maxiter: its step limit (``dfs_search(maxiter=10)``).
             window_batch_size: windows through CLIP and DINO at once (memory only).
             **evaluation: the evaluation settings of :class:`~ovseg.methods.base.OVSegMethod` (``protocol``, …).
         """

@@ -62,13 +62,15 @@ class PatchGraph:
 
 
 def patch_graph(features: Tensor, positions: Tensor, k: int, gamma: float, sigma: float,
-                distance_power: float = 1.0) -> PatchGraph:
+                distance_power: float = 1.0, neighbours: tuple[Tensor, Tensor] | None = None) -> PatchGraph:
     """LPOSS's patch affinity (``get_lposs_laplacian``): unit ``features`` [N, D] (DINO), patch-centre
     ``positions`` [N, 2] (pixels of the resized image; float32). Each node's ``k`` nearest neighbours by inner
     product (:func:`knn_inner_product`) with weight ``max(s, 0)^gamma · exp(-sigma · ‖p_i - p_j‖^distance_power)``;
-    the graph is ``W + Wᵀ`` (a pair that are each other's neighbours gets both weights) without its diagonal."""
+    the graph is ``W + Wᵀ`` (a pair that are each other's neighbours gets both weights) without its diagonal.
+    ``neighbours``: (similarities, indices) [N, k] found elsewhere (the parity hands faiss's over: at the k-th
+    neighbour, similarities equal to float rounding may be ordered either way)."""
     n = features.shape[0]
-    sims, neighbours = knn_inner_product(features, k)
+    sims, neighbours = neighbours if neighbours is not None else knn_inner_product(features, k)
     sims = sims.clamp_min(0) ** gamma
     offsets = positions[neighbours] - positions[:, None]  # exact for integer-valued float32 positions
     distance = (offsets ** 2).sum(-1).sqrt() ** distance_power

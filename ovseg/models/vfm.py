@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VFM_FEATURES", "VFM_KINDS", "FrozenImageModel", "VFMConfig", "VisionFoundationModel",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VFM_FEATURES", "VFM_KINDS",
+           "FrozenImageModel", "VFMConfig", "VisionFoundationModel",
            "class_token_pos_embed", "load_timm_vit", "pos_embed_resized", "vfm_features"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

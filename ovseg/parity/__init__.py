@@ -21,6 +21,7 @@ REFERENCES: dict[str, str] = {
     "ProxyCLIP": "ovseg.parity.proxyclip",
     "Trident": "ovseg.parity.trident",
     "ITACLIP": "ovseg.parity.itaclip",
+    "LPOSS": "ovseg.parity.lposs",
     "DINO": "ovseg.parity.dino",
     "HSG": "ovseg.parity.hsg",
 }
@@ -36,6 +37,7 @@ REPOSITORIES: dict[str, str] = {
     "ProxyCLIP": "https://github.com/mc-lan/ProxyCLIP",
     "Trident": "https://github.com/YuHengsss/Trident",
     "ITACLIP": "https://github.com/m-arda-aydn/ITACLIP",
+    "LPOSS": "https://github.com/vladan-stojnic/LPOSS",
     "DINO": "https://github.com/facebookresearch/dino",
     "HSG": "https://github.com/twke18/HSG",
 }

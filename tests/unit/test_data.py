@@ -150,8 +150,8 @@ def test_unknown_class_name_file():
 def test_unknown_protocol():
     from ovseg.eval.protocols import load_protocol
 
-    with pytest.raises(ValueError, match=r"unknown protocol 'sclp'.*clearclip, itaclip, maskclip, naclip, pixelclip, "
-                                         r"pixelclip_masks, proxyclip, scclip, sclip, toyworld, trident"):
+    with pytest.raises(ValueError, match=r"unknown protocol 'sclp'.*clearclip, itaclip, lposs, maskclip, naclip, "
+                                         r"pixelclip, pixelclip_masks, proxyclip, scclip, sclip, toyworld, trident"):
         load_protocol("sclp")
 
 

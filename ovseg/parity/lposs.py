@@ -48,6 +48,7 @@ from ovseg.parity.common import (
     IMAGE_SIZES,
     OVSegScorer,
     ParityRecord,
+    RecordLog,
     generated_image,
     git_commit,
     label_record,
@@ -539,16 +540,12 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     torch.save(hub.state_dict(), dino_weights)
     methods = {variant: ovseg_lposs(clip_weights, dino_weights, VARIANTS[variant] == "lposs_plus").to(device)
                for variant in VARIANTS}
-    records: list[ParityRecord] = []
+    records = RecordLog(started)
 
     def report(new: list[ParityRecord]) -> None:
         for record in new:
-            value = (f"{record.max_rel_diff:.2e}" if record.max_rel_diff is not None
-                     else f"{100 * record.identical_share:.4f} %")
             record.detail += f"; LPOSS {commit}"
-            print(f"  [{time.time() - started:6.1f}s] {record.quantity}: {value} {'ok' if record.passed else 'FAIL'}",
-                  flush=True)
-        records.extend(new)
+            records(record)
 
     report([weights_record(hub, methods["LPOSS"])])
     with _mmcv1(), reference_imports(ref_dir, reference_stand_ins(ref_dir)):

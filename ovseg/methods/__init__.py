@@ -6,6 +6,7 @@ from ovseg.methods.clearclip import ClearCLIP
 from ovseg.methods.cliptrase import CLIPtrase
 from ovseg.methods.clips4 import CLIPS4
 from ovseg.methods.itaclip import ITACLIP
+from ovseg.methods.lposs import LPOSS
 from ovseg.methods.maskclip_plus import MaskCLIPPlus
 from ovseg.methods.naclip import NACLIP
 from ovseg.methods.pixelclip import PixelCLIP
@@ -18,5 +19,5 @@ from ovseg.methods.trident import Trident
 from ovseg.methods.zeroshot import CLIP, MaskCLIP, ZeroShotCLIP
 
 __all__ = ["OVSegMethod", "ZeroShotCLIP", "CLIP", "MaskCLIP", "SCLIP", "ClearCLIP", "NACLIP", "ResCLIP", "SCCLIP",
-           "ProxyCLIP", "Trident", "ITACLIP", "CLIPtrase", "PixelCLIP", "CLIPS4", "MaskCLIPPlus", "KNNProbe",
-           "LinearProbe"]
+           "ProxyCLIP", "Trident", "ITACLIP", "CLIPtrase", "LPOSS", "PixelCLIP", "CLIPS4", "MaskCLIPPlus",
+           "KNNProbe", "LinearProbe"]

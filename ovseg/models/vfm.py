@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VFM_KINDS", "FrozenImageModel", "VFMConfig", "VisionFoundationModel",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VFM_FEATURES", "VFM_KINDS",
+           "FrozenImageModel", "VFMConfig", "VisionFoundationModel",
            "class_token_pos_embed", "load_timm_vit", "pos_embed_resized", "vfm_features"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +50,8 @@ VFM_KINDS: dict[str, tuple[str, int | None]] = {
     "mae": ("vit_base_patch16_224.mae", 336),
     "sam": ("vit_b", 1024),
 }
+#: what :class:`VisionFoundationModel` reads: the last-layer tokens or the last block's attention q / k / v
+VFM_FEATURES = ("tokens", "q", "k", "v")
 #: how a ViT's trained positional embedding reaches another grid
 POS_EMBED_RULES = ("dino", "mae", "timm")
 #: segment-anything ``build_sam.py`` image-encoder settings per registry name (the rest are ImageEncoderViT's
@@ -79,6 +82,9 @@ class VFMConfig:
         precision: ``fp32`` or ``fp16`` (ProxyCLIP runs the VFM in ``.half()`` on a GPU).
         model_kwargs: extra ``timm.create_model`` arguments, or ``ImageEncoderViT`` arguments for ``sam`` (tiny test
             models: ``{depth: 1, embed_dim: 32, num_heads: 2}``).
+        features: ``tokens`` (the last block's output through the final norm) or ``q`` / ``k`` / ``v``: the last
+            block's attention queries / keys / values of its normed input, heads concatenated (LPOSS's
+            ``extract_feats``: a hook on ``blocks[-1].attn.qkv``; timm ViTs only).
     """
 
     kind: str = "dino"
@@ -88,8 +94,13 @@ class VFMConfig:
     pos_embed_interpolation: str | None = None
     precision: str = "fp32"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    features: str = "tokens"
 
     def __post_init__(self) -> None:
+        if self.features not in VFM_FEATURES:
+            raise ValueError(f"VFMConfig.features must be one of {VFM_FEATURES}, got {self.features!r}")
+        if self.features != "tokens" and self.kind == "sam":
+            raise ValueError(f"VFMConfig.features={self.features!r} needs a timm ViT (dino, dinov2, mae), not sam")
         if self.kind not in VFM_KINDS:
             raise ValueError(f"VFMConfig.kind must be one of {sorted(VFM_KINDS)}, got {self.kind!r}")
         if self.pos_embed_interpolation is not None and self.pos_embed_interpolation not in POS_EMBED_RULES:
@@ -295,9 +306,25 @@ class VisionFoundationModel(FrozenImageModel):
         if self.config.kind == "sam":
             return self.model(x)
         # the patch embedding's convolution drops rows/columns past whole patches (DINO's hub model does so itself)
-        tokens = self.model.forward_features(x[..., :h * self.patch_size, :w * self.patch_size])
+        x = x[..., :h * self.patch_size, :w * self.patch_size]
+        if self.config.features == "tokens":
+            tokens = self.model.forward_features(x)
+        else:
+            tokens = self._last_attention_projection(x, "qkv".index(self.config.features))
         tokens = tokens[:, getattr(self.model, "num_prefix_tokens", 1):]
         return tokens.transpose(1, 2).reshape(len(x), -1, h, w)
+
+    def _last_attention_projection(self, x: Tensor, part: int) -> Tensor:
+        """The last block's ``attn.qkv`` output's ``part`` (0 q, 1 k, 2 v) [B, T, C], heads concatenated, read by a
+        forward hook as LPOSS's ``extract_feats`` reads DINO's (``models/lposs/lposs.py``)."""
+        captured: list[Tensor] = []
+        hook = self.model.blocks[-1].attn.qkv.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            self.model.forward_features(x)
+        finally:
+            hook.remove()
+        channels = captured[0].shape[-1] // 3
+        return captured[0][..., part * channels:(part + 1) * channels]
 
 
 def _mae_weights_file(path: Path) -> str:

@@ -22,6 +22,7 @@ REFERENCES: dict[str, str] = {
     "Trident": "ovseg.parity.trident",
     "ITACLIP": "ovseg.parity.itaclip",
     "CLIPtrase": "ovseg.parity.cliptrase",
+    "LPOSS": "ovseg.parity.lposs",
     "DINO": "ovseg.parity.dino",
     "HSG": "ovseg.parity.hsg",
 }
@@ -38,6 +39,7 @@ REPOSITORIES: dict[str, str] = {
     "Trident": "https://github.com/YuHengsss/Trident",
     "ITACLIP": "https://github.com/m-arda-aydn/ITACLIP",
     "CLIPtrase": "https://github.com/leaves162/CLIPtrase",
+    "LPOSS": "https://github.com/vladan-stojnic/LPOSS",
     "DINO": "https://github.com/facebookresearch/dino",
     "HSG": "https://github.com/twke18/HSG",
 }

@@ -245,8 +245,8 @@ def _registered_attentions() -> str:
 
 @pytest.mark.parametrize("setting, typo, choices", [
     ("clip.last_block", "valu", _registered_attentions),
-    ("protocol", "maskclp", lambda: "clearclip, cliptrase, itaclip, maskclip, naclip, pixelclip, pixelclip_masks, "
-                                    "proxyclip, scclip, sclip, toyworld, trident"),
+    ("protocol", "maskclp", lambda: "clearclip, cliptrase, itaclip, lposs, maskclip, naclip, pixelclip, "
+                                    "pixelclip_masks, proxyclip, scclip, sclip, toyworld, trident"),
 ])
 def test_a_misspelt_choice_is_one_line_naming_the_valid_ones(setting, typo, choices, synthetic_root, monkeypatch,
                                                              capsys):

@@ -150,8 +150,9 @@ def test_unknown_class_name_file():
 def test_unknown_protocol():
     from ovseg.eval.protocols import load_protocol
 
-    with pytest.raises(ValueError, match=r"unknown protocol 'sclp'.*clearclip, cliptrase, itaclip, maskclip, naclip, "
-                                         r"pixelclip, pixelclip_masks, proxyclip, scclip, sclip, toyworld, trident"):
+    with pytest.raises(ValueError, match=r"unknown protocol 'sclp'.*clearclip, cliptrase, itaclip, lposs, maskclip, "
+                                         r"naclip, pixelclip, pixelclip_masks, proxyclip, scclip, sclip, toyworld, "
+                                         r"trident"):
         load_protocol("sclp")
 
 

@@ -84,12 +84,14 @@ gpu-wheels: $(VENV)/.installed  ## download into .whl/ the wheels benchmarks/gpu
 	  -d .whl -c requirements/constraints.txt -r requirements/gpu-image-missing.txt
 
 # REFS: a folder with checkouts of the authors' code (git clone https://github.com/cvlab-kaist/PixelCLIP, …/chongzhou96/MaskCLIP,
-# …/wangf3014/SCLIP, …/sinahmr/NACLIP, …/mc-lan/ClearCLIP, …/yvhangyang/ResCLIP, …/SuleBai/SC-CLIP, …/twke18/HSG, facebookresearch/dino); the ones present are compared, the others skipped.
+# …/wangf3014/SCLIP, …/sinahmr/NACLIP, …/mc-lan/ClearCLIP, …/yvhangyang/ResCLIP, …/SuleBai/SC-CLIP, …/mc-lan/ProxyCLIP,
+# …/YuHengsss/Trident, …/m-arda-aydn/ITACLIP, …/leaves162/CLIPtrase, …/vladan-stojnic/LPOSS, …/twke18/HSG,
+# facebookresearch/dino); the ones present are compared, the others skipped.
 # REF=NACLIP compares that reference only. OUT: the folder of PARITY.md / parity.json (default outputs/parity, not
 # tracked); OUT=benchmarks regenerates the committed record, then benchmarks/RESULTS.md (what maintainers commit).
 # Peak memory (CPU, ViT-B/16): PixelCLIP up to 15.4 GB, MaskCLIP about 4 GB (README.md, "Parity with the authors' code").
 REFS ?= ../refs
-REF ?= PixelCLIP MaskCLIP SCLIP NACLIP ClearCLIP ResCLIP SC-CLIP HSG DINO
+REF ?= PixelCLIP MaskCLIP SCLIP NACLIP ClearCLIP ResCLIP SC-CLIP ProxyCLIP Trident ITACLIP CLIPtrase LPOSS HSG DINO
 OUT ?= outputs/parity
 PARITY_REFS := $(foreach r,$(REF),$(if $(wildcard $(REFS)/$(r)),--ref $(r)=$(REFS)/$(r)))
 parity: $(VENV)/.installed  ## parity with the authors' code (REFS=checkouts, REF=one of them, OUT=folder; OUT=benchmarks: the committed record)

@@ -18,6 +18,7 @@ from ovseg.eval.inference import center_crop_view
 from ovseg.eval.protocols import load_protocol
 from ovseg.methods.cliptrase import CLIPtrase, cluster_index, cluster_maps, dbscan, vote_labels
 from ovseg.models.clip import CLIPConfig
+from tests.unit.clip_float64 import d, heads, layer_norm
 from tests.unit.test_resclip import _block_inputs
 
 GRID = (5, 7)  # rows, cols: non-square
@@ -54,19 +55,6 @@ def _reference(method: CLIPtrase, images: torch.Tensor) -> tuple[np.ndarray, np.
     inputs = _block_inputs(encoder, encoder.normalize(images))
     encoder.last_stage = method._last_stage
     last_in = blocks[-2](inputs[-1]).detach().double()
-    d = lambda t: t.detach().double().numpy()  # noqa: E731
-
-    def layer_norm(x, ln):
-        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + ln.eps) * d(ln.weight) + d(ln.bias)
-
-    def heads(block, x):
-        y = layer_norm(x, block.ln_1)
-        w, b = d(block.attn.in_proj_weight), d(block.attn.in_proj_bias)
-        width = y.shape[-1]
-        q, k, v = (y @ w[i * width:(i + 1) * width].T + b[i * width:(i + 1) * width] for i in range(3))
-        h = block.attn.num_heads
-        return [[t[:, j * width // h:(j + 1) * width // h] for j in range(h)] for t in (q, k, v)]
 
     def cosine(a):
         n = a.shape[0]

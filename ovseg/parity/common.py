@@ -86,6 +86,19 @@ def tensor_record(reference: str, quantity: str, ours: torch.Tensor, theirs: tor
                         passed=diff <= tolerance, detail=detail, text_precision=text_precision)
 
 
+def state_dict_record(reference: str, quantity: str, protocol: str, theirs: dict[str, torch.Tensor],
+                      ours: dict[str, torch.Tensor]) -> ParityRecord:
+    """Two state dicts equal tensor for tensor under the same keys (a hub model against what timm loads from its
+    weights file); the unmatched keys, if any, named in the detail."""
+    unmatched = sorted(set(theirs) ^ set(ours))
+    worst = max((float((ours[k].float() - v.float()).abs().max()) for k, v in theirs.items()
+                 if k in ours and ours[k].shape == v.shape), default=float("inf"))
+    same = not unmatched and worst == 0.0
+    return ParityRecord(reference, quantity, protocol, max_rel_diff=0.0 if same else float("inf"), tolerance=0.0,
+                        passed=same, detail=f"{len(theirs)} tensors loaded by timm's loader (VFMConfig.weights=<.pth>)"
+                        + (f"; unmatched keys {unmatched[:4]}" if unmatched else ", equal, same keys"))
+
+
 def label_record(reference: str, quantity: str, ours: np.ndarray | torch.Tensor, theirs: np.ndarray | torch.Tensor,
                  *, protocol: str | None = None, agreement: float = LABEL_AGREEMENT, detail: str = "",
                  text_precision: str | None = None) -> ParityRecord:

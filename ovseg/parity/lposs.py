@@ -53,6 +53,7 @@ from ovseg.parity.common import (
     git_commit,
     label_record,
     reference_imports,
+    state_dict_record,
     stub_module,
     tensor_record,
 )
@@ -363,15 +364,8 @@ class Reference:
 
 # -- comparisons ------------------------------------------------------------------------------------------------
 def weights_record(hub: torch.nn.Module, ours) -> ParityRecord:
-    theirs, mine = hub.state_dict(), ours.vfm.model.state_dict()
-    unmatched = sorted(set(theirs) ^ set(mine))
-    worst = max((float((mine[k].float() - v.float()).abs().max()) for k, v in theirs.items()
-                 if k in mine and mine[k].shape == v.shape), default=float("inf"))
-    same = not unmatched and worst == 0.0
-    return ParityRecord(REFERENCE, "weights: hub dino_vitb16 -> timm vit_base_patch16_224.dino", "lposs",
-                        max_rel_diff=0.0 if same else float("inf"), tolerance=0.0, passed=same,
-                        detail=f"{len(theirs)} tensors loaded by timm's loader (VFMConfig.weights=<.pth>)"
-                               + (f"; unmatched keys {unmatched[:4]}" if unmatched else ", equal"))
+    return state_dict_record(REFERENCE, "weights: hub dino_vitb16 -> timm vit_base_patch16_224.dino", "lposs",
+                             hub.state_dict(), ours.vfm.model.state_dict())
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ from ovseg.parity.common import (
     generated_image,
     git_commit,
     reference_imports,
+    state_dict_record,
     stub_module,
     tensor_record,
 )
@@ -393,13 +394,5 @@ def weights_record(setup: VFMSetup) -> ParityRecord:
     """The hub DINO's tensors against what timm loads from its state dict (every tensor, the same keys)."""
     from ovseg.models.vfm import VisionFoundationModel
 
-    theirs = setup.hub_model.state_dict()
-    ours = VisionFoundationModel(setup.ours).model.state_dict()
-    unmatched = sorted(set(theirs) ^ set(ours))
-    worst = max((float((ours[k].float() - v.float()).abs().max()) for k, v in theirs.items()
-                 if k in ours and ours[k].shape == v.shape), default=float("inf"))
-    same = not unmatched and worst == 0.0
-    return ParityRecord(REFERENCE, "weights: hub dino_vitb8 -> timm vit_base_patch8_224.dino", "proxyclip",
-                        max_rel_diff=0.0 if same else float("inf"), tolerance=0.0, passed=same,
-                        detail=f"{len(theirs)} tensors loaded by timm's loader (VFMConfig.weights=<.pth>), equal; "
-                               + (f"unmatched keys {unmatched[:4]}" if unmatched else "same keys"))
+    return state_dict_record(REFERENCE, "weights: hub dino_vitb8 -> timm vit_base_patch8_224.dino", "proxyclip",
+                             setup.hub_model.state_dict(), VisionFoundationModel(setup.ours).model.state_dict())

@@ -34,7 +34,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
-import os
 import sys
 import time
 import types
@@ -57,6 +56,7 @@ from ovseg.parity.common import (
     stub_module,
     tensor_record,
 )
+from ovseg.parity.proxyclip import dino_checkout
 
 REFERENCE = "LPOSS"
 PROTOCOLS = ("lposs",)
@@ -521,10 +521,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     if missing:
         raise ModuleNotFoundError(f"LPOSS parity needs {', '.join(missing)}: pip install faiss-cpu kornia omegaconf "
                                   "(the [parity] extra)")
-    dino_dir = Path(dino_dir or os.environ.get("OVSEG_PARITY_DINO") or ref_dir.parent / "dino").resolve()
-    if not (dino_dir / "hubconf.py").is_file():
-        raise FileNotFoundError(f"LPOSS parity needs a facebookresearch/dino checkout (their torch.hub model): "
-                                f"{dino_dir} has no hubconf.py; set OVSEG_PARITY_DINO or put it beside {ref_dir}")
+    dino_dir = dino_checkout(dino_dir, ref_dir, REFERENCE)
     work_dir = Path(work_dir).resolve() / "lposs"
     work_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit(ref_dir)[:12]

@@ -93,6 +93,16 @@ def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
+def dino_checkout(dino_dir: Path | None, ref_dir: Path, reference: str) -> Path:
+    """The facebookresearch/dino checkout whose torch.hub model a reference loads: ``dino_dir``, else
+    ``$OVSEG_PARITY_DINO``, else ``dino`` beside ``ref_dir``; one line naming the folder when it has no hubconf.py."""
+    dino_dir = Path(dino_dir or os.environ.get("OVSEG_PARITY_DINO") or ref_dir.parent / "dino").resolve()
+    if not (dino_dir / "hubconf.py").is_file():
+        raise FileNotFoundError(f"{reference} parity needs a facebookresearch/dino checkout (their torch.hub model): "
+                                f"{dino_dir} has no hubconf.py; set OVSEG_PARITY_DINO or put it beside {ref_dir}")
+    return dino_dir
+
+
 def dino_hub_model(dino_dir: Path, depth: int = 12, seed: int = 0) -> torch.nn.Module:
     """facebookresearch/dino's ``dino_vitb8`` (``hubconf.dino_vitb8(pretrained=False)``; with ``depth`` < 12 its
     ``vision_transformer.VisionTransformer`` with the same settings on fewer blocks), random weights."""
@@ -341,10 +351,7 @@ def run(ref_dir: Path, device: str = "cpu", work_dir: Path = Path("outputs/parit
     ref_dir = Path(ref_dir).resolve()
     if not (ref_dir / "proxyclip_segmentor.py").is_file():
         raise FileNotFoundError(f"{ref_dir}: no proxyclip_segmentor.py (is this a ProxyCLIP checkout?)")
-    dino_dir = Path(dino_dir or os.environ.get("OVSEG_PARITY_DINO") or ref_dir.parent / "dino").resolve()
-    if not (dino_dir / "hubconf.py").is_file():
-        raise FileNotFoundError(f"ProxyCLIP parity needs a facebookresearch/dino checkout (their torch.hub model): "
-                                f"{dino_dir} has no hubconf.py; set OVSEG_PARITY_DINO or put it beside {ref_dir}")
+    dino_dir = dino_checkout(dino_dir, ref_dir, REFERENCE)
     work_dir = Path(work_dir).resolve() / "proxyclip"
     work_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit(ref_dir)[:12]

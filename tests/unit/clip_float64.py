@@ -23,3 +23,19 @@ def heads(block, x: np.ndarray) -> list[list[np.ndarray]]:
     q, k, v = (y @ w[i * width:(i + 1) * width].T + b[i * width:(i + 1) * width] for i in range(3))
     h = block.attn.num_heads
     return [[t[:, j * width // h:(j + 1) * width // h] for j in range(h)] for t in (q, k, v)]
+
+
+def softmax_rows(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, one row at a time."""
+    out = np.zeros_like(scores)
+    for i in range(scores.shape[0]):
+        e = np.exp(scores[i] - scores[i].max())
+        out[i] = e / e.sum()
+    return out
+
+
+def grid_images(method, grid: tuple[int, int], batch: int = 2) -> torch.Tensor:
+    """Random images whose patch grid is ``grid`` (rows, cols) for ``method``'s CLIP (seed 1)."""
+    torch.manual_seed(1)
+    patch = method.encoder.patch_size
+    return torch.rand(batch, 3, grid[0] * patch, grid[1] * patch)

@@ -18,7 +18,7 @@ from ovseg.eval.inference import center_crop_view
 from ovseg.eval.protocols import load_protocol
 from ovseg.methods.cliptrase import CLIPtrase, cluster_index, cluster_maps, dbscan, vote_labels
 from ovseg.models.clip import CLIPConfig
-from tests.unit.clip_float64 import d, heads, layer_norm
+from tests.unit.clip_float64 import d, grid_images, heads, layer_norm, softmax_rows
 from tests.unit.test_resclip import _block_inputs
 
 GRID = (5, 7)  # rows, cols: non-square
@@ -28,20 +28,6 @@ def _tiny(**kwargs) -> CLIPtrase:
     torch.manual_seed(0)
     clip = CLIPConfig(name="toyworld-vit", pretrained=None, last_block="qq_kk_vv", residual="token", ffn=True)
     return CLIPtrase(clip=clip, **kwargs).eval()
-
-
-def _images(method: CLIPtrase, batch: int = 2) -> torch.Tensor:
-    torch.manual_seed(1)
-    patch = method.encoder.patch_size
-    return torch.rand(batch, 3, GRID[0] * patch, GRID[1] * patch)
-
-
-def _softmax_rows(scores: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(scores)
-    for i in range(scores.shape[0]):
-        e = np.exp(scores[i] - scores[i].max())
-        out[i] = e / e.sum()
-    return out
 
 
 def _reference(method: CLIPtrase, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +58,7 @@ def _reference(method: CLIPtrase, images: torch.Tensor) -> tuple[np.ndarray, np.
         attended = []
         for q, k, v in zip(qs, ks, vs):
             s = 1 / math.sqrt(q.shape[-1])
-            probs = sum(_softmax_rows(a @ a.T * s) for a in (q, k, v))
+            probs = sum(softmax_rows(a @ a.T * s) for a in (q, k, v))
             attended.append(probs @ v)
         x = d(last_in[b]) + np.concatenate(attended, -1) @ d(last.attn.out_proj.weight).T + d(last.attn.out_proj.bias)
         y = torch.from_numpy(layer_norm(x, last.ln_2))
@@ -87,7 +73,7 @@ def _reference(method: CLIPtrase, images: torch.Tensor) -> tuple[np.ndarray, np.
 
 def test_last_block_and_affinity_equal_float64_loop_reference():
     method = _tiny()
-    images = _images(method)
+    images = grid_images(method, GRID)
     with torch.no_grad():
         tokens, affinity = method.dense_tokens(images)
     theirs_tokens, theirs_affinity = _reference(method, images)
@@ -101,7 +87,7 @@ def test_last_block_and_affinity_equal_float64_loop_reference():
 def test_voc20_weights_patch_scores_by_the_class_token():
     """self_clip, dataset 'VOC20': patch logits times the class token's logits, per class; other datasets plain."""
     method = _tiny()
-    images = _images(method)
+    images = grid_images(method, GRID)
     torch.manual_seed(2)
     text = torch.randn(4, method.encoder.embed_dim)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from ovseg.eval.inference import close_labels
 from ovseg.eval.protocols import load_protocol
 from ovseg.methods.itaclip import ITACLIP, engineered_logits
 from ovseg.models.clip import CLIPConfig
-from tests.unit.clip_float64 import d, heads, layer_norm
+from tests.unit.clip_float64 import d, grid_images, heads, layer_norm, softmax_rows
 from tests.unit.test_resclip import _block_inputs
 
 GRID = (5, 7)  # rows, cols: non-square
@@ -29,20 +29,6 @@ def _tiny(**kwargs) -> ITACLIP:
     torch.manual_seed(0)
     clip = CLIPConfig(name="toyworld-vit", pretrained=None, residual="token", ffn=False)
     return ITACLIP(clip=clip, **{"intermediate_layers": LAYERS, **kwargs}).eval()
-
-
-def _images(method: ITACLIP, batch: int = 2) -> torch.Tensor:
-    torch.manual_seed(1)
-    patch = method.encoder.patch_size
-    return torch.rand(batch, 3, GRID[0] * patch, GRID[1] * patch)
-
-
-def _softmax_rows(scores: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(scores)
-    for i in range(scores.shape[0]):
-        e = np.exp(scores[i] - scores[i].max())
-        out[i] = e / e.sum()
-    return out
 
 
 def _reference_tokens(method: ITACLIP, images: torch.Tensor, self_self: bool = True) -> np.ndarray:
@@ -63,8 +49,8 @@ def _reference_tokens(method: ITACLIP, images: torch.Tensor, self_self: bool = T
         maps = []
         for q, k in zip(qs, ks):
             s = 1 / math.sqrt(q.shape[-1])
-            maps.append(_softmax_rows(q @ q.T * s) + _softmax_rows(k @ k.T * s) if self_self
-                        else _softmax_rows(q @ k.T * s))
+            maps.append(softmax_rows(q @ q.T * s) + softmax_rows(k @ k.T * s) if self_self
+                        else softmax_rows(q @ k.T * s))
         return maps
 
     out = []
@@ -83,7 +69,7 @@ def _reference_tokens(method: ITACLIP, images: torch.Tensor, self_self: bool = T
 @pytest.mark.parametrize("self_self", [True, False])
 def test_last_stage_equals_float64_loop_reference(self_self):
     method = _tiny(self_self=self_self)
-    images = _images(method)
+    images = grid_images(method, GRID)
     with torch.no_grad():
         ours = method.encoder.encode_tokens(method.encoder.normalize(images)).double().numpy()
         theirs = _reference_tokens(method, images, self_self)
@@ -115,7 +101,7 @@ def test_image_engineering_equals_float64_reference():
     mean of normalised features of (x, gray, blur) · text, c · that + (1 - c) · mean of the flips' logits flipped
     back (itaclip_segmentor.py forward_feature)."""
     method = _tiny()
-    images = _images(method)
+    images = grid_images(method, GRID)
     torch.manual_seed(2)
     text = torch.randn(4, method.encoder.embed_dim) * 0.1  # not unit norm: used as given
     with torch.no_grad(), method.scoring("voc21"):
